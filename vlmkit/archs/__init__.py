@@ -1,0 +1,41 @@
+"""Presets: one small data file per architecture, registered by name.
+
+Each module in this package defines `PRESET`: a nested dict with the fields of `vlmkit.config.ArchConfig`
+plus `scales`, a mapping from scale name ('tiny', 'paper') to the fields that differ at that scale.
+Adding an architecture means adding a file here; nothing dispatches on substrings of model names.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from vlmkit.config import deep_merge
+
+_REGISTRY: dict[str, dict] = {}
+
+
+def _load() -> dict[str, dict]:
+    if not _REGISTRY:
+        for info in pkgutil.iter_modules(__path__):
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            preset = getattr(module, "PRESET", None)
+            if preset is not None:
+                _REGISTRY[preset["name"]] = preset
+    return _REGISTRY
+
+
+def names() -> list[str]:
+    return sorted(_load())
+
+
+def preset_data(name: str, scale: str = "tiny") -> dict:
+    presets = _load()
+    if name not in presets:
+        raise KeyError(f"unknown preset {name!r}; available: {', '.join(sorted(presets))}")
+    preset = dict(presets[name])
+    scales = preset.pop("scales", {})
+    if scale not in scales:
+        raise KeyError(f"preset {name!r} has no scale {scale!r}; scales: {', '.join(sorted(scales))}")
+    data = deep_merge(preset, scales[scale])
+    data["scale"] = scale
+    return data

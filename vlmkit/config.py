@@ -1,0 +1,184 @@
+"""Typed configuration: one place where every default lives.
+
+An architecture is an `ArchConfig` made of part configs (vision encoder, connector, language model) and
+a list of `StageConfig` (the paper's staged recipe). Presets in `vlmkit/archs/` are plain data that fill
+these dataclasses; `from_name("llava-1.5", scale="tiny", **overrides)` builds one. The command line is
+derived from these fields (see `vlmkit.cli`), so a default is never written twice.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+MODULES = ("vision", "connector", "llm")
+
+
+def _help(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class VisionConfig:
+    name_or_path: str = _help("Hugging Face vision tower: a local directory or a hub id "
+                              "(CLIPModel/CLIPVisionModel, SigLIP, ConvNeXt, ResNet).", default="tiny:vision")
+    feature_layer: int = _help("Which hidden state the features come from (-2 = penultimate layer).", default=-2)
+    select: str = _help("'patch' drops the CLS token, 'cls_patch' keeps it.", default="patch")
+    pad_to_square: bool = _help("Pad images to a square with the mean colour before resizing "
+                                "(LLaVA-1.5's 'pad' aspect mode).", default=False)
+
+
+@dataclass
+class ConnectorConfig:
+    type: str = _help("Connector registered in vlmkit.connectors ('linear', 'mlp2x_gelu').", default="mlp2x_gelu")
+
+
+@dataclass
+class LLMConfig:
+    name_or_path: str = _help("Hugging Face causal LM: a local directory or a hub id.", default="tiny:llama")
+
+
+@dataclass
+class StageConfig:
+    name: str = _help("Stage name, used for its checkpoint directory.", default="stage")
+    train: list[str] = _help("Modules that train in this stage; all others are frozen.",
+                             default_factory=lambda: ["connector"])
+    data: str = _help("Which data the stage reads: 'captions' (alignment) or 'instructions'.", default="instructions")
+    template: str = _help("Conversation template for this stage ('' = the architecture's template).", default="")
+    lr: dict[str, float] = _help("Peak learning rate per trained module.", default_factory=dict)
+    epochs: float = _help("Passes over the stage's data (fractions allowed).", default=1.0)
+    max_steps: int = _help("Stop after this many optimiser steps (0 = use epochs).", default=0)
+    batch_size: int = _help("Records per micro-batch.", default=32)
+    grad_accum: int = _help("Micro-batches per optimiser step.", default=1)
+    warmup_ratio: float = _help("Fraction of steps spent in linear warm-up before the cosine decay.", default=0.03)
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    max_grad_norm: float = _help("Gradient clipping norm (0 = off).", default=1.0)
+
+
+@dataclass
+class ArchConfig:
+    name: str = _help("Preset name.", default="custom")
+    scale: str = _help("'tiny' (project-pretrained backbones, CPU) or 'paper' (the paper's hub checkpoints).",
+                       default="tiny")
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    template: str = _help("Conversation template (vlmkit.data.templates).", default="vicuna_v1")
+    answer_prompt: str = _help("Appended to every question of short-answer VQA data and evaluation.", default="")
+    caption_prompt: str = _help("The human turn of stage-1 caption records.", default="Describe the image briefly.")
+    max_length: int = _help("Longest token sequence a record may render to.", default=1024)
+    seed: int = _help("Seed for initialisation, data order and sampling.", default=0)
+    bf16: bool = _help("bf16 autocast during training (measure first: slower than fp32 for tiny models on CPU).",
+                       default=False)
+    stages: list[StageConfig] = field(default_factory=list)
+
+    # -- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ArchConfig":
+        return _build(cls, data, path="config")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def stage(self, name: str) -> StageConfig:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(f"preset {self.name!r} has no stage {name!r}; stages: {[s.name for s in self.stages]}")
+
+
+def _build(cls, data: dict, path: str):
+    if not isinstance(data, dict):
+        raise TypeError(f"{path}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {sorted(unknown)} for {cls.__name__}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _NESTED.get((cls, name))
+        if sub is StageConfig:
+            kwargs[name] = [_build(StageConfig, s, f"{path}.{name}[{i}]") for i, s in enumerate(value)]
+        elif sub is not None:
+            kwargs[name] = _build(sub, value, f"{path}.{name}")
+        else:
+            kwargs[name] = copy.deepcopy(value)
+    return cls(**kwargs)
+
+
+_NESTED = {
+    (ArchConfig, "vision"): VisionConfig,
+    (ArchConfig, "connector"): ConnectorConfig,
+    (ArchConfig, "llm"): LLMConfig,
+    (ArchConfig, "stages"): StageConfig,
+}
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """Merge `update` into a copy of `base`; dicts merge, lists of stages merge by index or name."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if key == "stages" and isinstance(value, (dict, list)) and isinstance(out.get(key), list):
+            stages = out[key]
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for ref, stage_update in items:
+                index = _stage_index(stages, ref)
+                stages[index] = deep_merge(stages[index], stage_update)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict) and key != "lr":
+            out[key] = deep_merge(out[key], value)
+        elif isinstance(value, dict) and key == "lr" and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _stage_index(stages: list[dict], ref) -> int:
+    if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+        index = int(ref)
+        if not 0 <= index < len(stages):
+            raise ValueError(f"stage index {index} out of range (the preset has {len(stages)} stages)")
+        return index
+    for i, stage in enumerate(stages):
+        if stage.get("name") == ref:
+            return i
+    raise ValueError(f"no stage named {ref!r}; stages: {[s.get('name') for s in stages]}")
+
+
+def apply_dotted(data: dict, dotted: dict[str, Any]) -> dict:
+    """Turn {'vision.feature_layer': -1, 'stages.1.lr.llm': 1e-3} into a nested update and merge it."""
+    update: dict = {}
+    for key, value in dotted.items():
+        parts = key.split(".")
+        node = update
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return deep_merge(data, update)
+
+
+def from_name(name: str, scale: str = "tiny", **overrides) -> ArchConfig:
+    """Build a preset's typed config. Overrides are nested dicts or dotted keys with '__' for dots:
+
+    >>> from_name("llava-1.5", vision={"feature_layer": -1}, stages__instruct__epochs=2)
+    """
+    from vlmkit.archs import preset_data
+
+    data = preset_data(name, scale)
+    nested = {k: v for k, v in overrides.items() if "__" not in k}
+    dotted = {k.replace("__", "."): v for k, v in overrides.items() if "__" in k}
+    data = deep_merge(data, nested)
+    data = apply_dotted(data, dotted)
+    return ArchConfig.from_dict(data)
+
+
+def field_help(cls, name: str) -> str:
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    return ""

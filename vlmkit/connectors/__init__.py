@@ -1,0 +1,65 @@
+"""Connectors map vision features (B, N, D_vision) to LLM embeddings (B, M, D_llm), registered by name.
+
+A connector also says how many tokens it emits for N input tokens (`num_output_tokens`), so the renderer
+can expand each `<image>` into exactly that many placeholders. Token-merging and query-based connectors
+(MiniGPT-v2's 4-to-1 concat, Qwen-VL's resampler, BLIP-2's Q-Former) register here with their own counts.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from vlmkit.errors import ConfigError
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str):
+    def wrap(cls):
+        _REGISTRY[name] = cls
+        return cls
+    return wrap
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_connector(name: str, vision_hidden: int, llm_hidden: int, num_vision_tokens: int) -> nn.Module:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown connector {name!r}; registered: {', '.join(names())}")
+    return _REGISTRY[name](vision_hidden=vision_hidden, llm_hidden=llm_hidden, num_vision_tokens=num_vision_tokens)
+
+
+class Connector(nn.Module):
+    def __init__(self, vision_hidden: int, llm_hidden: int, num_vision_tokens: int):
+        super().__init__()
+        self.vision_hidden, self.llm_hidden = vision_hidden, llm_hidden
+        self.num_output_tokens = num_vision_tokens
+
+
+@register("linear")
+class LinearConnector(Connector):
+    """LLaVA: one Linear per token."""
+
+    def __init__(self, vision_hidden: int, llm_hidden: int, num_vision_tokens: int):
+        super().__init__(vision_hidden, llm_hidden, num_vision_tokens)
+        self.proj = nn.Linear(vision_hidden, llm_hidden)
+
+    def forward(self, features):
+        return self.proj(features)
+
+
+@register("mlp2x_gelu")
+class MLPConnector(Connector):
+    """LLaVA-1.5: Linear -> GELU -> Linear per token."""
+
+    def __init__(self, vision_hidden: int, llm_hidden: int, num_vision_tokens: int):
+        super().__init__(vision_hidden, llm_hidden, num_vision_tokens)
+        self.fc1 = nn.Linear(vision_hidden, llm_hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(llm_hidden, llm_hidden)
+
+    def forward(self, features):
+        return self.fc2(self.act(self.fc1(features)))

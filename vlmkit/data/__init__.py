@@ -1,0 +1,1 @@
+"""Data: conversation templates and rendering, record sources, image transforms, datasets and collate."""

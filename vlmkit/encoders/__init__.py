@@ -1,0 +1,80 @@
+"""Vision encoders: any `transformers` vision tower behind one interface.
+
+`VisionEncoder(pixel_values) -> (num_images, num_tokens, hidden)` returns the features of one chosen
+hidden state (`feature_layer`, default the penultimate), with or without the CLS token. ViT-style towers
+(CLIP, SigLIP) give (B, N, D) hidden states; convolutional towers (ConvNeXt, ResNet) give (B, C, H, W) maps,
+which are flattened to H*W tokens. Later encoders (EVA, a Q-Former's input) implement the same interface.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlmkit.config import VisionConfig
+from vlmkit.errors import ConfigError
+
+
+# dual-encoder checkpoints whose image half loads on its own (as LLaVA loads CLIPVisionModel from CLIP)
+_VISION_HALF = {"clip": ("CLIPVisionModel", "vision_config"), "siglip": ("SiglipVisionModel", "vision_config")}
+
+
+def load_vision_tower(path: str | None, hf_config: dict | None = None, **kwargs) -> nn.Module:
+    """A `transformers` vision tower from a directory/hub id, or (untrained) from a saved config dict."""
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    if hf_config is not None:
+        config = AutoConfig.for_model(**hf_config)
+        return AutoModel.from_config(config)
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type in _VISION_HALF:
+        class_name, _ = _VISION_HALF[config.model_type]
+        return getattr(transformers, class_name).from_pretrained(path, **kwargs)
+    model = AutoModel.from_pretrained(path, **kwargs)
+    if hasattr(model, "vision_model") and hasattr(model, "text_model"):
+        raise ConfigError(f"{path}: a {config.model_type} dual encoder; vlmkit knows how to take the vision half of "
+                          f"{sorted(_VISION_HALF)} only")
+    return model
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, tower: nn.Module, config: VisionConfig):
+        super().__init__()
+        self.tower = tower
+        self.config = config
+        hf = tower.config
+        self.has_cls = hf.model_type in ("clip_vision_model", "vit", "dinov2")
+        if config.select not in ("patch", "cls_patch"):
+            raise ConfigError(f"vision.select must be 'patch' or 'cls_patch', not {config.select!r}")
+        if config.select == "cls_patch" and not self.has_cls:
+            raise ConfigError(f"{hf.model_type} has no CLS token; use vision.select='patch'")
+        self.num_tokens, self.hidden_size = self._probe()
+
+    @property
+    def image_size(self) -> int:
+        return getattr(self.tower.config, "image_size", 224)
+
+    def _probe(self) -> tuple[int, int]:
+        hf = self.tower.config
+        if hasattr(hf, "patch_size") and hasattr(hf, "image_size") and hasattr(hf, "hidden_size"):
+            side = hf.image_size // hf.patch_size
+            return side * side + (1 if self.has_cls and self.config.select == "cls_patch" else 0), hf.hidden_size
+        with torch.no_grad():  # convolutional towers: measure once on a blank image
+            channels = getattr(hf, "num_channels", 3)
+            features = self.forward(torch.zeros(1, channels, self.image_size, self.image_size))
+        return features.shape[1], features.shape[2]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.tower.parameters()).dtype
+        outputs = self.tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
+        hidden_states = outputs.hidden_states
+        try:
+            features = hidden_states[self.config.feature_layer]
+        except IndexError:
+            raise ConfigError(f"vision.feature_layer={self.config.feature_layer} but the tower has "
+                              f"{len(hidden_states)} hidden states") from None
+        if features.dim() == 4:  # (B, C, H, W) -> (B, H*W, C)
+            return features.flatten(2).transpose(1, 2)
+        if self.has_cls and self.config.select == "patch":
+            features = features[:, 1:]
+        return features

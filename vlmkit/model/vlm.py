@@ -1,0 +1,193 @@
+"""The assembly: vision encoder -> connector -> language model, and its save/load.
+
+Image features are spliced into the text embeddings at the image-placeholder positions with one masked
+assignment. A batch holds any number of images per sample (0 for text-only chat); `image_counts[i]` says
+how many belong to sample i, in order, and each must fill exactly `num_image_tokens` placeholders.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from vlmkit.config import ArchConfig
+from vlmkit.connectors import build_connector
+from vlmkit.data.images import ImageTransform
+from vlmkit.data.render import IGNORE_INDEX, IMAGE_TOKEN
+from vlmkit.encoders import VisionEncoder, load_vision_tower
+from vlmkit.errors import BadRecord, ConfigError
+from vlmkit.io import atomic_dir
+from vlmkit.llm import LanguageModel
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def splice_image_features(inputs_embeds: torch.Tensor, image_token_mask: torch.Tensor, image_embeds: torch.Tensor,
+                          image_counts: list[int], record_ids=None) -> torch.Tensor:
+    """Put `image_embeds` (num_images, M, D) into the positions where `image_token_mask` is True.
+
+    Checks first that sample i has exactly image_counts[i] * M placeholders, and names the sample if not.
+    """
+    tokens_per_image = image_embeds.shape[1] if image_embeds is not None and image_embeds.numel() else 0
+    placeholders = image_token_mask.sum(dim=1).tolist()
+    for i, (found, count) in enumerate(zip(placeholders, image_counts)):
+        if found != count * tokens_per_image:
+            name = record_ids[i] if record_ids is not None else i
+            raise BadRecord(name, f"has {found} image placeholder tokens but {count} image(s) x "
+                                  f"{tokens_per_image} tokens = {count * tokens_per_image} image features",
+                            kind="image_count")
+    if not sum(image_counts):
+        return inputs_embeds
+    return inputs_embeds.masked_scatter(image_token_mask.unsqueeze(-1),
+                                        image_embeds.to(inputs_embeds.dtype).reshape(-1, inputs_embeds.shape[-1]))
+
+
+class VisionLanguageModel(nn.Module):
+    """A vision-language model assembled from parts; `config` is the preset it was built from."""
+
+    def __init__(self, config: ArchConfig, vision: VisionEncoder, connector: nn.Module, llm: LanguageModel,
+                 tokenizer, image_transform: ImageTransform):
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.connector = connector
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.image_transform = image_transform
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: ArchConfig, verbose: bool = True, **load_kwargs) -> "VisionLanguageModel":
+        """Build from the backbones a config names (hub ids, local directories or 'tiny:…')."""
+        from transformers import AutoTokenizer
+
+        from vlmkit.tiny import resolve
+
+        torch.manual_seed(config.seed)
+        vision_path = resolve(config.vision.name_or_path, verbose=verbose)
+        llm_path = resolve(config.llm.name_or_path, verbose=verbose)
+        vision = VisionEncoder(load_vision_tower(vision_path, **load_kwargs), config.vision)
+        llm = LanguageModel.from_pretrained(llm_path, **load_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(llm_path)
+        tokenizer = prepare_tokenizer(tokenizer, llm)
+        transform = ImageTransform.from_pretrained(vision_path, pad_to_square=config.vision.pad_to_square)
+        connector = build_connector(config.connector.type, vision.hidden_size, llm.hidden_size, vision.num_tokens)
+        return cls(config, vision, connector, llm, tokenizer, transform)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.connector.num_output_tokens
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"vision": self.vision, "connector": self.connector, "llm": self.llm}
+
+    # -- forward -----------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision features (num_images, N, D_vision): the part that can be cached while the encoder is frozen."""
+        return self.vision(pixel_values)
+
+    def embed(self, input_ids: torch.Tensor, image_counts: list[int] | None = None, pixel_values=None,
+              vision_features=None, record_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text embeddings with image embeddings spliced in; returns (inputs_embeds, image_token_mask)."""
+        inputs_embeds = self.llm.embed(input_ids)
+        image_token_mask = input_ids == self.image_token_id
+        if image_counts is None:
+            image_counts = [0] * input_ids.shape[0]
+        image_embeds = None
+        if sum(image_counts):
+            if vision_features is None:
+                if pixel_values is None:
+                    raise ValueError("the batch has image placeholders but neither pixel_values nor vision_features")
+                vision_features = self.encode_images(pixel_values)
+            image_embeds = self.connector(vision_features.to(self._connector_dtype()))
+        inputs_embeds = splice_image_features(inputs_embeds, image_token_mask, image_embeds, image_counts, record_ids)
+        return inputs_embeds, image_token_mask
+
+    def _connector_dtype(self):
+        return next(self.connector.parameters()).dtype
+
+    def forward(self, input_ids, attention_mask=None, labels=None, image_counts=None, pixel_values=None,
+                vision_features=None, record_ids=None, position_ids=None):
+        """Returns (loss or None, logits). With labels, logits are computed only where the loss needs them."""
+        inputs_embeds, image_token_mask = self.embed(input_ids, image_counts, pixel_values, vision_features,
+                                                     record_ids)
+        if labels is None:
+            logits, _ = self.llm(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                 image_token_mask=image_token_mask)
+            return None, logits
+        hidden = self.llm.hidden_states(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                        image_token_mask=image_token_mask)
+        targets = labels[:, 1:]
+        supervised = targets != IGNORE_INDEX
+        logits = self.llm.logits(hidden[:, :-1][supervised])
+        loss = F.cross_entropy(logits.float(), targets[supervised])
+        return loss, logits
+
+    # -- save / load ---------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config.json + model.safetensors + tokenizer + preprocessor config, atomically."""
+        with atomic_dir(directory) as tmp:
+            self._write(Path(tmp))
+
+    def _write(self, directory: Path) -> None:
+        config = {
+            "format": "vlmkit", "format_version": FORMAT_VERSION,
+            "arch": self.config.to_dict(),
+            "vision_tower": self.vision.tower.config.to_dict(),
+            "llm": self.llm.config.to_dict(),
+            "num_image_tokens": self.num_image_tokens,
+        }
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
+        save_model(self.as_tensor_module(), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        self.tokenizer.save_pretrained(directory)
+        self.image_transform.save(directory)
+
+    def as_tensor_module(self) -> nn.Module:
+        """The module whose state dict is the checkpoint (the parts, without non-tensor attributes)."""
+        return nn.ModuleDict(self.parts())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device=None, dtype=None) -> "VisionLanguageModel":
+        from transformers import AutoTokenizer
+
+        directory = Path(directory)
+        config_file = directory / CONFIG_NAME
+        if not config_file.exists():
+            raise FileNotFoundError(f"{directory} is not a vlmkit checkpoint (no {CONFIG_NAME})")
+        saved = json.loads(config_file.read_text())
+        if saved.get("format") != "vlmkit":
+            raise ConfigError(f"{config_file} is not a vlmkit config (for a Hugging Face LLaVA directory use "
+                              "`vlmkit convert from-hf`)")
+        if not (directory / WEIGHTS_NAME).exists():
+            raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME} (vlmkit loads safetensors only)")
+        config = ArchConfig.from_dict(saved["arch"])
+        vision = VisionEncoder(load_vision_tower(None, hf_config=saved["vision_tower"]), config.vision)
+        llm = LanguageModel.from_hf_config(saved["llm"])
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        transform = ImageTransform.from_pretrained(directory, pad_to_square=config.vision.pad_to_square)
+        connector = build_connector(config.connector.type, vision.hidden_size, llm.hidden_size, vision.num_tokens)
+        model = cls(config, vision, connector, llm, tokenizer, transform)
+        load_model(model.as_tensor_module(), str(directory / WEIGHTS_NAME), strict=True)
+        model.eval()
+        if dtype is not None or device is not None:
+            model.to(device=device, dtype=dtype)
+        return model
+
+
+def prepare_tokenizer(tokenizer, llm: LanguageModel):
+    """Make sure the tokenizer has an image placeholder and a pad token; grow the embeddings if needed."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    if len(tokenizer) > llm.model.get_input_embeddings().num_embeddings:
+        llm.model.resize_token_embeddings(len(tokenizer))
+    return tokenizer

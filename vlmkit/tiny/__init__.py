@@ -1,0 +1,47 @@
+"""Tiny backbones that vlmkit pretrains itself, offline, and saves in Hugging Face format.
+
+`resolve("tiny:vision")` / `resolve("tiny:llama")` return a local directory that the presets then load with
+`from_pretrained`, exactly as they would a hub checkpoint. The first call builds what the cache lacks
+(tokenizer -> language model -> vision tower), with progress bars; later calls only look the directory up.
+The data is easy-VQA's **training** split only; no test image or question is ever seen.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlmkit.io import cache_home
+
+VERSION = "v1"
+PREFIX = "tiny:"
+NAMES = ("tokenizer", "llama", "vision")
+
+
+def tiny_dir(name: str) -> Path:
+    return cache_home() / f"tiny-{VERSION}" / name
+
+
+def is_tiny(name_or_path: str) -> bool:
+    return isinstance(name_or_path, str) and name_or_path.startswith(PREFIX)
+
+
+def resolve(name_or_path: str, verbose: bool = True) -> str:
+    """Map 'tiny:NAME' to its cache directory, building it on first need; other strings pass through."""
+    if not is_tiny(name_or_path):
+        return name_or_path
+    name = name_or_path[len(PREFIX):]
+    if name not in NAMES:
+        raise ValueError(f"unknown tiny backbone {name_or_path!r}; available: {', '.join(PREFIX + n for n in NAMES)}")
+    ensure(name, verbose=verbose)
+    return str(tiny_dir(name))
+
+
+def ensure(name: str, verbose: bool = True) -> Path:
+    from vlmkit.tiny import build
+
+    path = tiny_dir(name)
+    if (path / "config.json").exists() or (name == "tokenizer" and (path / "tokenizer.json").exists()):
+        return path
+    if name != "tokenizer":
+        ensure("tokenizer", verbose)
+    getattr(build, f"build_{name}")(path, tokenizer_dir=tiny_dir("tokenizer"), verbose=verbose)
+    return path
