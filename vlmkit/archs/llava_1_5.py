@@ -10,7 +10,7 @@ PRESET = {
     "template": "vicuna_v1",
     "answer_prompt": "Answer the question using a single word or phrase.",
     "stages": [
-        {"name": "align", "train": ["connector"], "data": "captions",
+        {"name": "align", "train": ["connector"], "data": "captions", "template": "plain",
          "lr": {"connector": 1e-3}, "epochs": 1, "batch_size": 256, "warmup_ratio": 0.03},
         {"name": "instruct", "train": ["connector", "llm"], "data": "instructions",
          "lr": {"connector": 2e-5, "llm": 2e-5}, "epochs": 1, "batch_size": 128, "warmup_ratio": 0.03},
@@ -24,7 +24,7 @@ PRESET = {
         "tiny": {
             "vision": {"name_or_path": "tiny:vision", "feature_layer": -1},
             "llm": {"name_or_path": "tiny:llama"},
-            "max_length": 512,
+            "max_length": 1024,
             "stages": [
                 {"lr": {"connector": 3e-3}, "epochs": 1, "batch_size": 64},
                 {"lr": {"connector": 1e-3, "llm": 1e-3}, "epochs": 2, "batch_size": 32},

@@ -1,0 +1,3 @@
+from vlmkit.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,315 @@
+"""The `vlmkit` command. Options of `train` and `demo` are generated from the preset's typed config, so
+`vlmkit train --preset llava-1.5 --help` lists that preset's own defaults, and there is no second copy.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from vlmkit.config import ArchConfig, ConnectorConfig, LLMConfig, StageConfig, VisionConfig, from_name
+from vlmkit.errors import VlmkitError
+
+_PART_CLASSES = {"vision": VisionConfig, "connector": ConnectorConfig, "llm": LLMConfig}
+_SKIP_TOP = {"name", "scale", "vision", "connector", "llm", "stages"}
+
+
+# -- config -> argparse ---------------------------------------------------------------------------
+def _parse_list(text: str) -> list[str]:
+    return [t for t in text.split(",") if t]
+
+
+def _add_field(group, flag: str, dest: str, ftype: str, default, help_text: str) -> None:
+    shown = json.dumps(default) if not isinstance(default, str) else repr(default)
+    help_text = f"{help_text} (default: {shown})"
+    if ftype == "bool":
+        group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    elif ftype.startswith("list"):
+        group.add_argument(flag, dest=dest, type=_parse_list, default=None, metavar="A,B", help=help_text)
+    else:
+        kind = {"int": int, "float": float}.get(ftype, str)
+        group.add_argument(flag, dest=dest, type=kind, default=None, metavar=ftype.upper(), help=help_text)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config: ArchConfig) -> None:
+    """One flag per config field, with the preset's value as the shown default; dest is the dotted path."""
+    top = parser.add_argument_group(f"model and run (preset {config.name}, scale {config.scale})")
+    for f in dataclasses.fields(ArchConfig):
+        if f.name not in _SKIP_TOP:
+            _add_field(top, f"--{f.name.replace('_', '-')}", f"cfg:{f.name}", f.type, getattr(config, f.name),
+                       f.metadata.get("help", ""))
+    for part, cls in _PART_CLASSES.items():
+        group = parser.add_argument_group(f"{part}")
+        for f in dataclasses.fields(cls):
+            _add_field(group, f"--{part}.{f.name.replace('_', '-')}", f"cfg:{part}.{f.name}", f.type,
+                       getattr(getattr(config, part), f.name), f.metadata.get("help", ""))
+    for stage in config.stages:
+        group = parser.add_argument_group(f"stage {stage.name!r}")
+        for f in dataclasses.fields(StageConfig):
+            if f.name in ("name", "lr"):
+                continue
+            _add_field(group, f"--{stage.name}.{f.name.replace('_', '-')}", f"cfg:stages.{stage.name}.{f.name}",
+                       f.type, getattr(stage, f.name), f.metadata.get("help", ""))
+        for module in ("vision", "connector", "llm"):
+            _add_field(group, f"--{stage.name}.lr.{module}", f"cfg:stages.{stage.name}.lr.{module}", "float",
+                       stage.lr.get(module), f"Peak learning rate of {module} when it trains in this stage.")
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    return {key[4:].replace(".", "__"): value for key, value in vars(args).items()
+            if key.startswith("cfg:") and value is not None}
+
+
+def _preset_from_argv(argv: list[str], default: str) -> tuple[str, str]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=default)
+    pre.add_argument("--scale", default="tiny")
+    known, _ = pre.parse_known_args(argv)
+    return known.preset, known.scale
+
+
+# -- commands -------------------------------------------------------------------------------------
+def cmd_presets(args) -> int:
+    from vlmkit.archs import names
+
+    for name in names():
+        config = from_name(name, scale=args.scale)
+        print(f"{name}  [{config.scale}]")
+        print(f"  vision    {config.vision.name_or_path}  layer {config.vision.feature_layer}, {config.vision.select}"
+              f"{', pad to square' if config.vision.pad_to_square else ''}")
+        print(f"  connector {config.connector.type}")
+        print(f"  llm       {config.llm.name_or_path}")
+        print(f"  template  {config.template}" + (f"; answer prompt {config.answer_prompt!r}" if config.answer_prompt
+                                                 else ""))
+        for i, stage in enumerate(config.stages, 1):
+            lrs = ", ".join(f"{m} {lr:g}" for m, lr in stage.lr.items())
+            print(f"  stage {i} {stage.name:<9} trains {'+'.join(stage.train):<16} on {stage.data:<12} "
+                  f"lr {lrs}; {stage.epochs:g} epoch(s), batch {stage.batch_size}x{stage.grad_accum}")
+    return 0
+
+
+def _data_spec(args):
+    from vlmkit.train.run import DataSpec
+
+    return DataSpec(instructions=args.data, captions=getattr(args, "caption_data", None),
+                    image_folder=args.image_folder, skip_bad=args.skip_bad)
+
+
+def cmd_train(args) -> int:
+    from vlmkit.train.run import train_run
+
+    config = from_name(args.preset, scale=args.scale, **config_overrides(args))
+    stages = args.stages.split(",") if args.stages else None
+    result = train_run(config, args.run_dir, _data_spec(args), stages=stages, resume=args.resume)
+    print(f"done in {result['seconds']:.0f}s; model in {Path(args.run_dir) / 'model'}; "
+          f"loss curve {Path(args.run_dir) / 'loss.png'}")
+    return 0
+
+
+def load_run(run: str):
+    from vlmkit.model.vlm import VisionLanguageModel
+
+    path = Path(run)
+    if (path / "model" / "config.json").exists():
+        path = path / "model"
+    if not (path / "config.json").exists():
+        raise VlmkitError(f"{run}: not a run directory or a vlmkit checkpoint (no config.json)")
+    return VisionLanguageModel.from_pretrained(path), path
+
+
+def run_eval(model, data: str, split: str, image_folder, skip_bad: bool, out_dir, limit: int = 0,
+             batch_size: int = 128, verbose: bool = True) -> dict:
+    from vlmkit.data import easyvqa
+    from vlmkit.data.dataset import load_llava_json
+    from vlmkit.eval.vqa import evaluate, write_report
+    from vlmkit.train.run import EASY_VQA, DataSpec, build_dataset
+
+    if data == EASY_VQA:
+        records, source, name = easyvqa.question_records(split), f"easy-vqa {split}", f"easy-vqa-{split}"
+    else:
+        records, source, name = load_llava_json(data), data, Path(data).stem
+    if limit:
+        records = records[:limit]
+    dataset = build_dataset(model, records, source, model.config.template,
+                            DataSpec(instructions=data, image_folder=image_folder, skip_bad=skip_bad),
+                            mode="prompt", answer_prompt=model.config.answer_prompt, verbose=verbose)
+    report = evaluate(model, dataset, batch_size=batch_size, verbose=verbose)
+    json_path, png_path = write_report(report, out_dir, name)
+    skipped = f"; {dataset.skipped.summary()}" if dataset.skipped.total else ""
+    print(f"accuracy {report['accuracy']:.2%} ({report['correct']}/{report['total']}) on {source}{skipped} "
+          f"in {report['seconds']:.0f}s; report {json_path}, confusion matrix {png_path}")
+    return report
+
+
+def cmd_eval(args) -> int:
+    model, path = load_run(args.run)
+    out_dir = Path(args.run) if (Path(args.run) / "model").exists() else path
+    run_eval(model, args.data, args.split, args.image_folder, args.skip_bad, out_dir, args.limit, args.batch_size)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from vlmkit.infer.chat import answer, first_user_turn, interactive
+    from vlmkit.infer.generate import GenerationConfig
+
+    model, _ = load_run(args.run)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed)
+    if args.question:
+        question = " ".join(args.question)
+        if model.config.answer_prompt and args.short:
+            question = f"{question}\n{model.config.answer_prompt}"
+        messages = [{"role": "user", "content": first_user_turn(question, bool(args.image))}]
+        print(answer(model, messages, [args.image] if args.image else [], config))
+    else:
+        interactive(model, args.image, config)
+    return 0
+
+
+def cmd_build_tiny(args) -> int:
+    from vlmkit.tiny import NAMES, ensure, tiny_dir
+
+    for name in NAMES:
+        start = time.time()
+        ensure(name)
+        print(f"{name}: {tiny_dir(name)} ({time.time() - start:.0f}s)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from vlmkit.data import easyvqa
+    from vlmkit.infer.chat import answer, first_user_turn
+    from vlmkit.tiny import NAMES, ensure
+    from vlmkit.train.run import DataSpec, train_run
+
+    run_dir = Path(args.run_dir)
+    phases = {}
+    start = time.time()
+    for name in NAMES:
+        phase = time.time()
+        ensure(name)
+        phases[f"backbone {name}"] = time.time() - phase
+    config = from_name(args.preset, scale="tiny", **config_overrides(args))
+    result = train_run(config, run_dir, DataSpec(), resume=args.resume)
+    phases["model build"] = result["build_seconds"]
+    for stage in result["stages"]:
+        phases[f"stage {stage['stage']}"] = stage["seconds"]
+    phase = time.time()
+    report = run_eval(result["model"], "easy-vqa", "test", None, False, run_dir, limit=args.eval_limit)
+    phases["evaluation"] = time.time() - phase
+    questions, paths = easyvqa.load_split("test")
+    question = questions[0]
+    text = f"{question.text}\n{config.answer_prompt}" if config.answer_prompt else question.text
+    reply = answer(result["model"], [{"role": "user", "content": first_user_turn(text, True)}], [paths[question.image_id]])
+    total = time.time() - start
+    print(f"\nchat: [{paths[question.image_id]}] {question.text!r} -> {reply!r} (reference {question.answer!r})")
+    print("\nphase                     seconds")
+    for name, seconds in phases.items():
+        print(f"  {name:<24}{seconds:8.1f}")
+    print(f"  {'total':<24}{total:8.1f}")
+    print(f"\neasy-VQA test accuracy {report['accuracy']:.2%} over {report['total']} questions; "
+          f"wall time {total / 60:.1f} min; everything is in {run_dir}/")
+    (run_dir / "demo.json").write_text(json.dumps({"accuracy": report["accuracy"], "total": report["total"],
+                                                   "phases_seconds": phases, "wall_seconds": total,
+                                                   "chat": {"question": question.text, "answer": reply,
+                                                            "reference": question.answer}}, indent=2))
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------------
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlmkit", description="Vision-language models from shared parts (vision encoder -> connector -> LLM), "
+                                   "trained with each paper's staged recipe.",
+        epilog="Start with `vlmkit demo`; `vlmkit presets` lists architectures; `vlmkit COMMAND --help` for more.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("presets", help="list every preset with its parts and stages")
+    p.add_argument("--scale", default="tiny", choices=["tiny", "paper"])
+    p.set_defaults(func=cmd_presets)
+
+    command = next((a for a in argv if not a.startswith("-")), None)
+    preset, scale = _preset_from_argv(argv, "llava-1.5")
+    config = None
+    if command in ("train", "demo"):
+        try:
+            config = from_name(preset, scale="tiny" if command == "demo" else scale)
+        except KeyError as exc:
+            raise VlmkitError(str(exc).strip('"')) from None
+
+    p = sub.add_parser("train", help="train a preset through its stages",
+                       description="Train a preset through its stages. Each flag below is a field of the preset's "
+                                   "config; the defaults shown are this preset's.")
+    p.add_argument("--preset", default="llava-1.5", help="architecture preset (see `vlmkit presets`)")
+    p.add_argument("--scale", default="tiny", choices=["tiny", "paper"], help="backbone scale")
+    p.add_argument("--run-dir", default="runs/train", help="where checkpoints, logs and the loss curve go")
+    p.add_argument("--data", default="easy-vqa", help="'easy-vqa' or a LLaVA JSON file for instruction stages")
+    p.add_argument("--caption-data", default=None, help="LLaVA JSON with image-caption pairs for caption stages")
+    p.add_argument("--image-folder", default=None, help="folder that the records' image paths are relative to")
+    p.add_argument("--stages", default=None, help="comma-separated stage names to run (default: all)")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad records and count them instead of stopping")
+    p.add_argument("--resume", action="store_true", help="continue after the last completed stage in --run-dir")
+    if config is not None and command == "train":
+        add_config_arguments(p, config)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="the main job: tiny llava-1.5 on easy-VQA, both stages, full test evaluation",
+                       description="Build the tiny backbones if the cache lacks them ($VLMKIT_HOME, default "
+                                   "~/.cache/vlmkit), train tiny llava-1.5 on easy-VQA through both stages, evaluate "
+                                   "on all 9,673 test questions, answer one chat question.")
+    p.add_argument("--preset", default="llava-1.5", help=argparse.SUPPRESS)
+    p.add_argument("--run-dir", default="runs/demo", help="where everything is written")
+    p.add_argument("--eval-limit", type=int, default=0, help="evaluate only the first N test questions (0 = all)")
+    p.add_argument("--resume", action="store_true", help="reuse completed stages in --run-dir")
+    if config is not None and command == "demo":
+        add_config_arguments(p, config)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="exact-match accuracy on easy-VQA or a LLaVA JSON of short answers")
+    p.add_argument("run", help="run directory or checkpoint")
+    p.add_argument("--data", default="easy-vqa", help="'easy-vqa' or a LLaVA JSON file (last turn = reference)")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="easy-VQA split")
+    p.add_argument("--image-folder", default=None, help="folder the JSON's image paths are relative to")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad records and count them")
+    p.add_argument("--limit", type=int, default=0, help="only the first N records (0 = all)")
+    p.add_argument("--batch-size", type=int, default=128, help="prompts per generation batch")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("chat", help="ask about an image (one answer) or chat interactively (no question)")
+    p.add_argument("run", help="run directory or checkpoint")
+    p.add_argument("question", nargs="*", help="the question; omit it for an interactive chat")
+    p.add_argument("--image", default=None, help="image file")
+    p.add_argument("--short", action=argparse.BooleanOptionalAction, default=True,
+                   help="append the preset's short-answer prompt to a one-off question")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("build-tiny", help="pretrain the tiny backbones into the cache (normally done on first need)")
+    p.set_defaults(func=cmd_build_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser(argv).parse_args(argv)
+        return args.func(args)
+    except VlmkitError as exc:
+        print(f"vlmkit: error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, KeyError) as exc:
+        print(f"vlmkit: error: {str(exc).strip(chr(34))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vlmkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Records -> rendered, validated training/eval examples, and the collate that pads them.
+
+Every record is rendered and its images decoded before any training step, so a bad record stops the run
+at once with one line naming it (or, with `skip_bad=True`, is skipped and counted by reason). Images are
+decoded once and kept as tensors; each example refers to its images by index into `dataset.images`, which
+also lets the training loop cache frozen encoder features per image.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from vlmkit.data.images import ImageTransform, load_image
+from vlmkit.data.render import IGNORE_INDEX, IMAGE_TOKEN, normalise_messages, render_conversation
+from vlmkit.data.templates import Template
+from vlmkit.errors import BadRecord, VlmkitError
+
+
+def load_llava_json(path: str | os.PathLike) -> list[dict]:
+    """Read a LLaVA conversation file (a JSON list, or JSON lines); errors name the file and the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise VlmkitError(f"{path}: data file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise VlmkitError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise VlmkitError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    if not isinstance(records, list):
+        raise VlmkitError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    return records
+
+
+def record_images(record: dict, image_folder: str | os.PathLike | None, record_id) -> list[str]:
+    images = record.get("image", record.get("images"))
+    if images is None:
+        return []
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise BadRecord(record_id, "'image' must be a file name or a list of file names", kind="schema")
+    folder = Path(image_folder) if image_folder else None
+    return [str(folder / name) if folder is not None and not os.path.isabs(name) else name for name in images]
+
+
+@dataclass
+class Example:
+    record_id: str
+    input_ids: list[int]
+    labels: list[int]
+    image_indices: list[int]
+    answer: str | None = None  # reference answer, for evaluation examples
+
+
+@dataclass
+class SkipReport:
+    counts: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+
+    def add(self, error: BadRecord) -> None:
+        self.counts[error.kind] += 1
+        self.examples.setdefault(error.kind, str(error))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.total:
+            return "skipped 0 records"
+        parts = ", ".join(f"{kind}: {n}" for kind, n in self.counts.most_common())
+        return f"skipped {self.total} bad records ({parts})"
+
+
+class ConversationDataset(Dataset):
+    """Rendered conversations with their images.
+
+    mode='train': the whole conversation, loss on assistant turns.
+    mode='prompt': the last assistant turn is held out as `answer` and the prompt ends with the assistant
+    cue, for generation and evaluation.
+    """
+
+    def __init__(self, records: list[dict], tokenizer, template: Template, transform: ImageTransform, *,
+                 num_image_tokens: int, max_length: int | None = None, image_folder=None, skip_bad: bool = False,
+                 source: str | None = None, mode: str = "train", answer_prompt: str = "",
+                 verbose: bool = True):
+        self.examples: list[Example] = []
+        self.images: list[str] = []
+        self.skipped = SkipReport()
+        self.source = source
+        image_index: dict[str, int] = {}
+        pixels: list[torch.Tensor] = []
+        for position, record in enumerate(tqdm(records, desc=f"reading {source or 'records'}", disable=not verbose,
+                                               mininterval=1.0)):
+            record_id = record.get("id", f"#{position}") if isinstance(record, dict) else f"#{position}"
+            try:
+                example, paths = self._prepare(record, record_id, tokenizer, template, num_image_tokens,
+                                               max_length, image_folder, mode, answer_prompt)
+                new_pixels = [(path, transform(load_image(path, record_id))) for path in paths
+                              if path not in image_index]
+            except BadRecord as error:
+                error.source = error.source or source
+                if not skip_bad:
+                    raise BadRecord(error.record_id, error.reason, error.kind, source) from None
+                self.skipped.add(error)
+                continue
+            for path, tensor in new_pixels:
+                if path not in image_index:
+                    image_index[path] = len(self.images)
+                    self.images.append(path)
+                    pixels.append(tensor)
+            example.image_indices = [image_index[path] for path in paths]
+            self.examples.append(example)
+        self.pixel_values = torch.stack(pixels) if pixels else torch.zeros(0)
+        if not self.examples:
+            raise VlmkitError(f"{source or 'data'}: no usable records ({self.skipped.summary()})")
+
+    @staticmethod
+    def _prepare(record, record_id, tokenizer, template, num_image_tokens, max_length, image_folder, mode,
+                 answer_prompt) -> tuple[Example, list[str]]:
+        if not isinstance(record, dict):
+            raise BadRecord(record_id, f"a record must be an object, got {type(record).__name__}", kind="schema")
+        conversation = record.get("conversations")
+        if not isinstance(conversation, list) or not conversation:
+            raise BadRecord(record_id, "has no 'conversations' list", kind="schema")
+        images = record_images(record, image_folder, record_id)
+        messages = normalise_messages(conversation, record_id)
+        placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages if m["role"] == "user")
+        if placeholders != len(images):
+            raise BadRecord(record_id, f"has {len(images)} image(s) but {placeholders} <image> placeholder(s)",
+                            kind="image_count")
+        answer = None
+        if mode == "prompt":
+            if messages[-1]["role"] != "assistant":
+                raise BadRecord(record_id, "an evaluation record must end with the reference answer", kind="turns")
+            answer = messages[-1]["content"]
+            messages = messages[:-1]
+            if answer_prompt:
+                messages[-1] = {"role": "user", "content": f"{messages[-1]['content']}\n{answer_prompt}"}
+        rendered = render_conversation(messages, template, tokenizer, num_image_tokens=num_image_tokens,
+                                       max_length=max_length, record_id=record_id,
+                                       add_generation_prompt=mode == "prompt")
+        return Example(str(record_id), rendered.input_ids, rendered.labels, [], answer), images
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
+
+    def lengths(self) -> list[int]:
+        return [len(e.input_ids) for e in self.examples]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    image_indices: torch.Tensor  # (num_images,) indices into dataset.images, in sample order
+    image_counts: list[int]
+    record_ids: list[str]
+
+
+def collate(examples: list[Example], pad_token_id: int, padding_side: str = "right") -> Batch:
+    length = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        span = slice(0, n) if padding_side == "right" else slice(length - n, length)
+        input_ids[row, span] = torch.tensor(example.input_ids)
+        labels[row, span] = torch.tensor(example.labels)
+        attention_mask[row, span] = 1
+    image_indices = torch.tensor([i for e in examples for i in e.image_indices], dtype=torch.long)
+    return Batch(input_ids, attention_mask, labels, image_indices, [len(e.image_indices) for e in examples],
+                 [e.record_id for e in examples])
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group: int = 16) -> list[list[int]]:
+    """Shuffled batches of similar length (less padding): shuffle, sort within chunks of `group` batches."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = batch_size * group
+    batches = []
+    for start in range(0, len(order), chunk):
+        block = sorted(order[start:start + chunk], key=lambda i: lengths[i], reverse=True)
+        batches += [block[i:i + batch_size] for i in range(0, len(block), batch_size)]
+    rng.shuffle(batches)
+    return batches

@@ -1,0 +1,1 @@
+"""Evaluation: exact-match VQA accuracy with a report and a confusion matrix."""

@@ -1,0 +1,114 @@
+"""Short-answer VQA evaluation: greedy answers, normalised exact match, JSON report, confusion matrix PNG.
+
+Works on any records whose last turn is a short reference answer: easy-VQA's test split or a user's LLaVA
+JSON. Frozen-encoder features are computed once per image, prompts are batched with left padding.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vlmkit.infer.generate import GenerationConfig, generate
+from vlmkit.train.loop import encode_all_images
+
+_ARTICLES = {"a", "an", "the"}
+_NUMBERS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, no punctuation or articles, number words as digits (as VQA evaluation does)."""
+    text = re.sub(r"[^\w\s]", " ", text.lower())
+    words = [_NUMBERS.get(w, w) for w in text.split() if w not in _ARTICLES]
+    return " ".join(words)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_size: int = 128, max_new_tokens: int = 8, verbose: bool = True) -> dict:
+    """Answer every example of a prompt-mode ConversationDataset; returns the report dict."""
+    start = time.time()
+    model.eval()
+    features = encode_all_images(model, dataset, verbose=verbose)
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i].input_ids))
+    predictions = [None] * len(dataset)
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    for start_index in tqdm(range(0, len(order), batch_size), desc="evaluating", disable=not verbose,
+                            mininterval=1.0):
+        indices = order[start_index:start_index + batch_size]
+        examples = [dataset[i] for i in indices]
+        image_indices = torch.tensor([j for e in examples for j in e.image_indices], dtype=torch.long)
+        outputs = generate(model, [e.input_ids for e in examples], [len(e.image_indices) for e in examples],
+                           vision_features=features[image_indices] if len(image_indices) else None, config=config,
+                           record_ids=[e.record_id for e in examples])
+        for i, tokens in zip(indices, outputs):
+            predictions[i] = model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    rows = []
+    per_answer = defaultdict(lambda: [0, 0])
+    confusion = Counter()
+    for example, prediction in zip(dataset.examples, predictions):
+        truth, guess = normalise_answer(example.answer), normalise_answer(prediction)
+        correct = truth == guess
+        per_answer[truth][0] += correct
+        per_answer[truth][1] += 1
+        confusion[(truth, guess)] += 1
+        rows.append({"id": example.record_id, "answer": example.answer, "prediction": prediction, "correct": correct})
+    correct = sum(r["correct"] for r in rows)
+    return {
+        "accuracy": correct / len(rows), "correct": correct, "total": len(rows),
+        "skipped": dict(dataset.skipped.counts), "source": dataset.source,
+        "per_answer": {a: {"accuracy": c / n, "count": n} for a, (c, n) in sorted(per_answer.items())},
+        "confusion": [[t, g, n] for (t, g), n in confusion.most_common()],
+        "seconds": time.time() - start,
+        "predictions": rows,
+    }
+
+
+def write_report(report: dict, out_dir: str | Path, name: str) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"eval_{name}.json"
+    json_path.write_text(json.dumps(report, indent=1))
+    png_path = out_dir / f"confusion_{name}.png"
+    plot_confusion(report, png_path)
+    return json_path, png_path
+
+
+def plot_confusion(report: dict, out_file: Path, max_labels: int = 20) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    truths = Counter()
+    for truth, _, n in report["confusion"]:
+        truths[truth] += n
+    labels = [a for a, _ in truths.most_common(max_labels)]
+    index = {a: i for i, a in enumerate(labels)}
+    other = len(labels)
+    matrix = np.zeros((len(labels), len(labels) + 1))
+    for truth, guess, n in report["confusion"]:
+        if truth in index:
+            matrix[index[truth], index.get(guess, other)] += n
+    rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(labels), 1 + 0.45 * len(labels)), dpi=110)
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels) + 1), labels + ["(other)"], rotation=60, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for r in range(len(labels)):
+        for c in range(len(labels) + 1):
+            if matrix[r, c]:
+                ax.text(c, r, int(matrix[r, c]), ha="center", va="center", fontsize=6,
+                        color="white" if rates[r, c] > 0.5 else "black")
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("reference answer")
+    ax.set_title(f"accuracy {report['accuracy']:.2%} on {report['total']} questions")
+    fig.tight_layout()
+    fig.savefig(out_file)
+    plt.close(fig)

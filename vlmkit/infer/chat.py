@@ -1,0 +1,43 @@
+"""Chat with a model: one answer, or an interactive loop that keeps the conversation."""
+from __future__ import annotations
+
+from vlmkit.data.images import load_image
+from vlmkit.data.render import IMAGE_TOKEN, render_conversation
+from vlmkit.data.templates import get_template
+from vlmkit.infer.generate import GenerationConfig, generate
+
+
+def answer(model, messages: list[dict], images: list, config: GenerationConfig | None = None) -> str:
+    """Reply to `messages` (role/content, `<image>` where each image goes); images are PIL images or paths."""
+    pixels = [model.image_transform(load_image(i, "chat") if isinstance(i, str) else i.convert("RGB"))
+              for i in images]
+    rendered = render_conversation(messages, get_template(model.config.template), model.tokenizer,
+                                   num_image_tokens=model.num_image_tokens, max_length=model.config.max_length,
+                                   record_id="chat", add_generation_prompt=True)
+    import torch
+
+    pixel_values = torch.stack(pixels) if pixels else None
+    tokens = generate(model, [rendered.input_ids], [len(pixels)], pixel_values=pixel_values, config=config)[0]
+    return model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def first_user_turn(question: str, has_image: bool) -> str:
+    return f"{IMAGE_TOKEN}\n{question}" if has_image else question
+
+
+def interactive(model, image: str | None, config: GenerationConfig, input_fn=input, print_fn=print) -> None:
+    messages: list[dict] = []
+    images = [image] if image else []
+    print_fn("vlmkit chat: empty line or Ctrl-D to quit" + (f"; image {image}" if image else ""))
+    while True:
+        try:
+            question = input_fn("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not question:
+            break
+        content = first_user_turn(question, bool(images)) if not messages else question
+        messages.append({"role": "user", "content": content})
+        reply = answer(model, messages, images, config)
+        messages.append({"role": "assistant", "content": reply or "…"})
+        print_fn(f"model> {reply}")

@@ -1,0 +1,120 @@
+"""The one training loop: every preset and stage runs it; stages differ only in their StageConfig.
+
+AdamW with a learning rate per module, linear warm-up then cosine decay, gradient clipping and
+accumulation, seeded data order, a tqdm bar, the loss per step appended to a JSONL log. While the vision
+encoder is frozen its features are computed once per image and reused for every epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vlmkit.config import StageConfig
+from vlmkit.data.dataset import ConversationDataset, collate, length_grouped_batches
+from vlmkit.errors import ConfigError
+from vlmkit.train.freeze import apply_stage_freezing
+
+
+def param_groups(model, stage: StageConfig) -> list[dict]:
+    groups = []
+    for name in stage.train:
+        if name not in stage.lr:
+            raise ConfigError(f"stage {stage.name!r} trains {name!r} but sets no lr for it (lr: {stage.lr})")
+        decay, no_decay = [], []
+        for pname, p in model.parts()[name].named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in pname.lower() else decay).append(p)
+        groups.append({"params": decay, "lr": stage.lr[name], "weight_decay": stage.weight_decay, "name": name})
+        groups.append({"params": no_decay, "lr": stage.lr[name], "weight_decay": 0.0, "name": f"{name}.no_decay"})
+    return [g for g in groups if g["params"]]
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float):
+    warmup = max(1, math.ceil(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+@torch.no_grad()
+def encode_all_images(model, dataset: ConversationDataset, batch_size: int = 256, verbose: bool = True):
+    """Vision features of every image in the dataset (the frozen-encoder cache)."""
+    model.vision.eval()
+    features = []
+    for start in tqdm(range(0, len(dataset.images), batch_size), desc="encoding images (frozen encoder)",
+                      disable=not verbose, mininterval=1.0):
+        features.append(model.encode_images(dataset.pixel_values[start:start + batch_size]))
+    return torch.cat(features) if features else None
+
+
+def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed: int, log_file: Path | None = None,
+                bf16: bool = False, verbose: bool = True, log=print) -> dict:
+    """Train `model` in place for one stage; returns a summary (steps, losses, seconds)."""
+    start = time.time()
+    torch.manual_seed(seed)
+    apply_stage_freezing(model, stage.train, log=log)
+    optimizer = torch.optim.AdamW(param_groups(model, stage), betas=(0.9, 0.999), eps=1e-8)
+    steps_per_epoch = math.ceil(len(dataset) / (stage.batch_size * stage.grad_accum))
+    total_steps = stage.max_steps or max(1, math.ceil(stage.epochs * steps_per_epoch))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, stage.warmup_ratio))
+    cached = encode_all_images(model, dataset, verbose=verbose) if "vision" not in stage.train else None
+    pad_id = model.tokenizer.pad_token_id
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def micro_batches():
+        epoch = 0
+        while True:
+            for indices in length_grouped_batches(dataset.lengths(), stage.batch_size, seed + epoch):
+                yield epoch, collate([dataset[i] for i in indices], pad_id)
+            epoch += 1
+
+    batches = micro_batches()
+    losses = []
+    log_handle = open(log_file, "a") if log_file else None
+    bar = tqdm(range(total_steps), desc=f"stage {stage.name}", disable=not verbose, mininterval=0.5)
+    try:
+        for step in bar:
+            step_loss = 0.0
+            for _ in range(stage.grad_accum):
+                epoch, batch = next(batches)
+                features = cached[batch.image_indices] if cached is not None and len(batch.image_indices) else None
+                pixels = dataset.pixel_values[batch.image_indices] if features is None and len(batch.image_indices) \
+                    else None
+                with autocast:
+                    loss, _ = model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                                    image_counts=batch.image_counts, pixel_values=pixels, vision_features=features,
+                                    record_ids=batch.record_ids)
+                (loss / stage.grad_accum).backward()
+                step_loss += loss.item() / stage.grad_accum
+            norm = torch.nn.utils.clip_grad_norm_(trainable, stage.max_grad_norm) if stage.max_grad_norm else None
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            bar.set_postfix(loss=f"{step_loss:.4f}", epoch=epoch)
+            if log_handle:
+                log_handle.write(json.dumps({"stage": stage.name, "step": step + 1, "epoch": epoch, "loss": step_loss,
+                                             "lr": schedule.get_last_lr()[0],
+                                             "grad_norm": None if norm is None else float(norm),
+                                             "seconds": round(time.time() - start, 3)}) + "\n")
+    finally:
+        if log_handle:
+            log_handle.close()
+    model.eval()
+    model.requires_grad_(False)
+    seconds = time.time() - start
+    tail = losses[-max(1, len(losses) // 10):]
+    log(f"stage {stage.name}: {total_steps} steps, loss {losses[0]:.4f} -> {sum(tail) / len(tail):.4f}, {seconds:.0f}s")
+    return {"stage": stage.name, "steps": total_steps, "first_loss": losses[0], "final_loss": sum(tail) / len(tail),
+            "seconds": seconds}

@@ -1,0 +1,39 @@
+"""The loss curve of a run, from its JSONL log, as a PNG."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def plot_loss(log_file: Path, out_file: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(log_file).read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    offset = 0
+    stages: dict[str, list[dict]] = {}
+    for row in rows:
+        stages.setdefault(row["stage"], []).append(row)
+    for name, stage_rows in stages.items():
+        xs = [offset + r["step"] for r in stage_rows]
+        ys = [r["loss"] for r in stage_rows]
+        ax.plot(xs, ys, linewidth=0.8, alpha=0.35)
+        window = max(1, len(ys) // 30)
+        smooth = [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
+        ax.plot(xs, smooth, linewidth=2, label=f"{name} ({len(ys)} steps)", color=ax.lines[-1].get_color())
+        offset = xs[-1]
+    ax.set_yscale("log")
+    ax.set_xlabel("optimiser step (all stages)")
+    ax.set_ylabel("training loss (assistant tokens)")
+    ax.set_title(f"training loss: {Path(log_file).parent.name}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_file)
+    plt.close(fig)
+    return out_file

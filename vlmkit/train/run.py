@@ -1,0 +1,116 @@
+"""A staged training run: build the model, then for each stage read its data, train, checkpoint.
+
+Run directory layout:
+  config.json          the resolved ArchConfig
+  train_log.jsonl      one line per optimiser step (all stages)
+  loss.png             the loss curve
+  checkpoints/N-NAME/  the model after stage N (config.json + model.safetensors + tokenizer), atomic
+  model/               the newest completed stage, what `vlmkit chat/eval/serve RUN` load
+  summary.json         per-phase seconds, losses, skipped records
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlmkit.config import ArchConfig, StageConfig
+from vlmkit.data import easyvqa
+from vlmkit.data.dataset import ConversationDataset, load_llava_json
+from vlmkit.data.templates import get_template
+from vlmkit.errors import ConfigError
+from vlmkit.model.vlm import VisionLanguageModel
+from vlmkit.train.loop import train_stage
+from vlmkit.train.plot import plot_loss
+
+EASY_VQA = "easy-vqa"
+
+
+@dataclass
+class DataSpec:
+    """Where stage data comes from: 'easy-vqa' or LLaVA JSON files (+ image folder)."""
+    instructions: str = EASY_VQA
+    captions: str | None = None  # default: easy-VQA captions when instructions are easy-VQA
+    image_folder: str | None = None
+    skip_bad: bool = False
+
+
+def stage_records(config: ArchConfig, stage: StageConfig, data: DataSpec) -> tuple[list[dict], str]:
+    if stage.data == "captions":
+        source = data.captions or (EASY_VQA if data.instructions == EASY_VQA else None)
+        if source is None:
+            raise ConfigError(f"stage {stage.name!r} reads captions: pass --caption-data FILE.json, or --stages to "
+                              "skip it")
+        if source == EASY_VQA:
+            return easyvqa.caption_records("train", config.caption_prompt), "easy-vqa captions (train)"
+        return load_llava_json(source), source
+    if stage.data == "instructions":
+        if data.instructions == EASY_VQA:
+            return (easyvqa.instruction_records("train", config.answer_prompt, seed=config.seed),
+                    "easy-vqa instructions (train)")
+        return load_llava_json(data.instructions), data.instructions
+    raise ConfigError(f"stage {stage.name!r}: unknown data kind {stage.data!r} (captions, instructions)")
+
+
+def build_dataset(model: VisionLanguageModel, records: list[dict], source: str, template_name: str,
+                  data: DataSpec, mode: str = "train", answer_prompt: str = "", verbose: bool = True):
+    folder = None if source.startswith(EASY_VQA) else data.image_folder
+    return ConversationDataset(records, model.tokenizer, get_template(template_name), model.image_transform,
+                               num_image_tokens=model.num_image_tokens, max_length=model.config.max_length,
+                               image_folder=folder, skip_bad=data.skip_bad, source=source, mode=mode,
+                               answer_prompt=answer_prompt, verbose=verbose)
+
+
+def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = None, stages: list[str] | None = None,
+              resume: bool = False, verbose: bool = True, log=print) -> dict:
+    data = data or DataSpec()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(config.to_json())
+    log_file = run_dir / "train_log.jsonl"
+    summary = {"preset": config.name, "scale": config.scale, "stages": [], "skipped": {}}
+    selected = [s for s in config.stages if stages is None or s.name in stages]
+    if stages is not None and len(selected) != len(stages):
+        raise ConfigError(f"unknown stage(s) in {stages}; preset {config.name!r} has {[s.name for s in config.stages]}")
+
+    start = time.time()
+    model, first = None, 0
+    if resume:
+        for index in range(len(config.stages) - 1, -1, -1):
+            checkpoint = run_dir / "checkpoints" / f"{index + 1}-{config.stages[index].name}"
+            if (checkpoint / "model.safetensors").exists():
+                model, first = VisionLanguageModel.from_pretrained(checkpoint), index + 1
+                log(f"resuming after stage {config.stages[index].name!r} from {checkpoint}")
+                break
+    if model is None:
+        if log_file.exists():
+            log_file.unlink()
+        model = VisionLanguageModel.from_config(config, verbose=verbose)
+    summary["build_seconds"] = time.time() - start
+    log(f"model: {config.name} ({config.scale}); {model.num_image_tokens} image tokens per image; "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters")
+
+    for index, stage in enumerate(config.stages):
+        if index < first or stage not in selected:
+            continue
+        phase = time.time()
+        records, source = stage_records(config, stage, data)
+        dataset = build_dataset(model, records, source, stage.template or config.template, data, verbose=verbose)
+        if dataset.skipped.total:
+            log(f"{source}: {dataset.skipped.summary()}")
+            summary["skipped"][stage.name] = dict(dataset.skipped.counts)
+        log(f"stage {index + 1}/{len(config.stages)} {stage.name!r}: {len(dataset)} records from {source}, "
+            f"{len(dataset.images)} images, trains {stage.train}")
+        result = train_stage(model, stage, dataset, seed=config.seed + index, log_file=log_file, bf16=config.bf16,
+                             verbose=verbose, log=log)
+        checkpoint = run_dir / "checkpoints" / f"{index + 1}-{stage.name}"
+        model.save_pretrained(checkpoint)
+        model.save_pretrained(run_dir / "model")
+        result["train_seconds"] = result.pop("seconds")
+        result["seconds"] = time.time() - phase  # data reading + training + checkpoint
+        summary["stages"].append(result)
+        plot_loss(log_file, run_dir / "loss.png")
+    summary["seconds"] = time.time() - start
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return {"model": model, **summary}
