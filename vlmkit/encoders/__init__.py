@@ -38,10 +38,11 @@ def load_vision_tower(path: str | None, hf_config: dict | None = None, **kwargs)
 
 
 class VisionEncoder(nn.Module):
-    def __init__(self, tower: nn.Module, config: VisionConfig):
+    def __init__(self, tower: nn.Module, config: VisionConfig, image_size: int | None = None):
         super().__init__()
         self.tower = tower
         self.config = config
+        self._image_size = image_size  # the preprocessor's crop size; towers without a fixed size need it
         hf = tower.config
         self.has_cls = hf.model_type in ("clip_vision_model", "vit", "dinov2")
         if config.select not in ("patch", "cls_patch"):
@@ -52,7 +53,7 @@ class VisionEncoder(nn.Module):
 
     @property
     def image_size(self) -> int:
-        return getattr(self.tower.config, "image_size", 224)
+        return self._image_size or getattr(self.tower.config, "image_size", 224)
 
     def _probe(self) -> tuple[int, int]:
         hf = self.tower.config

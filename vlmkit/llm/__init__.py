@@ -6,6 +6,8 @@ visual-expert layers (CogVLM) takes the same call plus the image-token mask.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -14,6 +16,8 @@ class LanguageModel(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        # transformers >= 5.2x calls the KV cache `cache`; earlier versions `past_key_values`
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "LanguageModel":
@@ -53,5 +57,6 @@ class LanguageModel(nn.Module):
     def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache: bool = False, image_token_mask=None, logits_to_keep: int = 0):
         outputs = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep)
-        return outputs.logits, outputs.past_key_values
+                             use_cache=use_cache, logits_to_keep=logits_to_keep,
+                             **{self._cache_kwarg: past_key_values})
+        return outputs.logits, getattr(outputs, self._cache_kwarg, None)

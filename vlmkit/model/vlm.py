@@ -74,11 +74,11 @@ class VisionLanguageModel(nn.Module):
         torch.manual_seed(config.seed)
         vision_path = resolve(config.vision.name_or_path, verbose=verbose)
         llm_path = resolve(config.llm.name_or_path, verbose=verbose)
-        vision = VisionEncoder(load_vision_tower(vision_path, **load_kwargs), config.vision)
+        transform = ImageTransform.from_pretrained(vision_path, pad_to_square=config.vision.pad_to_square)
+        vision = VisionEncoder(load_vision_tower(vision_path, **load_kwargs), config.vision, transform.crop[0])
         llm = LanguageModel.from_pretrained(llm_path, **load_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(llm_path)
         tokenizer = prepare_tokenizer(tokenizer, llm)
-        transform = ImageTransform.from_pretrained(vision_path, pad_to_square=config.vision.pad_to_square)
         connector = build_connector(config.connector.type, vision.hidden_size, llm.hidden_size, vision.num_tokens)
         return cls(config, vision, connector, llm, tokenizer, transform)
 
@@ -169,10 +169,11 @@ class VisionLanguageModel(nn.Module):
         if not (directory / WEIGHTS_NAME).exists():
             raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME} (vlmkit loads safetensors only)")
         config = ArchConfig.from_dict(saved["arch"])
-        vision = VisionEncoder(load_vision_tower(None, hf_config=saved["vision_tower"]), config.vision)
+        transform = ImageTransform.from_pretrained(directory, pad_to_square=config.vision.pad_to_square)
+        vision = VisionEncoder(load_vision_tower(None, hf_config=saved["vision_tower"]), config.vision,
+                               transform.crop[0])
         llm = LanguageModel.from_hf_config(saved["llm"])
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        transform = ImageTransform.from_pretrained(directory, pad_to_square=config.vision.pad_to_square)
         connector = build_connector(config.connector.type, vision.hidden_size, llm.hidden_size, vision.num_tokens)
         model = cls(config, vision, connector, llm, tokenizer, transform)
         load_model(model.as_tensor_module(), str(directory / WEIGHTS_NAME), strict=True)

@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from vlmkit.data.render import render_conversation
+from vlmkit.data.templates import get_template
+from vlmkit.errors import BadRecord
+from vlmkit.model.vlm import VisionLanguageModel, splice_image_features
+from vlmkit.train.freeze import apply_stage_freezing
+
+
+def test_splice_places_each_image_in_order():
+    embeds = torch.zeros(3, 8, 4)
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[0, 1:3] = True          # sample 0: one image (2 tokens)
+    mask[2, 0:2] = True          # sample 2: two images, at two places
+    mask[2, 5:7] = True          # sample 1: none
+    images = torch.arange(3 * 2 * 4, dtype=torch.float).reshape(3, 2, 4) + 1
+    out = splice_image_features(embeds, mask, images, [1, 0, 2])
+    assert torch.equal(out[0, 1:3], images[0])
+    assert torch.equal(out[2, 0:2], images[1]) and torch.equal(out[2, 5:7], images[2])
+    assert torch.equal(out[~mask], torch.zeros(int((~mask).sum()), 4))
+
+
+def test_splice_mismatch_names_the_sample():
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[1, :3] = True
+    with pytest.raises(BadRecord, match="'rec-b'.*3 image placeholder tokens but 1 image"):
+        splice_image_features(torch.zeros(2, 6, 4), mask, torch.ones(1, 2, 4), [0, 1], record_ids=["rec-a", "rec-b"])
+
+
+@pytest.mark.parametrize("vision", ["clip", "resnet"])
+def test_forward_with_several_images_and_none(make_model, image_files, vision):
+    model = make_model(vision=vision, feature_layer=-1 if vision == "resnet" else -2)
+    template = get_template(model.config.template)
+    conversations = [
+        [{"from": "human", "value": "<image>\nwhat is it?"}, {"from": "gpt", "value": "red"}],
+        [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "hi"}],
+        [{"from": "human", "value": "<image> and <image>\ncompare"}, {"from": "gpt", "value": "blue"}],
+    ]
+    rendered = [render_conversation(c, template, model.tokenizer, num_image_tokens=model.num_image_tokens)
+                for c in conversations]
+    from vlmkit.data.dataset import Example, collate
+
+    batch = collate([Example(str(i), r.input_ids, r.labels, []) for i, r in enumerate(rendered)],
+                    model.tokenizer.pad_token_id)
+    pixels = torch.stack([model.image_transform(__import__("PIL.Image").Image.open(p).convert("RGB"))
+                          for p in image_files])
+    loss, logits = model(batch.input_ids, batch.attention_mask, batch.labels, image_counts=[1, 0, 2],
+                         pixel_values=pixels)
+    assert torch.isfinite(loss)
+    supervised = (batch.labels[:, 1:] != -100).sum()
+    assert logits.shape == (supervised, len(model.tokenizer))
+    # the image actually reaches the loss: a different image gives a different loss
+    loss_other, _ = model(batch.input_ids, batch.attention_mask, batch.labels, image_counts=[1, 0, 2],
+                          pixel_values=pixels.flip(0))
+    assert not torch.allclose(loss, loss_other)
+
+
+def test_vision_features_follow_the_feature_layer(make_model):
+    model = make_model(feature_layer=-2)
+    pixels = torch.randn(2, 3, 32, 32)
+    hidden = model.vision.tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+    features = model.encode_images(pixels)
+    assert features.shape == (2, 16, 48)
+    torch.testing.assert_close(features, hidden[-2][:, 1:])
+    model.vision.config.select = "cls_patch"
+    torch.testing.assert_close(model.encode_images(pixels), hidden[-2])
+
+
+def test_save_load_round_trip_is_bit_exact(make_model, tmp_path):
+    model = make_model()
+    with torch.no_grad():
+        for p in model.connector.parameters():
+            p.normal_()
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
+    original, restored = model.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    for key in original:
+        assert torch.equal(original[key], restored[key]), key
+    assert loaded.config == model.config
+    assert loaded.tokenizer.get_vocab() == model.tokenizer.get_vocab()
+    ids = torch.tensor([[model.tokenizer.bos_token_id] + [model.image_token_id] * model.num_image_tokens + [10, 11]])
+    pixels = torch.randn(1, 3, 32, 32)
+    model.eval()
+    assert torch.equal(model(ids, image_counts=[1], pixel_values=pixels)[1],
+                       loaded(ids, image_counts=[1], pixel_values=pixels)[1])
+    assert not list(tmp_path.glob(".ckpt.tmp-*")), "the temporary directory must be gone after the rename"
+
+
+def test_freezing_per_stage(make_model):
+    model = make_model()
+    logs = []
+    for stage in model.config.stages:
+        counts = apply_stage_freezing(model, stage.train, log=logs.append)
+        for name, module in model.parts().items():
+            total = sum(p.numel() for p in module.parameters())
+            assert counts[name] == (total if name in stage.train else 0)
+            assert module.training == (name in stage.train)
+    assert model.config.stages[0].train == ["connector"]
+    assert model.config.stages[1].train == ["connector", "llm"]
+    assert "vision 0 (frozen)" in logs[0] and "llm 0 (frozen)" in logs[0]
