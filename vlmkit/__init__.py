@@ -1,0 +1,13 @@
+"""vlmkit: vision-language models from shared parts (vision encoder -> connector -> language model)."""
+from vlmkit.config import ArchConfig, StageConfig, from_name
+
+__version__ = "0.1.0"
+__all__ = ["ArchConfig", "StageConfig", "VisionLanguageModel", "from_name"]
+
+
+def __getattr__(name):
+    if name == "VisionLanguageModel":  # lazy: importing torch/transformers is slow
+        from vlmkit.model.vlm import VisionLanguageModel
+
+        return VisionLanguageModel
+    raise AttributeError(name)

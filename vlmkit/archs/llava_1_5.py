@@ -26,8 +26,8 @@ PRESET = {
             "llm": {"name_or_path": "tiny:llama"},
             "max_length": 1024,
             "stages": [
-                {"lr": {"connector": 3e-3}, "epochs": 1, "batch_size": 64},
-                {"lr": {"connector": 1e-3, "llm": 1e-3}, "epochs": 2, "batch_size": 32},
+                {"lr": {"connector": 3e-3}, "epochs": 2, "batch_size": 16},
+                {"lr": {"connector": 1e-3, "llm": 1e-3}, "epochs": 1, "batch_size": 8},
             ],
         },
     },

@@ -1,13 +1,19 @@
 """Freezing: the one function that decides what trains in a stage."""
 from __future__ import annotations
 
+import torch
+
 from vlmkit.config import MODULES
 from vlmkit.errors import ConfigError
 
 
 def apply_stage_freezing(model, train: list[str], log=print) -> dict[str, int]:
-    """`requires_grad_(True)` on the named parts, False on all others; frozen parts go to eval mode (so a
-    frozen BatchNorm keeps its statistics). Logs and returns the trainable parameter count per part."""
+    """`requires_grad_(True)` on the named parts, False on all others; frozen parts go to eval mode.
+
+    BatchNorm layers stay in eval mode even in a part that trains: fine-tuning batches are small, and
+    re-estimating the pretrained running statistics from them washes the features out (measured: colour
+    answers collapsed when a ResNet tower trained with BatchNorm in train mode). Logs and returns the
+    trainable parameter count per part."""
     parts = model.parts()
     unknown = set(train) - set(parts)
     if unknown:
@@ -17,6 +23,9 @@ def apply_stage_freezing(model, train: list[str], log=print) -> dict[str, int]:
         trains = name in train
         module.requires_grad_(trains)
         module.train(trains)
+        for sub in module.modules():
+            if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm):
+                sub.eval()
         counts[name] = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     lines = ", ".join(f"{name} {n:,}" + (" (frozen)" if not n else "") for name, n in counts.items())

@@ -1,0 +1,63 @@
+import json
+
+import pytest
+
+from vlmkit.cli import main
+
+
+def test_presets_lists_parts_and_stages(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "llava-1.5" in out and "mlp2x_gelu" in out and "stage 2 instruct" in out
+    assert main(["presets", "--scale", "paper"]) == 0
+    assert "openai/clip-vit-large-patch14-336" in capsys.readouterr().out
+
+
+def write_data(tmp_path, image_files, extra=()):
+    records = [{"id": f"r{i}", "image": image_files[i % 3].split("/")[-1], "conversations": [
+        {"from": "human", "value": "<image>\nwhat color is the shape?"}, {"from": "gpt", "value": c}]}
+        for i, c in enumerate(["red", "blue", "green"] * 4)]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records + list(extra)))
+    return path
+
+
+def train_argv(backbones, tmp_path, data, *extra):
+    return ["train", "--preset", "llava-1.5", "--run-dir", str(tmp_path / "run"), "--data", str(data),
+            "--image-folder", str(tmp_path), "--stages", "instruct", "--instruct.max-steps", "3",
+            "--instruct.batch-size", "4", "--vision.name-or-path", backbones["clip"], "--vision.feature-layer", "-2",
+            "--llm.name-or-path", backbones["llm"], *extra]
+
+
+def test_train_eval_chat_on_user_json(backbones, tmp_path, image_files, capsys):
+    data = write_data(tmp_path, image_files)
+    assert main(train_argv(backbones, tmp_path, data)) == 0
+    run = tmp_path / "run"
+    assert (run / "model" / "model.safetensors").exists() and (run / "checkpoints" / "2-instruct").exists()
+    assert len((run / "train_log.jsonl").read_text().splitlines()) == 3 and (run / "loss.png").exists()
+    assert main(["eval", str(run), "--data", str(data), "--image-folder", str(tmp_path)]) == 0
+    report = json.loads((run / "eval_data.json").read_text())
+    assert report["total"] == 12 and 0 <= report["accuracy"] <= 1 and (run / "confusion_data.png").exists()
+    capsys.readouterr()
+    assert main(["chat", str(run), "--image", image_files[0], "--max-new-tokens", "3", "what", "color?"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_bad_record_is_one_line_and_exit_2(backbones, tmp_path, image_files, capsys):
+    bad = {"id": "broken-7", "image": "missing.png", "conversations": [
+        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}
+    data = write_data(tmp_path, image_files, [bad])
+    assert main(train_argv(backbones, tmp_path, data)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "record 'broken-7'" in err[0] and "image file not found" in err[0]
+    assert "Traceback" not in err[0]
+    assert main(train_argv(backbones, tmp_path, data, "--skip-bad")) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped"] == {"instruct": {"missing_image": 1}}
+
+
+def test_unknown_preset_and_missing_run_are_clear(capsys, tmp_path):
+    assert main(["train", "--preset", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert main(["chat", str(tmp_path / "none"), "hi"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
