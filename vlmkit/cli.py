@@ -298,7 +298,16 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser(argv).parse_args(argv)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # loading reports (e.g. CLIP's unused text weights) are not for users
+        hf_logging.disable_progress_bar()
+        parser = build_parser(argv)
+        args, extra = parser.parse_known_args(argv)
+        if args.command == "chat" and extra and not any(a.startswith("-") for a in extra):
+            args.question = list(args.question) + extra  # `chat RUN --image F "question"`: words after options
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.func(args)
     except VlmkitError as exc:
         print(f"vlmkit: error: {exc}", file=sys.stderr)

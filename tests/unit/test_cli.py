@@ -48,9 +48,11 @@ def test_bad_record_is_one_line_and_exit_2(backbones, tmp_path, image_files, cap
         {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}
     data = write_data(tmp_path, image_files, [bad])
     assert main(train_argv(backbones, tmp_path, data)) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "record 'broken-7'" in err[0] and "image file not found" in err[0]
-    assert "Traceback" not in err[0]
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("vlmkit: error: ")
+    assert "record 'broken-7'" in errors[0] and "image file not found" in errors[0] and "missing.png" in errors[0]
+    assert "Traceback" not in err
     assert main(train_argv(backbones, tmp_path, data, "--skip-bad")) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["skipped"] == {"instruct": {"missing_image": 1}}
