@@ -48,6 +48,8 @@ class StageConfig:
     data: str = _help("Which data the stage reads: 'captions' (alignment) or 'instructions'.", default="instructions")
     template: str = _help("Conversation template for this stage ('' = the architecture's template).", default="")
     lr: dict[str, float] = _help("Peak learning rate per trained module.", default_factory=dict)
+    max_turns: int = _help("easy-VQA instructions: questions per record (0 = all of an image's questions in one "
+                           "multi-turn record).", default=0)
     epochs: float = _help("Passes over the stage's data (fractions allowed).", default=1.0)
     max_steps: int = _help("Stop after this many optimiser steps (0 = use epochs).", default=0)
     batch_size: int = _help("Records per micro-batch.", default=32)

@@ -105,7 +105,8 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
             bar.set_postfix(loss=f"{step_loss:.4f}", epoch=epoch)
             if log_handle:
                 log_handle.write(json.dumps({"stage": stage.name, "step": step + 1, "epoch": epoch, "loss": step_loss,
-                                             "lr": schedule.get_last_lr()[0],
+                                             "lr": {g["name"]: g["lr"] for g in optimizer.param_groups
+                                                    if not g["name"].endswith(".no_decay")},
                                              "grad_norm": None if norm is None else float(norm),
                                              "seconds": round(time.time() - start, 3)}) + "\n")
     finally:

@@ -47,7 +47,8 @@ def stage_records(config: ArchConfig, stage: StageConfig, data: DataSpec) -> tup
         return load_llava_json(source), source
     if stage.data == "instructions":
         if data.instructions == EASY_VQA:
-            return (easyvqa.instruction_records("train", config.answer_prompt, seed=config.seed),
+            return (easyvqa.instruction_records("train", config.answer_prompt, seed=config.seed,
+                                                max_turns=stage.max_turns),
                     "easy-vqa instructions (train)")
         return load_llava_json(data.instructions), data.instructions
     raise ConfigError(f"stage {stage.name!r}: unknown data kind {stage.data!r} (captions, instructions)")
