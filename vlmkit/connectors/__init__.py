@@ -53,13 +53,13 @@ class LinearConnector(Connector):
 
 @register("mlp2x_gelu")
 class MLPConnector(Connector):
-    """LLaVA-1.5: Linear -> GELU -> Linear per token."""
+    """LLaVA-1.5: Linear -> GELU -> Linear per token (names as in transformers' LlavaMultiModalProjector)."""
 
     def __init__(self, vision_hidden: int, llm_hidden: int, num_vision_tokens: int):
         super().__init__(vision_hidden, llm_hidden, num_vision_tokens)
-        self.fc1 = nn.Linear(vision_hidden, llm_hidden)
+        self.linear_1 = nn.Linear(vision_hidden, llm_hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(llm_hidden, llm_hidden)
+        self.linear_2 = nn.Linear(llm_hidden, llm_hidden)
 
     def forward(self, features):
-        return self.fc2(self.act(self.fc1(features)))
+        return self.linear_2(self.act(self.linear_1(features)))
