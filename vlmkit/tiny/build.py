@@ -29,8 +29,9 @@ LM_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, nu
                  num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True)
 LM_STEPS, LM_BATCH, LM_LR = 80, 16, 3e-3
 
-# The image tower is a small ResNet (transformers `ResNetModel`): measured here, a CLIP ViT with 8-px patches
-# trained the same way reached 35% shape accuracy in 224 s, this ResNet 98.7% in 29 s (see the issue note).
+# The image tower is a small ResNet (transformers `ResNetModel`): it reaches 100% colour and shape accuracy
+# on held-out training images in ~45 s here. A CLIP ViT with 8-px patches took 224 s for 12 epochs (and
+# CALIBRATION.md measured a 16-px-patch ViT at 89.8% shape accuracy after 30 epochs); see the issue note.
 IMAGE_SIZE = 64
 VISION_TOWER = dict(num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 128], depths=[1, 1, 1],
                     layer_type="basic", downsample_in_first_stage=False)
