@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from vlmkit.cli import run_eval
 from vlmkit.config import from_name
 from vlmkit.data import easyvqa
+from vlmkit.eval.vqa import run_eval
 from vlmkit.infer.chat import answer, first_user_turn
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.train.run import train_run

@@ -120,31 +120,9 @@ def load_run(run: str):
     return VisionLanguageModel.from_pretrained(path), path
 
 
-def run_eval(model, data: str, split: str, image_folder, skip_bad: bool, out_dir, limit: int = 0,
-             batch_size: int = 128, verbose: bool = True) -> dict:
-    from vlmkit.data import easyvqa
-    from vlmkit.data.dataset import load_llava_json
-    from vlmkit.eval.vqa import evaluate, write_report
-    from vlmkit.train.run import EASY_VQA, DataSpec, build_dataset
-
-    if data == EASY_VQA:
-        records, source, name = easyvqa.question_records(split), f"easy-vqa {split}", f"easy-vqa-{split}"
-    else:
-        records, source, name = load_llava_json(data), data, Path(data).stem
-    if limit:
-        records = records[:limit]
-    dataset = build_dataset(model, records, source, model.config.template,
-                            DataSpec(instructions=data, image_folder=image_folder, skip_bad=skip_bad),
-                            mode="prompt", answer_prompt=model.config.answer_prompt, verbose=verbose)
-    report = evaluate(model, dataset, batch_size=batch_size, verbose=verbose)
-    json_path, png_path = write_report(report, out_dir, name)
-    skipped = f"; {dataset.skipped.summary()}" if dataset.skipped.total else ""
-    print(f"accuracy {report['accuracy']:.2%} ({report['correct']}/{report['total']}) on {source}{skipped} "
-          f"in {report['seconds']:.0f}s; report {json_path}, confusion matrix {png_path}")
-    return report
-
-
 def cmd_eval(args) -> int:
+    from vlmkit.eval.vqa import run_eval
+
     model, path = load_run(args.run)
     out_dir = Path(args.run) if (Path(args.run) / "model").exists() else path
     run_eval(model, args.data, args.split, args.image_folder, args.skip_bad, out_dir, args.limit, args.batch_size)
@@ -182,6 +160,7 @@ def cmd_build_tiny(args) -> int:
 def cmd_demo(args) -> int:
     from vlmkit.data import easyvqa
     from vlmkit.infer.chat import answer, first_user_turn
+    from vlmkit.eval.vqa import run_eval
     from vlmkit.tiny import NAMES, ensure
     from vlmkit.train.run import DataSpec, train_run
 

@@ -40,7 +40,7 @@ def load_image(path: str | os.PathLike, record_id="?", max_pixels: int = MAX_IMA
         raise
     except Image.DecompressionBombError as exc:
         raise BadRecord(record_id, f"image {path} is too large to decode safely: {exc}", kind="image_too_large") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise BadRecord(record_id, f"cannot decode image {path}: {exc}", kind="corrupt_image") from None
 
 

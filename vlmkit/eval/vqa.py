@@ -112,3 +112,27 @@ def plot_confusion(report: dict, out_file: Path, max_labels: int = 20) -> None:
     fig.tight_layout()
     fig.savefig(out_file)
     plt.close(fig)
+
+
+def run_eval(model, data: str, split: str, image_folder, skip_bad: bool, out_dir, limit: int = 0,
+             batch_size: int = 128, verbose: bool = True) -> dict:
+    """Evaluate on 'easy-vqa' (a split) or a LLaVA JSON file, print one summary line, write the report."""
+    from vlmkit.data import easyvqa
+    from vlmkit.data.dataset import load_llava_json
+    from vlmkit.train.run import EASY_VQA, DataSpec, build_dataset
+
+    if data == EASY_VQA:
+        records, source, name = easyvqa.question_records(split), f"easy-vqa {split}", f"easy-vqa-{split}"
+    else:
+        records, source, name = load_llava_json(data), data, Path(data).stem
+    if limit:
+        records = records[:limit]
+    dataset = build_dataset(model, records, source, model.config.template,
+                            DataSpec(instructions=data, image_folder=image_folder, skip_bad=skip_bad),
+                            mode="prompt", answer_prompt=model.config.answer_prompt, verbose=verbose)
+    report = evaluate(model, dataset, batch_size=batch_size, verbose=verbose)
+    json_path, png_path = write_report(report, out_dir, name)
+    skipped = f"; {dataset.skipped.summary()}" if dataset.skipped.total else ""
+    print(f"accuracy {report['accuracy']:.2%} ({report['correct']}/{report['total']}) on {source}{skipped} "
+          f"in {report['seconds']:.0f}s; report {json_path}, confusion matrix {png_path}")
+    return report
