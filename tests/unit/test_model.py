@@ -100,3 +100,16 @@ def test_freezing_per_stage(make_model):
     assert model.config.stages[0].train == ["connector"]
     assert model.config.stages[1].train == ["connector", "llm"]
     assert "vision 0 (frozen)" in logs[0] and "llm 0 (frozen)" in logs[0]
+
+
+def test_checkpoint_with_other_parameter_names_is_a_clear_error(make_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from vlmkit.errors import ConfigError
+
+    make_model().save_pretrained(tmp_path / "ckpt")
+    weights = load_file(tmp_path / "ckpt" / "model.safetensors")
+    weights["connector.fc1.weight"] = weights.pop("connector.linear_1.weight")
+    save_file(weights, tmp_path / "ckpt" / "model.safetensors")
+    with pytest.raises(ConfigError, match="does not match the model.*connector.linear_1.weight"):
+        VisionLanguageModel.from_pretrained(tmp_path / "ckpt")

@@ -37,6 +37,8 @@ def splice_image_features(inputs_embeds: torch.Tensor, image_token_mask: torch.T
     """
     tokens_per_image = image_embeds.shape[1] if image_embeds is not None and image_embeds.numel() else 0
     placeholders = image_token_mask.sum(dim=1).tolist()
+    if len(image_counts) != len(placeholders):
+        raise ValueError(f"image_counts has {len(image_counts)} entries for a batch of {len(placeholders)} samples")
     for i, (found, count) in enumerate(zip(placeholders, image_counts)):
         if found != count * tokens_per_image:
             name = record_ids[i] if record_ids is not None else i
@@ -75,10 +77,14 @@ class VisionLanguageModel(nn.Module):
         vision_path = resolve(config.vision.name_or_path, verbose=verbose)
         llm_path = resolve(config.llm.name_or_path, verbose=verbose)
         transform = ImageTransform.from_pretrained(vision_path, pad_to_square=config.vision.pad_to_square)
-        vision = VisionEncoder(load_vision_tower(vision_path, **load_kwargs), config.vision, transform.crop[0])
         llm = LanguageModel.from_pretrained(llm_path, **load_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(llm_path)
-        tokenizer = prepare_tokenizer(tokenizer, llm)
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(llm_path), llm)
+        return cls._assemble(config, load_vision_tower(vision_path, **load_kwargs), llm, tokenizer, transform)
+
+    @classmethod
+    def _assemble(cls, config: ArchConfig, tower, llm: LanguageModel, tokenizer, transform: ImageTransform):
+        """Wrap the tower and build the connector between it and the LLM (new or loaded, the same way)."""
+        vision = VisionEncoder(tower, config.vision, transform.crop[0])
         connector = build_connector(config.connector.type, vision.hidden_size, llm.hidden_size, vision.num_tokens)
         return cls(config, vision, connector, llm, tokenizer, transform)
 
@@ -170,13 +176,15 @@ class VisionLanguageModel(nn.Module):
             raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME} (vlmkit loads safetensors only)")
         config = ArchConfig.from_dict(saved["arch"])
         transform = ImageTransform.from_pretrained(directory, pad_to_square=config.vision.pad_to_square)
-        vision = VisionEncoder(load_vision_tower(None, hf_config=saved["vision_tower"]), config.vision,
-                               transform.crop[0])
-        llm = LanguageModel.from_hf_config(saved["llm"])
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        connector = build_connector(config.connector.type, vision.hidden_size, llm.hidden_size, vision.num_tokens)
-        model = cls(config, vision, connector, llm, tokenizer, transform)
-        load_model(model.as_tensor_module(), str(directory / WEIGHTS_NAME), strict=True)
+        model = cls._assemble(config, load_vision_tower(None, hf_config=saved["vision_tower"]),
+                              LanguageModel.from_hf_config(saved["llm"]), AutoTokenizer.from_pretrained(directory),
+                              transform)
+        try:
+            load_model(model.as_tensor_module(), str(directory / WEIGHTS_NAME), strict=True)
+        except RuntimeError as exc:  # names differ: a checkpoint from another vlmkit version or a damaged file
+            detail = " ".join(str(exc).split())
+            raise ConfigError(f"{directory / WEIGHTS_NAME} does not match the model its config describes "
+                              f"({detail[:300]}{'…' if len(detail) > 300 else ''})") from None
         model.eval()
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
