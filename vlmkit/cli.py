@@ -22,16 +22,32 @@ def _parse_list(text: str) -> list[str]:
     return [t for t in text.split(",") if t]
 
 
+def _parse_int_or_list(text: str) -> int | list[int]:
+    """'-2' -> -2; '-2,-5' -> [-2, -5] (a list of vision layers)."""
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or a comma-separated list of integers, not {text!r}")
+    return values[0] if len(values) == 1 and "," not in text else values
+
+
+# short spellings users know from LLaVA's scripts, next to the dotted field names
+_ALIASES = {"--vision.name-or-path": ["--vision-tower"], "--llm.name-or-path": ["--llm"]}
+
+
 def _add_field(group, flag: str, dest: str, ftype: str, default, help_text: str) -> None:
+    flags = [flag, *_ALIASES.get(flag, [])]
     shown = json.dumps(default) if not isinstance(default, str) else repr(default)
     help_text = f"{help_text} (default: {shown})"
     if ftype == "bool":
-        group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    elif ftype == "int | list[int]":
+        group.add_argument(*flags, dest=dest, type=_parse_int_or_list, default=None, metavar="N[,N…]", help=help_text)
     elif ftype.startswith("list"):
-        group.add_argument(flag, dest=dest, type=_parse_list, default=None, metavar="A,B", help=help_text)
+        group.add_argument(*flags, dest=dest, type=_parse_list, default=None, metavar="A,B", help=help_text)
     else:
         kind = {"int": int, "float": float}.get(ftype, str)
-        group.add_argument(flag, dest=dest, type=kind, default=None, metavar=ftype.upper(), help=help_text)
+        group.add_argument(*flags, dest=dest, type=kind, default=None, metavar=ftype.upper(), help=help_text)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config: ArchConfig) -> None:
@@ -144,6 +160,35 @@ def cmd_chat(args) -> int:
         print(answer(model, messages, [args.image] if args.image else [], config))
     else:
         interactive(model, args.image, config)
+    return 0
+
+
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def cmd_convert(args) -> int:
+    import torch
+
+    from vlmkit import convert
+
+    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
+    if args.direction == "to-hf":
+        model, _ = load_run(args.src)
+        if dtype is not None:
+            model.to(dtype)
+        out = convert.to_hf(model, args.out)
+        print(f"wrote {out}: loads with LlavaForConditionalGeneration.from_pretrained and "
+              "AutoProcessor.from_pretrained")
+        return 0
+    if args.direction == "from-hf":
+        model = convert.from_hf(args.src, dtype=dtype)
+    else:
+        model = convert.from_llava_original(args.src, vision_tower=args.vision_tower, allow_pickle=args.allow_pickle,
+                                            dtype=dtype)
+    model.save_pretrained(args.out)
+    counts = {name: sum(p.numel() for p in part.parameters()) for name, part in model.parts().items()}
+    print(f"wrote {args.out} (preset {model.config.name}; " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in
+                                                                       counts.items()) + " parameters)")
     return 0
 
 
@@ -268,6 +313,36 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("convert", help="import a Hugging Face or original-LLaVA checkpoint, or export to Hugging Face",
+                       description="Move checkpoints between vlmkit and the formats LLaVA users have. Every config "
+                                   "field that changes the computation is carried over or refused with a reason.")
+    directions = p.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    c = directions.add_parser("from-hf", help="transformers LlavaForConditionalGeneration (dir or hub id) -> vlmkit",
+                              description="Import a Hugging Face LLaVA directory (config.json with vision_config/"
+                                          "text_config, safetensors, tokenizer, processor) as a vlmkit llava-1.5 "
+                                          "checkpoint. Example: vlmkit convert from-hf llava-hf/llava-1.5-7b-hf out/")
+    c.add_argument("src", help="directory or hub id")
+    c.add_argument("out", help="vlmkit checkpoint directory to write")
+    c.add_argument("--dtype", choices=_DTYPES, help="load and save in this dtype (default: the checkpoint's)")
+    c = directions.add_parser("from-llava", help="original LLaVA repository checkpoint (mm_vision_tower…) -> vlmkit",
+                              description="Import a haotian-liu/LLaVA checkpoint (LlavaLlamaForCausalLM: mm_* config "
+                                          "keys, model.mm_projector.* weights). The vision tower is loaded from the "
+                                          "config's mm_vision_tower unless --vision-tower names a local copy.")
+    c.add_argument("src", help="checkpoint directory")
+    c.add_argument("out", help="vlmkit checkpoint directory to write")
+    c.add_argument("--vision-tower", default=None, help="local directory (or hub id) of the CLIP tower to use")
+    c.add_argument("--allow-pickle", action="store_true",
+                   help="read .bin weights (pickles; loaded with torch.load(weights_only=True)); trust them first")
+    c.add_argument("--dtype", choices=_DTYPES, help="convert the weights to this dtype")
+    c = directions.add_parser("to-hf", help="vlmkit run or checkpoint -> transformers LlavaForConditionalGeneration",
+                              description="Export for LlavaForConditionalGeneration.from_pretrained and "
+                                          "AutoProcessor.from_pretrained (with a chat template matching the preset's). "
+                                          "Needs a ViT tower (CLIP/SigLIP) and the mlp2x_gelu connector.")
+    c.add_argument("src", help="run directory or vlmkit checkpoint")
+    c.add_argument("out", help="directory to write")
+    c.add_argument("--dtype", choices=_DTYPES, help="save in this dtype")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("build-tiny", help="pretrain the tiny backbones into the cache (normally done on first need)")
     p.set_defaults(func=cmd_build_tiny)

@@ -24,7 +24,8 @@ def _help(text: str, **kw) -> Any:
 class VisionConfig:
     name_or_path: str = _help("Hugging Face vision tower: a local directory or a hub id "
                               "(CLIPModel/CLIPVisionModel, SigLIP, ConvNeXt, ResNet).", default="tiny:vision")
-    feature_layer: int = _help("Which hidden state the features come from (-2 = penultimate layer).", default=-2)
+    feature_layer: int | list[int] = _help("Which hidden state the features come from (-2 = penultimate layer); a "
+                                           "list of layers concatenates their features.", default=-2)
     select: str = _help("'patch' drops the CLS token, 'cls_patch' keeps it.", default="patch")
     pad_to_square: bool = _help("Pad images to a square with the mean colour before resizing "
                                 "(LLaVA-1.5's 'pad' aspect mode).", default=False)
@@ -33,6 +34,9 @@ class VisionConfig:
 @dataclass
 class ConnectorConfig:
     type: str = _help("Connector registered in vlmkit.connectors ('linear', 'mlp2x_gelu').", default="mlp2x_gelu")
+    act: str = _help("Activation between the MLP's layers (a transformers ACT2FN name: gelu, gelu_pytorch_tanh, "
+                     "quick_gelu, silu...).", default="gelu")
+    bias: bool = _help("Whether the connector's Linear layers have biases.", default=True)
 
 
 @dataclass

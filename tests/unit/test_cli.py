@@ -61,3 +61,41 @@ def test_unknown_preset_and_missing_run_are_clear(capsys, tmp_path):
     assert "unknown preset 'nope'" in capsys.readouterr().err
     assert main(["chat", str(tmp_path / "none"), "hi"]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_train_with_swapped_backbones_then_export_and_reimport(backbones, tmp_path, image_files, capsys):
+    """--vision-tower/--llm swap the backbones; `convert to-hf` output loads in transformers; `from-hf` returns."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vlmkit.model.vlm import VisionLanguageModel
+
+    data = write_data(tmp_path, image_files)
+    argv = train_argv(backbones, tmp_path, data, "--vision-tower", backbones["clip"], "--llm", backbones["llm"],
+                      "--vision.feature-layer=-3,-1")
+    assert main(argv) == 0
+    run = tmp_path / "run"
+    model = VisionLanguageModel.from_pretrained(run / "model")
+    assert model.config.vision.feature_layer == [-3, -1] and model.connector.linear_1.in_features == 2 * 48
+    assert main(["convert", "to-hf", str(run), str(tmp_path / "hf")]) == 0
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    from PIL import Image
+    inputs = processor(images=[Image.open(image_files[0])], text=["USER: <image>\nwhat color? ASSISTANT:"],
+                       return_tensors="pt")
+    with torch.no_grad():
+        expected = hf(**inputs).logits
+        ours = model(inputs["input_ids"], inputs["attention_mask"], image_counts=[1],
+                     pixel_values=inputs["pixel_values"])[1]
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+    assert main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "back"), "--dtype", "bfloat16"]) == 0
+    back = VisionLanguageModel.from_pretrained(tmp_path / "back")
+    assert next(back.llm.parameters()).dtype == torch.bfloat16
+    capsys.readouterr()
+    assert main(["chat", str(tmp_path / "back"), "--image", image_files[0], "--max-new-tokens", "3", "what?"]) == 0
+
+
+def test_convert_errors_are_one_line(backbones, tmp_path, capsys):
+    assert main(["convert", "from-hf", backbones["llm"], str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vlmkit: error: ") and "model_type 'llama' is not Hugging Face's 'llava'" in err

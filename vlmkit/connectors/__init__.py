@@ -10,6 +10,7 @@ from typing import Callable
 
 from torch import nn
 
+from vlmkit.config import ConnectorConfig
 from vlmkit.errors import ConfigError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -26,15 +27,17 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_connector(name: str, vision_hidden: int, llm_hidden: int, num_vision_tokens: int) -> nn.Module:
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown connector {name!r}; registered: {', '.join(names())}")
-    return _REGISTRY[name](vision_hidden=vision_hidden, llm_hidden=llm_hidden, num_vision_tokens=num_vision_tokens)
+def build_connector(config: ConnectorConfig, vision_hidden: int, llm_hidden: int, num_vision_tokens: int) -> nn.Module:
+    if config.type not in _REGISTRY:
+        raise ConfigError(f"unknown connector {config.type!r}; registered: {', '.join(names())}")
+    return _REGISTRY[config.type](config, vision_hidden=vision_hidden, llm_hidden=llm_hidden,
+                                  num_vision_tokens=num_vision_tokens)
 
 
 class Connector(nn.Module):
-    def __init__(self, vision_hidden: int, llm_hidden: int, num_vision_tokens: int):
+    def __init__(self, config: ConnectorConfig, vision_hidden: int, llm_hidden: int, num_vision_tokens: int):
         super().__init__()
+        self.config = config
         self.vision_hidden, self.llm_hidden = vision_hidden, llm_hidden
         self.num_output_tokens = num_vision_tokens
 
@@ -43,9 +46,9 @@ class Connector(nn.Module):
 class LinearConnector(Connector):
     """LLaVA: one Linear per token."""
 
-    def __init__(self, vision_hidden: int, llm_hidden: int, num_vision_tokens: int):
-        super().__init__(vision_hidden, llm_hidden, num_vision_tokens)
-        self.proj = nn.Linear(vision_hidden, llm_hidden)
+    def __init__(self, config: ConnectorConfig, vision_hidden: int, llm_hidden: int, num_vision_tokens: int):
+        super().__init__(config, vision_hidden, llm_hidden, num_vision_tokens)
+        self.proj = nn.Linear(vision_hidden, llm_hidden, bias=config.bias)
 
     def forward(self, features):
         return self.proj(features)
@@ -55,11 +58,16 @@ class LinearConnector(Connector):
 class MLPConnector(Connector):
     """LLaVA-1.5: Linear -> GELU -> Linear per token (names as in transformers' LlavaMultiModalProjector)."""
 
-    def __init__(self, vision_hidden: int, llm_hidden: int, num_vision_tokens: int):
-        super().__init__(vision_hidden, llm_hidden, num_vision_tokens)
-        self.linear_1 = nn.Linear(vision_hidden, llm_hidden)
-        self.act = nn.GELU()
-        self.linear_2 = nn.Linear(llm_hidden, llm_hidden)
+    def __init__(self, config: ConnectorConfig, vision_hidden: int, llm_hidden: int, num_vision_tokens: int):
+        super().__init__(config, vision_hidden, llm_hidden, num_vision_tokens)
+        from transformers.activations import ACT2FN
+
+        if config.act not in ACT2FN:
+            raise ConfigError(f"connector.act={config.act!r} is not an activation transformers knows "
+                              f"(e.g. {', '.join(sorted(ACT2FN)[:8])}…)")
+        self.linear_1 = nn.Linear(vision_hidden, llm_hidden, bias=config.bias)
+        self.act = ACT2FN[config.act]
+        self.linear_2 = nn.Linear(llm_hidden, llm_hidden, bias=config.bias)
 
     def forward(self, features):
         return self.linear_2(self.act(self.linear_1(features)))

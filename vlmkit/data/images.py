@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from vlmkit.errors import BadRecord
+from vlmkit.errors import BadRecord, ConfigError
 
 MAX_IMAGE_PIXELS = 64_000_000
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -44,9 +44,18 @@ def load_image(path: str | os.PathLike, record_id="?", max_pixels: int = MAX_IMA
         raise BadRecord(record_id, f"cannot decode image {path}: {exc}", kind="corrupt_image") from None
 
 
+# image processors whose fields ImageTransform reproduces (the fast/PIL variants share the fields)
+_KNOWN_PROCESSORS = ("CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor", "ViTImageProcessor",
+                     "ConvNextImageProcessor")
+
+
 @dataclass
 class ImageTransform:
-    """Resize (shortest edge) -> centre crop -> scale -> normalise, as CLIPImageProcessor does."""
+    """Resize -> centre crop -> scale -> normalise, as CLIPImageProcessor does.
+
+    `size` is the shortest edge after resizing, or with `resize_exact` the image is resized to `crop`
+    ignoring its aspect ratio (SigLIP's processors, and any processor whose size is height x width).
+    """
     size: int = 224
     crop: tuple[int, int] = (224, 224)
     mean: tuple[float, ...] = CLIP_MEAN
@@ -54,40 +63,77 @@ class ImageTransform:
     resample: int = 3
     pad_to_square: bool = False
     rescale_factor: float = 1 / 255
-    extra: dict = field(default_factory=dict)
+    resize_exact: bool = False
+    normalize: bool = True
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, pad_to_square: bool = False) -> "ImageTransform":
-        config_file = Path(path) / "preprocessor_config.json"
-        if not config_file.exists():
+    def from_pretrained(cls, path: str | os.PathLike, pad_to_square: bool | None = None) -> "ImageTransform":
+        """Read `preprocessor_config.json`, or the `image_processor` entry of a processor's `processor_config.json`."""
+        path = Path(path)
+        config_file = path / "preprocessor_config.json"
+        if config_file.exists():
+            config = json.loads(config_file.read_text())
+        elif (path / "processor_config.json").exists() and \
+                "image_processor" in json.loads((path / "processor_config.json").read_text()):
+            config = json.loads((path / "processor_config.json").read_text())["image_processor"]
+        else:
             raise FileNotFoundError(f"{path} has no preprocessor_config.json; the vision tower's image size, "
                                     "mean and std must be known")
-        return cls.from_config(json.loads(config_file.read_text()), pad_to_square=pad_to_square)
+        return cls.from_config(config, pad_to_square=pad_to_square, source=str(config_file))
 
     @classmethod
-    def from_config(cls, config: dict, pad_to_square: bool = False) -> "ImageTransform":
+    def from_config(cls, config: dict, pad_to_square: bool | None = None, source: str = "image processor config"
+                    ) -> "ImageTransform":
+        """Honour every field of a transformers image processor config that changes the pixels, or refuse."""
+        kind = config.get("image_processor_type", "CLIPImageProcessor")
+        if kind.removesuffix("Fast").removesuffix("Pil") not in _KNOWN_PROCESSORS:
+            raise ConfigError(f"{source}: image processor {kind!r} is not one vlmkit reproduces "
+                              f"({', '.join(_KNOWN_PROCESSORS)})")
+        for flag in ("do_resize", "do_rescale", "do_convert_rgb"):
+            if config.get(flag, True) is False:
+                raise ConfigError(f"{source}: {flag}=false is not supported (vlmkit always resizes, rescales and "
+                                  "converts to RGB)")
+        if pad_to_square is None:
+            pad_to_square = bool(config.get("do_pad", False)) and kind.startswith("Llava")
         size = config.get("size", 224)
+        resize_exact = False
         if isinstance(size, dict):
-            size = size.get("shortest_edge") or size.get("height")
-        crop = config.get("crop_size", size) if config.get("do_center_crop", True) else size
-        if isinstance(crop, dict):
-            crop = (crop["height"], crop["width"])
-        elif isinstance(crop, int):
-            crop = (crop, crop)
-        if not config.get("do_center_crop", True) and isinstance(config.get("size"), dict) \
-                and "height" in config["size"]:
-            crop = (config["size"]["height"], config["size"]["width"])
-        return cls(size=int(size), crop=tuple(crop), mean=tuple(config.get("image_mean", CLIP_MEAN)),
-                   std=tuple(config.get("image_std", CLIP_STD)), resample=int(config.get("resample", 3)),
-                   rescale_factor=float(config.get("rescale_factor", 1 / 255)), pad_to_square=pad_to_square)
+            if "shortest_edge" in size:
+                size = size["shortest_edge"]
+            else:
+                resize_exact, size = True, (size["height"], size["width"])
+        else:
+            resize_exact = kind.startswith(("Siglip", "ViT"))  # these resize an int size to a square
+            size = size if resize_exact is False else (size, size)
+        center_crop = config.get("do_center_crop", not resize_exact)
+        if resize_exact:
+            if center_crop:
+                raise ConfigError(f"{source}: an exact resize followed by a centre crop is not supported")
+            crop = tuple(size)
+        else:
+            crop = config.get("crop_size", size) if center_crop else size
+            if not center_crop:
+                raise ConfigError(f"{source}: a shortest-edge resize without a centre crop gives images of varying "
+                                  "size; vlmkit needs a fixed image size")
+            crop = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
+        normalize = config.get("do_normalize", True)
+        return cls(size=int(crop[0] if resize_exact else size), crop=tuple(int(c) for c in crop),
+                   mean=tuple(config.get("image_mean", CLIP_MEAN)), std=tuple(config.get("image_std", CLIP_STD)),
+                   resample=int(config.get("resample", 3)), rescale_factor=float(config.get("rescale_factor", 1 / 255)),
+                   pad_to_square=pad_to_square, resize_exact=resize_exact, normalize=bool(normalize))
 
     def to_config(self) -> dict:
-        """The CLIPImageProcessor fields that describe this transform."""
-        return {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
-                "size": {"shortest_edge": self.size}, "do_center_crop": True,
-                "crop_size": {"height": self.crop[0], "width": self.crop[1]}, "do_rescale": True,
-                "rescale_factor": self.rescale_factor, "do_normalize": True, "image_mean": list(self.mean),
-                "image_std": list(self.std), "resample": self.resample, "do_convert_rgb": True}
+        """The image processor fields that describe this transform (CLIP's, or SigLIP's for an exact resize)."""
+        config = {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
+                  "size": {"shortest_edge": self.size}, "do_center_crop": True,
+                  "crop_size": {"height": self.crop[0], "width": self.crop[1]}, "do_rescale": True,
+                  "rescale_factor": self.rescale_factor, "do_normalize": self.normalize, "image_mean": list(self.mean),
+                  "image_std": list(self.std), "resample": self.resample, "do_convert_rgb": True}
+        if self.resize_exact:
+            config.update(image_processor_type="SiglipImageProcessor", do_center_crop=False,
+                          size={"height": self.crop[0], "width": self.crop[1]})
+            del config["crop_size"]
+        return config
 
     def save(self, directory) -> None:
         (Path(directory) / "preprocessor_config.json").write_text(json.dumps(self.to_config(), indent=2))
@@ -96,8 +142,14 @@ class ImageTransform:
         if self.pad_to_square:
             image = expand_to_square(image, tuple(int(m * 255) for m in self.mean))
         width, height = image.size
-        scale = self.size / min(width, height)
-        new_size = (max(self.crop[1], round(width * scale)), max(self.crop[0], round(height * scale)))
+        if self.resize_exact:
+            new_size = (self.crop[1], self.crop[0])
+        else:
+            # as transformers: the short edge becomes `size`, the long edge int(size * long / short)
+            if width <= height:
+                new_size = (self.size, int(self.size * height / width))
+            else:
+                new_size = (int(self.size * width / height), self.size)
         if new_size != image.size:
             image = image.resize(new_size, _RESAMPLE.get(self.resample, Image.BICUBIC))
         left = (image.width - self.crop[1]) // 2
@@ -105,7 +157,8 @@ class ImageTransform:
         if (left, top) != (0, 0) or image.size != (self.crop[1], self.crop[0]):
             image = image.crop((left, top, left + self.crop[1], top + self.crop[0]))
         array = np.asarray(image, dtype=np.float32) * self.rescale_factor
-        array = (array - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        if self.normalize:
+            array = (array - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
         return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 

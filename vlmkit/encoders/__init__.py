@@ -1,7 +1,8 @@
 """Vision encoders: any `transformers` vision tower behind one interface.
 
 `VisionEncoder(pixel_values) -> (num_images, num_tokens, hidden)` returns the features of one chosen
-hidden state (`feature_layer`, default the penultimate), with or without the CLS token. ViT-style towers
+hidden state (`feature_layer`, default the penultimate) or of several concatenated along the hidden
+dimension (a list of layers, as transformers' LLaVA allows), with or without the CLS token. ViT-style towers
 (CLIP, SigLIP) give (B, N, D) hidden states; convolutional towers (ConvNeXt, ResNet) give (B, C, H, W) maps,
 which are flattened to H*W tokens. Later encoders (EVA, a Q-Former's input) implement the same interface.
 """
@@ -55,11 +56,17 @@ class VisionEncoder(nn.Module):
     def image_size(self) -> int:
         return self._image_size or getattr(self.tower.config, "image_size", 224)
 
+    @property
+    def feature_layers(self) -> list[int]:
+        layer = self.config.feature_layer
+        return list(layer) if isinstance(layer, (list, tuple)) else [layer]
+
     def _probe(self) -> tuple[int, int]:
         hf = self.tower.config
         if hasattr(hf, "patch_size") and hasattr(hf, "image_size") and hasattr(hf, "hidden_size"):
             side = hf.image_size // hf.patch_size
-            return side * side + (1 if self.has_cls and self.config.select == "cls_patch" else 0), hf.hidden_size
+            return (side * side + (1 if self.has_cls and self.config.select == "cls_patch" else 0),
+                    hf.hidden_size * len(self.feature_layers))
         with torch.no_grad():  # convolutional towers: measure once on a blank image
             channels = getattr(hf, "num_channels", 3)
             features = self.forward(torch.zeros(1, channels, self.image_size, self.image_size))
@@ -69,13 +76,15 @@ class VisionEncoder(nn.Module):
         dtype = next(self.tower.parameters()).dtype
         outputs = self.tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
         hidden_states = outputs.hidden_states
-        try:
-            features = hidden_states[self.config.feature_layer]
-        except IndexError:
-            raise ConfigError(f"vision.feature_layer={self.config.feature_layer} but the tower has "
-                              f"{len(hidden_states)} hidden states") from None
-        if features.dim() == 4:  # (B, C, H, W) -> (B, H*W, C)
-            return features.flatten(2).transpose(1, 2)
-        if self.has_cls and self.config.select == "patch":
-            features = features[:, 1:]
-        return features
+        selected = []
+        for layer in self.feature_layers:
+            if not -len(hidden_states) <= layer < len(hidden_states):
+                raise ConfigError(f"vision.feature_layer={self.config.feature_layer} but the tower has "
+                                  f"{len(hidden_states)} hidden states")
+            features = hidden_states[layer]
+            if features.dim() == 4:  # (B, C, H, W) -> (B, H*W, C)
+                features = features.flatten(2).transpose(1, 2)
+            elif self.has_cls and self.config.select == "patch":
+                features = features[:, 1:]
+            selected.append(features)
+        return selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)

@@ -85,7 +85,7 @@ class VisionLanguageModel(nn.Module):
     def _assemble(cls, config: ArchConfig, tower, llm: LanguageModel, tokenizer, transform: ImageTransform):
         """Wrap the tower and build the connector between it and the LLM (new or loaded, the same way)."""
         vision = VisionEncoder(tower, config.vision, transform.crop[0])
-        connector = build_connector(config.connector.type, vision.hidden_size, llm.hidden_size, vision.num_tokens)
+        connector = build_connector(config.connector, vision.hidden_size, llm.hidden_size, vision.num_tokens)
         return cls(config, vision, connector, llm, tokenizer, transform)
 
     @property
