@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from vlmkit.config import ArchConfig, ConnectorConfig, LLMConfig, StageConfig, VisionConfig, from_name
+from vlmkit.config import ArchConfig, ConnectorConfig, LLMConfig, LoRAConfig, StageConfig, VisionConfig, from_name
 from vlmkit.errors import VlmkitError
 
 _PART_CLASSES = {"vision": VisionConfig, "connector": ConnectorConfig, "llm": LLMConfig}
@@ -65,10 +65,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: ArchConfig) ->
     for stage in config.stages:
         group = parser.add_argument_group(f"stage {stage.name!r}")
         for f in dataclasses.fields(StageConfig):
-            if f.name in ("name", "lr"):
+            if f.name in ("name", "lr", "lora"):
                 continue
             _add_field(group, f"--{stage.name}.{f.name.replace('_', '-')}", f"cfg:stages.{stage.name}.{f.name}",
                        f.type, getattr(stage, f.name), f.metadata.get("help", ""))
+        for f in dataclasses.fields(LoRAConfig):
+            _add_field(group, f"--{stage.name}.lora.{f.name.replace('_', '-')}",
+                       f"cfg:stages.{stage.name}.lora.{f.name}", f.type, getattr(stage.lora, f.name),
+                       f.metadata.get("help", ""))
         for module in ("vision", "connector", "llm"):
             _add_field(group, f"--{stage.name}.lr.{module}", f"cfg:stages.{stage.name}.lr.{module}", "float",
                        stage.lr.get(module), f"Peak learning rate of {module} when it trains in this stage.")
@@ -102,8 +106,10 @@ def cmd_presets(args) -> int:
                                                  else ""))
         for i, stage in enumerate(config.stages, 1):
             lrs = ", ".join(f"{m} {lr:g}" for m, lr in stage.lr.items())
+            lora = (f"; LLM via LoRA r={stage.lora.r} alpha={stage.lora.alpha:g}"
+                    + (" (QLoRA 4-bit)" if stage.lora.quantize else "")) if stage.lora.r else ""
             print(f"  stage {i} {stage.name:<9} trains {'+'.join(stage.train):<16} on {stage.data:<12} "
-                  f"lr {lrs}; {stage.epochs:g} epoch(s), batch {stage.batch_size}x{stage.grad_accum}")
+                  f"lr {lrs}; {stage.epochs:g} epoch(s), batch {stage.batch_size}x{stage.grad_accum}{lora}")
     return 0
 
 

@@ -45,6 +45,19 @@ class LLMConfig:
 
 
 @dataclass
+class LoRAConfig:
+    r: int = _help("LoRA rank for the LLM in this stage (0 = no LoRA: the LLM's own weights train).", default=0)
+    alpha: float = _help("LoRA alpha (the update is scaled by alpha / r).", default=16.0)
+    dropout: float = _help("Dropout on the LoRA input.", default=0.05)
+    target_modules: list[str] = _help("LLM Linear layers that get adapters ('all-linear' = every Linear but the "
+                                      "LM head).", default_factory=lambda: ["all-linear"])
+    save: str = _help("At the end of the stage: 'merge' the adapters into the weights, or keep them as an "
+                      "'adapter' (also written in peft's format under adapter/).", default="merge")
+    quantize: str = _help("'' or '4bit': QLoRA, the frozen LLM in 4-bit NF4 (needs a CUDA GPU and bitsandbytes).",
+                          default="")
+
+
+@dataclass
 class StageConfig:
     name: str = _help("Stage name, used for its checkpoint directory.", default="stage")
     train: list[str] = _help("Modules that train in this stage; all others are frozen.",
@@ -61,6 +74,7 @@ class StageConfig:
     warmup_ratio: float = _help("Fraction of steps spent in linear warm-up before the cosine decay.", default=0.03)
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     max_grad_norm: float = _help("Gradient clipping norm (0 = off).", default=1.0)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -122,6 +136,7 @@ _NESTED = {
     (ArchConfig, "connector"): ConnectorConfig,
     (ArchConfig, "llm"): LLMConfig,
     (ArchConfig, "stages"): StageConfig,
+    (StageConfig, "lora"): LoRAConfig,
 }
 
 
@@ -135,9 +150,9 @@ def deep_merge(base: dict, update: dict) -> dict:
             for ref, stage_update in items:
                 index = _stage_index(stages, ref)
                 stages[index] = deep_merge(stages[index], stage_update)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict) and key != "lr":
+        elif isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("lr", "lora"):
             out[key] = deep_merge(out[key], value)
-        elif isinstance(value, dict) and key == "lr" and isinstance(out.get(key), dict):
+        elif isinstance(value, dict) and key in ("lr", "lora") and isinstance(out.get(key), dict):
             out[key] = {**out[key], **value}
         else:
             out[key] = copy.deepcopy(value)

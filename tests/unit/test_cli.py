@@ -99,3 +99,17 @@ def test_convert_errors_are_one_line(backbones, tmp_path, capsys):
     assert main(["convert", "from-hf", backbones["llm"], str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("vlmkit: error: ") and "model_type 'llama' is not Hugging Face's 'llava'" in err
+
+
+def test_lora_run_resumes_and_exports(backbones, tmp_path, image_files, capsys):
+    data = write_data(tmp_path, image_files)
+    argv = train_argv(backbones, tmp_path, data, "--instruct.lora.r", "4", "--instruct.lora.save", "adapter")
+    argv[argv.index("llava-1.5")] = "llava-1.5-lora"
+    assert main(argv) == 0
+    assert "LoRA r=4" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert (run / "model" / "adapter" / "adapter_config.json").exists()
+    assert main(argv + ["--resume"]) == 0
+    assert "resuming after stage 'instruct'" in capsys.readouterr().out
+    assert main(["convert", "to-hf", str(run), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").exists()

@@ -173,16 +173,19 @@ def chat_template_jinja(template) -> str:
 
 
 def to_hf(model, out: str | os.PathLike) -> Path:
-    """Write `model` as a `LlavaForConditionalGeneration` + `LlavaProcessor` directory (atomically)."""
+    """Write `model` as a `LlavaForConditionalGeneration` + `LlavaProcessor` directory (atomically).
+
+    LoRA adapters the model still carries are merged into its weights first (this changes `model`)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     from vlmkit.data.templates import get_template
     from vlmkit.io import atomic_dir
 
+    from vlmkit.llm.lora import merge_lora
+
     strategy = check_exportable(model)
+    merge_lora(model.llm)  # kept LoRA adapters are folded into the weights (in place): the format has no adapters
     llm = model.llm.model
-    if hasattr(llm, "peft_config"):
-        raise ConfigError("the language model still carries LoRA adapters; merge them before exporting")
     text_config = llm.config
     config = LlavaConfig(
         vision_config=model.vision.tower.config.to_dict(), text_config=text_config.to_dict(),

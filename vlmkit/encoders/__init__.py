@@ -73,8 +73,9 @@ class VisionEncoder(nn.Module):
         return features.shape[1], features.shape[2]
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.tower.parameters()).dtype
-        outputs = self.tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
+        param = next(self.tower.parameters())
+        outputs = self.tower(pixel_values=pixel_values.to(device=param.device, dtype=param.dtype),
+                             output_hidden_states=True)
         hidden_states = outputs.hidden_states
         selected = []
         for layer in self.feature_layers:

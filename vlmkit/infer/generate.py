@@ -39,7 +39,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
         keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely token
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter(-1, sorted_idx, sorted_probs)
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+    probs = (probs / probs.sum(-1, keepdim=True)).cpu()  # the seeded generator lives on the CPU
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
 
 
 @torch.no_grad()
@@ -52,9 +53,11 @@ def generate(model, prompts: list[list[int]], image_counts: list[int] | None = N
     stop_ids = stop_ids if stop_ids is not None else {tokenizer.eos_token_id}
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
+    device = model.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     inputs_embeds, _ = model.embed(input_ids, image_counts, pixel_values, vision_features, record_ids)
     batch = input_ids.shape[0]
-    finished = torch.zeros(batch, dtype=torch.bool)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
     outputs = [[] for _ in range(batch)]
     cache = None
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -79,7 +82,7 @@ def generate(model, prompts: list[list[int]], image_counts: list[int] | None = N
         next_tokens = next_tokens.masked_fill(finished, tokenizer.pad_token_id)
         new_embeds = model.llm.embed(next_tokens[:, None])
         next_positions = position_ids[:, -1:] + 1
-        attention_mask = torch.cat([attention_mask, torch.ones((batch, 1), dtype=attention_mask.dtype)], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=1)
         if config.use_cache:
             step_embeds, step_positions = new_embeds, next_positions
             position_ids = torch.cat([position_ids, next_positions], dim=1)

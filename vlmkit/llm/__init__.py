@@ -15,9 +15,15 @@ from torch import nn
 class LanguageModel(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model
+        self.model = model  # a transformers causal LM, or a peft model wrapping one during a LoRA stage
+        self.lora = None    # the LoRAConfig of attached adapters (vlmkit.llm.lora)
         # transformers >= 5.2x calls the KV cache `cache`; earlier versions `past_key_values`
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The transformers model itself, without a peft wrapper."""
+        return self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "LanguageModel":
@@ -35,28 +41,28 @@ class LanguageModel(nn.Module):
 
     @property
     def config(self):
-        return self.model.config
+        return self.causal_lm.config
 
     @property
     def hidden_size(self) -> int:
-        return self.model.get_input_embeddings().embedding_dim
+        return self.causal_lm.get_input_embeddings().embedding_dim
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(input_ids)
+        return self.causal_lm.get_input_embeddings()(input_ids)
 
     def hidden_states(self, inputs_embeds, attention_mask=None, position_ids=None, image_token_mask=None):
         """Last hidden states (B, T, D), without the LM head: the loss applies the head only where needed."""
-        decoder = self.model.get_decoder()
+        decoder = self.causal_lm.get_decoder()
         outputs = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False)
         return outputs.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.get_output_embeddings()(hidden)
+        return self.causal_lm.get_output_embeddings()(hidden)
 
     def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache: bool = False, image_token_mask=None, logits_to_keep: int = 0):
-        outputs = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+        outputs = self.causal_lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=use_cache, logits_to_keep=logits_to_keep,
                              **{self._cache_kwarg: past_key_values})
         return outputs.logits, getattr(outputs, self._cache_kwarg, None)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from vlmkit.config import ArchConfig
+from vlmkit.config import ArchConfig, LoRAConfig
 from vlmkit.connectors import build_connector
 from vlmkit.data.images import ImageTransform
 from vlmkit.data.render import IGNORE_INDEX, IMAGE_TOKEN
@@ -23,6 +23,7 @@ from vlmkit.encoders import VisionEncoder, load_vision_tower
 from vlmkit.errors import BadRecord, ConfigError
 from vlmkit.io import atomic_dir
 from vlmkit.llm import LanguageModel
+from vlmkit.llm.lora import ADAPTER_DIR, attach_lora, has_lora, lora_record, quantization_config
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -77,7 +78,9 @@ class VisionLanguageModel(nn.Module):
         vision_path = resolve(config.vision.name_or_path, verbose=verbose)
         llm_path = resolve(config.llm.name_or_path, verbose=verbose)
         transform = ImageTransform.from_pretrained(vision_path, pad_to_square=config.vision.pad_to_square)
-        llm = LanguageModel.from_pretrained(llm_path, **load_kwargs)
+        qlora = next((s.lora for s in config.stages if s.lora.quantize), None)
+        llm_kwargs = dict(load_kwargs, quantization_config=quantization_config(qlora)) if qlora else load_kwargs
+        llm = LanguageModel.from_pretrained(llm_path, **llm_kwargs)
         tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(llm_path), llm)
         return cls._assemble(config, load_vision_tower(vision_path, **load_kwargs), llm, tokenizer, transform)
 
@@ -86,6 +89,8 @@ class VisionLanguageModel(nn.Module):
         """Wrap the tower and build the connector between it and the LLM (new or loaded, the same way)."""
         vision = VisionEncoder(tower, config.vision, transform.crop[0])
         connector = build_connector(config.connector, vision.hidden_size, llm.hidden_size, vision.num_tokens)
+        embeddings = llm.causal_lm.get_input_embeddings().weight  # a new connector joins the LLM's device/dtype
+        connector.to(device=embeddings.device, dtype=embeddings.dtype if embeddings.is_floating_point() else None)
         return cls(config, vision, connector, llm, tokenizer, transform)
 
     @property
@@ -103,6 +108,7 @@ class VisionLanguageModel(nn.Module):
     def embed(self, input_ids: torch.Tensor, image_counts: list[int] | None = None, pixel_values=None,
               vision_features=None, record_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Text embeddings with image embeddings spliced in; returns (inputs_embeds, image_token_mask)."""
+        input_ids = input_ids.to(self.device)
         inputs_embeds = self.llm.embed(input_ids)
         image_token_mask = input_ids == self.image_token_id
         if image_counts is None:
@@ -113,25 +119,30 @@ class VisionLanguageModel(nn.Module):
                 if pixel_values is None:
                     raise ValueError("the batch has image placeholders but neither pixel_values nor vision_features")
                 vision_features = self.encode_images(pixel_values)
-            image_embeds = self.connector(vision_features.to(self._connector_dtype()))
+            weight = next(self.connector.parameters())
+            image_embeds = self.connector(vision_features.to(device=weight.device, dtype=weight.dtype))
         inputs_embeds = splice_image_features(inputs_embeds, image_token_mask, image_embeds, image_counts, record_ids)
         return inputs_embeds, image_token_mask
 
-    def _connector_dtype(self):
-        return next(self.connector.parameters()).dtype
+    @property
+    def device(self) -> torch.device:
+        """Where the LLM's input embeddings live: inputs are moved there (CPU batches, GPU model)."""
+        return self.llm.causal_lm.get_input_embeddings().weight.device
 
     def forward(self, input_ids, attention_mask=None, labels=None, image_counts=None, pixel_values=None,
                 vision_features=None, record_ids=None, position_ids=None):
         """Returns (loss or None, logits). With labels, logits are computed only where the loss needs them."""
         inputs_embeds, image_token_mask = self.embed(input_ids, image_counts, pixel_values, vision_features,
                                                      record_ids)
+        attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
+        position_ids = position_ids.to(self.device) if position_ids is not None else None
         if labels is None:
             logits, _ = self.llm(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                                  image_token_mask=image_token_mask)
             return None, logits
         hidden = self.llm.hidden_states(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                                         image_token_mask=image_token_mask)
-        targets = labels[:, 1:]
+        targets = labels[:, 1:].to(hidden.device)
         supervised = targets != IGNORE_INDEX
         logits = self.llm.logits(hidden[:, :-1][supervised])
         loss = F.cross_entropy(logits.float(), targets[supervised])
@@ -150,11 +161,14 @@ class VisionLanguageModel(nn.Module):
             "vision_tower": self.vision.tower.config.to_dict(),
             "llm": self.llm.config.to_dict(),
             "num_image_tokens": self.num_image_tokens,
+            "lora": lora_record(self.llm),
         }
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
         save_model(self.as_tensor_module(), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(directory)
         self.image_transform.save(directory)
+        if has_lora(self.llm):  # the adapters alone, in peft's format, for use with the base LLM elsewhere
+            self.llm.model.save_pretrained(directory / ADAPTER_DIR)
 
     def as_tensor_module(self) -> nn.Module:
         """The module whose state dict is the checkpoint (the parts, without non-tensor attributes)."""
@@ -176,9 +190,12 @@ class VisionLanguageModel(nn.Module):
             raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME} (vlmkit loads safetensors only)")
         config = ArchConfig.from_dict(saved["arch"])
         transform = ImageTransform.from_pretrained(directory, pad_to_square=config.vision.pad_to_square)
-        model = cls._assemble(config, load_vision_tower(None, hf_config=saved["vision_tower"]),
-                              LanguageModel.from_hf_config(saved["llm"]), AutoTokenizer.from_pretrained(directory),
+        llm = LanguageModel.from_hf_config(saved["llm"])
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = cls._assemble(config, load_vision_tower(None, hf_config=saved["vision_tower"]), llm, tokenizer,
                               transform)
+        if saved.get("lora"):  # kept adapters: the weights file holds them under peft's names
+            attach_lora(model.llm, LoRAConfig(**saved["lora"]))
         try:
             load_model(model.as_tensor_module(), str(directory / WEIGHTS_NAME), strict=True)
         except RuntimeError as exc:  # names differ: a checkpoint from another vlmkit version or a damaged file

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import torch
 
-from vlmkit.config import MODULES
+from vlmkit.config import MODULES, LoRAConfig
 from vlmkit.errors import ConfigError
+from vlmkit.llm.lora import attach_lora
 
 
-def apply_stage_freezing(model, train: list[str], log=print) -> dict[str, int]:
+def apply_stage_freezing(model, train: list[str], log=print, lora: LoRAConfig | None = None) -> dict[str, int]:
     """`requires_grad_(True)` on the named parts, False on all others; frozen parts go to eval mode.
+
+    With `lora.r > 0` the LLM trains through LoRA adapters only (vlmkit.llm.lora): its own weights stay
+    frozen.
 
     BatchNorm layers stay in eval mode even in a part that trains: fine-tuning batches are small, and
     re-estimating the pretrained running statistics from them washes the features out (measured: colour
@@ -26,8 +30,13 @@ def apply_stage_freezing(model, train: list[str], log=print) -> dict[str, int]:
         for sub in module.modules():
             if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm):
                 sub.eval()
+        if name == "llm" and trains and lora is not None and lora.r > 0:
+            attach_lora(model.llm, lora)
+            model.llm.train(True)
         counts[name] = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    lines = ", ".join(f"{name} {n:,}" + (" (frozen)" if not n else "") for name, n in counts.items())
+    lines = ", ".join(f"{name} {n:,}" + (" (frozen)" if not n else "") +
+                      (f" (LoRA r={lora.r})" if name == "llm" and n and lora is not None and lora.r > 0 else "")
+                      for name, n in counts.items())
     log(f"trainable parameters: {lines}; {sum(counts.values()):,} of {total:,}")
     return counts

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from vlmkit.config import StageConfig
 from vlmkit.data.dataset import ConversationDataset, collate, length_grouped_batches
 from vlmkit.errors import ConfigError
+from vlmkit.llm.lora import finish_stage
 from vlmkit.train.freeze import apply_stage_freezing
 
 
@@ -62,7 +63,9 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
     """Train `model` in place for one stage; returns a summary (steps, losses, seconds)."""
     start = time.time()
     torch.manual_seed(seed)
-    apply_stage_freezing(model, stage.train, log=log)
+    if stage.lora.r > 0 and "llm" not in stage.train:
+        raise ConfigError(f"stage {stage.name!r} sets lora.r={stage.lora.r} but does not train the llm")
+    apply_stage_freezing(model, stage.train, log=log, lora=stage.lora)
     optimizer = torch.optim.AdamW(param_groups(model, stage), betas=(0.9, 0.999), eps=1e-8)
     steps_per_epoch = math.ceil(len(dataset) / (stage.batch_size * stage.grad_accum))
     total_steps = stage.max_steps or max(1, math.ceil(stage.epochs * steps_per_epoch))
@@ -112,6 +115,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
     finally:
         if log_handle:
             log_handle.close()
+    finish_stage(model.llm, stage.lora)  # merge LoRA adapters into the weights, or keep them
     model.eval()
     model.requires_grad_(False)
     seconds = time.time() - start

@@ -1,0 +1,88 @@
+"""LoRA on the language model, through `peft`.
+
+A stage with `lora.r > 0` wraps the LLM in a `peft` model: the LLM's own weights stay frozen and only the
+low-rank adapters train. At the end of the stage the adapters are merged into the weights (`save="merge"`:
+the checkpoint is a plain model) or kept (`save="adapter"`: the checkpoint records the LoRA config, so
+`from_pretrained` re-attaches them, and `adapter/` holds them in peft's own format for use elsewhere).
+QLoRA (`quantize="4bit"`) loads the frozen LLM in 4-bit NF4 with bitsandbytes, on a CUDA GPU only.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from vlmkit.config import LoRAConfig
+from vlmkit.errors import ConfigError
+
+ADAPTER_DIR = "adapter"
+
+
+def has_lora(llm) -> bool:
+    return hasattr(llm.model, "peft_config")
+
+
+def check_quantization(lora: LoRAConfig) -> None:
+    if lora.quantize not in ("", "4bit"):
+        raise ConfigError(f"lora.quantize={lora.quantize!r}; use '' or '4bit'")
+    if lora.quantize and not torch.cuda.is_available():
+        raise ConfigError("QLoRA (lora.quantize='4bit') needs a CUDA GPU and bitsandbytes; this machine has no GPU. "
+                          "Use plain LoRA (lora.quantize='') on CPU")
+    if lora.quantize:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError("QLoRA needs bitsandbytes: pip install bitsandbytes") from None
+
+
+def quantization_config(lora: LoRAConfig):
+    """The `from_pretrained` quantization config for a QLoRA stage (None without one)."""
+    if not lora.quantize:
+        return None
+    check_quantization(lora)
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def attach_lora(llm, lora: LoRAConfig) -> int:
+    """Wrap `llm.model` with fresh adapters; only they train. Returns the number of trainable parameters."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if has_lora(llm):
+        raise ConfigError("the language model already carries LoRA adapters (a kept adapter from an earlier stage); "
+                          "merge them first (lora.save='merge')")
+    if lora.r <= 0:
+        raise ConfigError(f"lora.r must be positive to attach adapters, not {lora.r}")
+    if lora.save not in ("merge", "adapter"):
+        raise ConfigError(f"lora.save={lora.save!r}; use 'merge' or 'adapter'")
+    check_quantization(lora)
+    targets = lora.target_modules
+    targets = "all-linear" if list(targets) == ["all-linear"] else list(targets)
+    if getattr(llm.model, "is_loaded_in_4bit", False):
+        llm.model = prepare_model_for_kbit_training(llm.model)
+    try:
+        llm.model = get_peft_model(llm.model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                         target_modules=targets, task_type="CAUSAL_LM"))
+    except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
+        raise ConfigError(f"lora.target_modules={lora.target_modules}: {exc}") from None
+    llm.lora = lora
+    return sum(p.numel() for p in llm.model.parameters() if p.requires_grad)
+
+
+def merge_lora(llm) -> None:
+    """Fold the adapters into the weights and drop the peft wrapper."""
+    if has_lora(llm):
+        llm.model = llm.model.merge_and_unload()
+        llm.lora = None
+
+
+def finish_stage(llm, lora: LoRAConfig) -> None:
+    if has_lora(llm) and lora.save == "merge":
+        merge_lora(llm)
+
+
+def lora_record(llm) -> dict | None:
+    """What a checkpoint's config.json says about kept adapters."""
+    return dataclasses.asdict(llm.lora) if has_lora(llm) else None
