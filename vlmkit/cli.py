@@ -281,7 +281,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--image-folder", default=None, help="folder that the records' image paths are relative to")
     p.add_argument("--stages", default=None, help="comma-separated stage names to run (default: all)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad records and count them instead of stopping")
-    p.add_argument("--resume", action="store_true", help="continue after the last completed stage in --run-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in --run-dir: a step checkpoint (--save-every) "
+                        "continues mid-stage exactly; a stage checkpoint continues with the next stage")
     if config is not None and command == "train":
         add_config_arguments(p, config)
     p.set_defaults(func=cmd_train)
@@ -356,6 +358,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vlmkit.train.loop import TrainingInterrupted
+
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         from transformers.utils import logging as hf_logging
@@ -369,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         elif extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.func(args)
+    except TrainingInterrupted as exc:
+        print(f"vlmkit: {exc}", file=sys.stderr)
+        return 130
     except VlmkitError as exc:
         print(f"vlmkit: error: {exc}", file=sys.stderr)
         return 2

@@ -92,6 +92,10 @@ class ArchConfig:
     seed: int = _help("Seed for initialisation, data order and sampling.", default=0)
     bf16: bool = _help("bf16 autocast during training (measure first: slower than fp32 for tiny models on CPU).",
                        default=False)
+    save_every: int = _help("Write a resumable checkpoint (model, optimizer, schedule, RNG, data position) every N "
+                            "optimiser steps; 0 = only at the end of each stage.", default=0)
+    keep_last: int = _help("How many of those step checkpoints to keep (stage-end checkpoints are all kept).",
+                           default=2)
     stages: list[StageConfig] = field(default_factory=list)
 
     # -- (de)serialisation -------------------------------------------------------------------

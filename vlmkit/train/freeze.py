@@ -5,7 +5,7 @@ import torch
 
 from vlmkit.config import MODULES, LoRAConfig
 from vlmkit.errors import ConfigError
-from vlmkit.llm.lora import attach_lora
+from vlmkit.llm.lora import attach_lora, has_lora
 
 
 def apply_stage_freezing(model, train: list[str], log=print, lora: LoRAConfig | None = None) -> dict[str, int]:
@@ -31,7 +31,11 @@ def apply_stage_freezing(model, train: list[str], log=print, lora: LoRAConfig | 
             if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm):
                 sub.eval()
         if name == "llm" and trains and lora is not None and lora.r > 0:
-            attach_lora(model.llm, lora)
+            if has_lora(model.llm):  # resumed mid-stage: the checkpoint carried the adapters
+                for pname, param in module.named_parameters():
+                    param.requires_grad_("lora_" in pname)
+            else:
+                attach_lora(model.llm, lora)
             model.llm.train(True)
         counts[name] = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -2,14 +2,19 @@
 
 AdamW with a learning rate per module, linear warm-up then cosine decay, gradient clipping and
 accumulation, seeded data order, a tqdm bar, the loss per step appended to a JSONL log. While the vision
-encoder is frozen its features are computed once per image and reused for every epoch.
+encoder is frozen its features are computed once per image and reused for every epoch. Every `save_every`
+steps, and on SIGINT/SIGTERM, the caller's `save` writes a step checkpoint (vlmkit.train.checkpoint);
+`resume` restarts from one at the same data position with the same optimizer, schedule and RNG.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import signal
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,8 +22,9 @@ from tqdm.auto import tqdm
 
 from vlmkit.config import StageConfig
 from vlmkit.data.dataset import ConversationDataset, collate, length_grouped_batches
-from vlmkit.errors import ConfigError
+from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.llm.lora import finish_stage
+from vlmkit.train.checkpoint import Resume, TrainState, restore
 from vlmkit.train.freeze import apply_stage_freezing
 
 
@@ -58,9 +64,43 @@ def encode_all_images(model, dataset: ConversationDataset, batch_size: int = 256
     return torch.cat(features) if features else None
 
 
+class StopRequested:
+    """SIGINT (Ctrl-C) / SIGTERM (preemption) set a flag that the loop reads between optimiser steps, so the
+    checkpoint it then writes is consistent; a second signal interrupts at once."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class TrainingInterrupted(VlmkitError):
+    """Training stopped on a signal after writing a checkpoint (or with nothing to save)."""
+
+
 def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed: int, log_file: Path | None = None,
-                bf16: bool = False, verbose: bool = True, log=print) -> dict:
-    """Train `model` in place for one stage; returns a summary (steps, losses, seconds)."""
+                bf16: bool = False, verbose: bool = True, log=print, stage_index: int = 0, save_every: int = 0,
+                save: Callable[[object, object, TrainState], Path | None] | None = None,
+                resume: Resume | None = None) -> dict:
+    """Train `model` in place for one stage; returns a summary (steps, losses, seconds).
+
+    `save(optimizer, scheduler, state)` is called every `save_every` steps and when a stop signal arrives;
+    `resume` continues from a step checkpoint exactly (same data order, RNG, optimizer and schedule).
+    """
     start = time.time()
     torch.manual_seed(seed)
     if stage.lora.r > 0 and "llm" not in stage.train:
@@ -74,44 +114,62 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
     pad_id = model.tokenizer.pad_token_id
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    state = TrainState(stage_index, stage.name)
+    if resume is not None:
+        restore(resume, optimizer, schedule)
+        state = resume.state
+        log(f"stage {stage.name}: resuming at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
 
     def micro_batches():
-        epoch = 0
+        """(epoch, batch index in epoch, batch), from the saved position on."""
+        epoch, skip = state.epoch, state.batch_in_epoch
         while True:
-            for indices in length_grouped_batches(dataset.lengths(), stage.batch_size, seed + epoch):
-                yield epoch, collate([dataset[i] for i in indices], pad_id)
-            epoch += 1
+            order = length_grouped_batches(dataset.lengths(), stage.batch_size, seed + epoch)
+            for position in range(skip, len(order)):
+                yield epoch, position, collate([dataset[i] for i in order[position]], pad_id)
+            epoch, skip = epoch + 1, 0
 
     batches = micro_batches()
-    losses = []
     log_handle = open(log_file, "a") if log_file else None
-    bar = tqdm(range(total_steps), desc=f"stage {stage.name}", disable=not verbose, mininterval=0.5)
+    bar = tqdm(range(state.step, total_steps), desc=f"stage {stage.name}", disable=not verbose, mininterval=0.5,
+               initial=state.step, total=total_steps)
     try:
-        for step in bar:
-            step_loss = 0.0
-            for _ in range(stage.grad_accum):
-                epoch, batch = next(batches)
-                features = cached[batch.image_indices] if cached is not None and len(batch.image_indices) else None
-                pixels = dataset.pixel_values[batch.image_indices] if features is None and len(batch.image_indices) \
+        with StopRequested() as stop:
+            for step in bar:
+                step_loss = 0.0
+                for _ in range(stage.grad_accum):
+                    epoch, position, batch = next(batches)
+                    features = cached[batch.image_indices] if cached is not None and len(batch.image_indices) \
+                        else None
+                    pixels = dataset.pixel_values[batch.image_indices] if features is None and \
+                        len(batch.image_indices) else None
+                    with autocast:
+                        loss, _ = model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                                        image_counts=batch.image_counts, pixel_values=pixels,
+                                        vision_features=features, record_ids=batch.record_ids)
+                    (loss / stage.grad_accum).backward()
+                    step_loss += loss.item() / stage.grad_accum
+                norm = torch.nn.utils.clip_grad_norm_(trainable, stage.max_grad_norm) if stage.max_grad_norm \
                     else None
-                with autocast:
-                    loss, _ = model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                                    image_counts=batch.image_counts, pixel_values=pixels, vision_features=features,
-                                    record_ids=batch.record_ids)
-                (loss / stage.grad_accum).backward()
-                step_loss += loss.item() / stage.grad_accum
-            norm = torch.nn.utils.clip_grad_norm_(trainable, stage.max_grad_norm) if stage.max_grad_norm else None
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(step_loss)
-            bar.set_postfix(loss=f"{step_loss:.4f}", epoch=epoch)
-            if log_handle:
-                log_handle.write(json.dumps({"stage": stage.name, "step": step + 1, "epoch": epoch, "loss": step_loss,
-                                             "lr": {g["name"]: g["lr"] for g in optimizer.param_groups
-                                                    if not g["name"].endswith(".no_decay")},
-                                             "grad_norm": None if norm is None else float(norm),
-                                             "seconds": round(time.time() - start, 3)}) + "\n")
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step, state.epoch, state.batch_in_epoch = step + 1, epoch, position + 1
+                state.losses.append(step_loss)
+                bar.set_postfix(loss=f"{step_loss:.4f}", epoch=epoch)
+                if log_handle:
+                    log_handle.write(json.dumps({
+                        "stage": stage.name, "step": step + 1, "epoch": epoch, "loss": step_loss,
+                        "lr": {g["name"]: g["lr"] for g in optimizer.param_groups if not g["name"].endswith(".no_decay")},
+                        "grad_norm": None if norm is None else float(norm),
+                        "seconds": round(time.time() - start, 3)}) + "\n")
+                    log_handle.flush()
+                periodic = save_every and state.step % save_every == 0 and state.step < total_steps
+                if save is not None and (stop.signal_name or periodic):
+                    save(optimizer, schedule, state)
+                if stop.signal_name:
+                    raise TrainingInterrupted(f"{stop.signal_name}: stopped stage {stage.name!r} after step "
+                                              f"{state.step}" + ("; continue with --resume" if save else ""))
     finally:
         if log_handle:
             log_handle.close()
@@ -119,6 +177,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
     model.eval()
     model.requires_grad_(False)
     seconds = time.time() - start
+    losses = state.losses
     tail = losses[-max(1, len(losses) // 10):]
     log(f"stage {stage.name}: {total_steps} steps, loss {losses[0]:.4f} -> {sum(tail) / len(tail):.4f}, {seconds:.0f}s")
     return {"stage": stage.name, "steps": total_steps, "first_loss": losses[0], "final_loss": sum(tail) / len(tail),

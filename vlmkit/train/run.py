@@ -5,6 +5,7 @@ Run directory layout:
   train_log.jsonl      one line per optimiser step (all stages)
   loss.png             the loss curve
   checkpoints/N-NAME/  the model after stage N (config.json + model.safetensors + tokenizer), atomic
+  checkpoints/step-N-NAME-S/  resumable mid-stage checkpoints (--save-every), the newest --keep-last kept
   model/               the newest completed stage, what `vlmkit chat/eval/serve RUN` load
   summary.json         per-phase seconds, losses, skipped records
 """
@@ -19,8 +20,9 @@ from vlmkit.config import ArchConfig, StageConfig
 from vlmkit.data import easyvqa
 from vlmkit.data.dataset import ConversationDataset, load_llava_json
 from vlmkit.data.templates import get_template
-from vlmkit.errors import ConfigError
+from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.model.vlm import VisionLanguageModel
+from vlmkit.train import checkpoint
 from vlmkit.train.loop import train_stage
 from vlmkit.train.plot import plot_loss
 
@@ -76,14 +78,24 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
         raise ConfigError(f"unknown stage(s) in {stages}; preset {config.name!r} has {[s.name for s in config.stages]}")
 
     start = time.time()
-    model, first = None, 0
+    model, first, resume_from = None, 0, None
     if resume:
-        for index in range(len(config.stages) - 1, -1, -1):
-            checkpoint = run_dir / "checkpoints" / f"{index + 1}-{config.stages[index].name}"
-            if (checkpoint / "model.safetensors").exists():
-                model, first = VisionLanguageModel.from_pretrained(checkpoint), index + 1
-                log(f"resuming after stage {config.stages[index].name!r} from {checkpoint}")
-                break
+        for path in checkpoint.remove_partial(run_dir):
+            log(f"removed {path.name}: a checkpoint whose writing was interrupted")
+    found = checkpoint.latest(run_dir) if resume else None
+    if found is not None:
+        if checkpoint.is_step_checkpoint(found):
+            resume_from = checkpoint.load_resume(found)
+            model = VisionLanguageModel.from_pretrained(found / checkpoint.MODEL_DIR)
+            first = resume_from.state.stage_index
+            log(f"resuming stage {resume_from.state.stage!r} at step {resume_from.state.step} from {found}")
+            _truncate_log(log_file, config, resume_from.state)
+        else:
+            model, first = VisionLanguageModel.from_pretrained(found), int(found.name.split("-")[0])
+            log(f"resuming after stage {config.stages[first - 1].name!r} from {found}")
+            _truncate_log(log_file, config, checkpoint.TrainState(first, "", 0))
+    elif resume:
+        log(f"nothing to resume in {run_dir}: starting from the beginning")
     if model is None:
         if log_file.exists():
             log_file.unlink()
@@ -103,11 +115,14 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
             summary["skipped"][stage.name] = dict(dataset.skipped.counts)
         log(f"stage {index + 1}/{len(config.stages)} {stage.name!r}: {len(dataset)} records from {source}, "
             f"{len(dataset.images)} images, trains {stage.train}")
+        stage_resume = resume_from if resume_from is not None and resume_from.state.stage_index == index else None
         result = train_stage(model, stage, dataset, seed=config.seed + index, log_file=log_file, bf16=config.bf16,
-                             verbose=verbose, log=log)
-        checkpoint = run_dir / "checkpoints" / f"{index + 1}-{stage.name}"
-        model.save_pretrained(checkpoint)
-        model.save_pretrained(run_dir / "model")
+                             verbose=verbose, log=log, stage_index=index, save_every=config.save_every,
+                             save=_step_saver(model, run_dir, config.keep_last, log), resume=stage_resume)
+        target = run_dir / "checkpoints" / f"{index + 1}-{stage.name}"
+        _write_or_explain(model, target, run_dir)
+        _write_or_explain(model, run_dir / "model", run_dir)
+        checkpoint.prune(run_dir, 0)  # the stage is complete: its step checkpoints are no longer needed
         result["train_seconds"] = result.pop("seconds")
         result["seconds"] = time.time() - phase  # data reading + training + checkpoint
         summary["stages"].append(result)
@@ -115,3 +130,43 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
     summary["seconds"] = time.time() - start
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return {"model": model, **summary}
+
+
+def _step_saver(model, run_dir: Path, keep_last: int, log):
+    def save(optimizer, scheduler, state: checkpoint.TrainState) -> Path | None:
+        target = run_dir / "checkpoints" / checkpoint.step_dir_name(state.stage_index, state.stage, state.step)
+        previous = checkpoint.latest(run_dir)
+        try:
+            checkpoint.save_checkpoint(target, model, optimizer, scheduler, state)
+        except OSError as exc:  # disk full, quota, permissions: training goes on, the last good checkpoint stays
+            log(f"warning: could not write checkpoint {target.name} ({exc.strerror or exc}); "
+                + (f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"))
+            return None
+        checkpoint.prune(run_dir, keep_last)
+        log(f"checkpoint: {target}")
+        return target
+    return save
+
+
+def _write_or_explain(model, target: Path, run_dir: Path) -> None:
+    try:
+        model.save_pretrained(target)
+    except OSError as exc:
+        previous = checkpoint.latest(run_dir)
+        raise VlmkitError(f"could not write {target} ({exc.strerror or exc}); "
+                          + (f"the previous checkpoint {previous} is intact" if previous else
+                             "there is no earlier checkpoint")) from None
+
+
+def _truncate_log(log_file: Path, config: ArchConfig, state: checkpoint.TrainState) -> None:
+    """Drop log lines written after the checkpoint being resumed (the killed run got further)."""
+    if not log_file.exists():
+        return
+    order = {stage.name: i for i, stage in enumerate(config.stages)}
+    kept = []
+    for line in log_file.read_text().splitlines():
+        entry = json.loads(line)
+        index = order.get(entry["stage"], -1)
+        if index < state.stage_index or (index == state.stage_index and entry["step"] <= state.step):
+            kept.append(line)
+    log_file.write_text("".join(f"{line}\n" for line in kept))

@@ -1,0 +1,148 @@
+"""Resumable checkpoints: everything a stage needs to continue as if it had never stopped.
+
+A step checkpoint `checkpoints/step-N-STAGE-SSSSSSS/` holds
+  model/                  the model (a vlmkit checkpoint: config.json + model.safetensors + tokenizer…)
+  optimizer.safetensors   the optimizer's tensors (AdamW moments and step counts) and the RNG states
+  trainer_state.json      stage, step, data position (epoch, micro-batch within it), losses so far,
+                          the optimizer's parameter groups and the scheduler's state
+It is written into a temporary directory and renamed into place (vlmkit.io.atomic_dir), so a crash or a
+kill at any moment leaves either the previous set of checkpoints or the new one, never a half-written one.
+Checkpoints are taken between optimiser steps, so the gradient-accumulation position is always 0.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlmkit.io import atomic_dir
+
+STATE_NAME = "trainer_state.json"
+OPTIMIZER_NAME = "optimizer.safetensors"
+MODEL_DIR = "model"
+STEP_PREFIX = "step-"
+
+
+@dataclass
+class TrainState:
+    """Where a stage is: `step` optimiser steps done; the next micro-batch is `batch_in_epoch` of `epoch`."""
+    stage_index: int
+    stage: str
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Resume:
+    """A loaded step checkpoint: its state plus the optimizer/scheduler/RNG payload to restore."""
+    directory: Path
+    state: TrainState
+    optimizer: dict
+    scheduler: dict
+    rng: dict[str, torch.Tensor]
+
+
+def step_dir_name(stage_index: int, stage: str, step: int) -> str:
+    return f"{STEP_PREFIX}{stage_index + 1}-{stage}-{step:07d}"
+
+
+def save_checkpoint(directory: Path, model, optimizer, scheduler, state: TrainState) -> Path:
+    tensors: dict[str, torch.Tensor] = {}
+    optimizer_state = optimizer.state_dict()
+    for index, values in optimizer_state["state"].items():
+        for key, value in values.items():
+            tensors[f"state.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = rng
+    with atomic_dir(directory) as tmp:
+        (tmp / MODEL_DIR).mkdir()
+        model._write(tmp / MODEL_DIR)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / OPTIMIZER_NAME))
+        payload = {"state": asdict(state), "optimizer_param_groups": optimizer_state["param_groups"],
+                   "scheduler": scheduler.state_dict()}
+        (tmp / STATE_NAME).write_text(json.dumps(payload, indent=1))
+    return directory
+
+
+def load_resume(directory: Path) -> Resume:
+    payload = json.loads((directory / STATE_NAME).read_text())
+    tensors = load_file(str(directory / OPTIMIZER_NAME))
+    state: dict[int, dict] = {}
+    rng = {}
+    for key, value in tensors.items():
+        if key.startswith("rng."):
+            rng[key[4:]] = value
+        else:
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer = {"state": state, "param_groups": payload["optimizer_param_groups"]}
+    return Resume(directory, TrainState(**payload["state"]), optimizer, payload["scheduler"], rng)
+
+
+def restore(resume: Resume, optimizer, scheduler) -> None:
+    optimizer.load_state_dict(resume.optimizer)
+    scheduler.load_state_dict(resume.scheduler)
+    torch.set_rng_state(resume.rng["torch"])
+    cuda = [resume.rng[k] for k in sorted(resume.rng) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# -- finding and pruning ------------------------------------------------------------------------------------
+def _key(path: Path) -> tuple[int, float] | None:
+    """(stage number, step) of a complete checkpoint directory; a stage-end checkpoint sorts after its steps."""
+    name = path.name
+    if name.startswith("."):
+        return None  # a temporary directory of an interrupted write
+    if name.startswith(STEP_PREFIX):
+        number, _, rest = name[len(STEP_PREFIX):].partition("-")
+        step = rest.rsplit("-", 1)[-1]
+        if number.isdigit() and step.isdigit() and (path / STATE_NAME).exists():
+            return int(number), int(step)
+        return None
+    number, _, _ = name.partition("-")
+    if number.isdigit() and (path / "model.safetensors").exists():
+        return int(number), math.inf
+    return None
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    found = [(key, path) for path in root.iterdir() if path.is_dir() and (key := _key(path)) is not None] \
+        if root.exists() else []
+    return [path for _, path in sorted(found)]
+
+
+def latest(run_dir: Path) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def is_step_checkpoint(path: Path) -> bool:
+    return path.name.startswith(STEP_PREFIX)
+
+
+def remove_partial(run_dir: Path) -> list[Path]:
+    """Delete temporary directories that a killed write left behind; returns what was removed."""
+    root = Path(run_dir) / "checkpoints"
+    partial = [p for p in root.glob(".*") if p.is_dir()] if root.exists() else []
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return partial
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` step checkpoints (stage-end checkpoints are kept)."""
+    steps = [p for p in checkpoints(run_dir) if is_step_checkpoint(p)]
+    for path in steps[:max(0, len(steps) - keep_last)]:
+        shutil.rmtree(path, ignore_errors=True)
