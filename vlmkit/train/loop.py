@@ -22,8 +22,10 @@ from tqdm.auto import tqdm
 
 from vlmkit.config import StageConfig
 from vlmkit.data.dataset import ConversationDataset, collate, length_grouped_batches
+from vlmkit.data.render import IGNORE_INDEX
 from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.llm.lora import finish_stage
+from vlmkit.train import distributed
 from vlmkit.train.checkpoint import Resume, TrainState, restore
 from vlmkit.train.freeze import apply_stage_freezing
 
@@ -114,6 +116,8 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
     pad_id = model.tokenizer.pad_token_id
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    info = distributed.current()
+    forward = distributed.wrap(model, info) if info.enabled else model
     state = TrainState(stage_index, stage.name)
     if resume is not None:
         restore(resume, optimizer, schedule)
@@ -126,7 +130,8 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
         while True:
             order = length_grouped_batches(dataset.lengths(), stage.batch_size, seed + epoch)
             for position in range(skip, len(order)):
-                yield epoch, position, collate([dataset[i] for i in order[position]], pad_id)
+                indices, real = info.shard(order[position]) if info.enabled else (order[position], True)
+                yield epoch, position, real, collate([dataset[i] for i in indices], pad_id)
             epoch, skip = epoch + 1, 0
 
     batches = micro_batches()
@@ -138,17 +143,24 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
             for step in bar:
                 step_loss = 0.0
                 for _ in range(stage.grad_accum):
-                    epoch, position, batch = next(batches)
+                    epoch, position, real, batch = next(batches)
                     features = cached[batch.image_indices] if cached is not None and len(batch.image_indices) \
                         else None
                     pixels = dataset.pixel_values[batch.image_indices] if features is None and \
                         len(batch.image_indices) else None
                     with autocast:
-                        loss, _ = model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                                        image_counts=batch.image_counts, pixel_values=pixels,
-                                        vision_features=features, record_ids=batch.record_ids)
+                        loss, _ = forward(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                                          image_counts=batch.image_counts, pixel_values=pixels,
+                                          vision_features=features, record_ids=batch.record_ids)
+                    if info.enabled:  # weight by this rank's share of the global micro-batch's supervised tokens
+                        tokens = int((batch.labels[:, 1:] != IGNORE_INDEX).sum()) if real else 0
+                        total_tokens, total_loss = distributed.all_reduce_sum([tokens, loss.item() * tokens])
+                        loss_value = total_loss / total_tokens
+                        loss = loss * (tokens / total_tokens * info.world_size)
+                    else:
+                        loss_value = loss.item()
                     (loss / stage.grad_accum).backward()
-                    step_loss += loss.item() / stage.grad_accum
+                    step_loss += loss_value / stage.grad_accum
                 norm = torch.nn.utils.clip_grad_norm_(trainable, stage.max_grad_norm) if stage.max_grad_norm \
                     else None
                 optimizer.step()

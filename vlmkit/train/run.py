@@ -16,13 +16,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from vlmkit.config import ArchConfig, StageConfig
 from vlmkit.data import easyvqa
 from vlmkit.data.dataset import ConversationDataset, load_llava_json
 from vlmkit.data.templates import get_template
 from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.model.vlm import VisionLanguageModel
-from vlmkit.train import checkpoint
+from vlmkit.train import checkpoint, distributed
 from vlmkit.train.loop import train_stage
 from vlmkit.train.plot import plot_loss
 
@@ -68,9 +70,13 @@ def build_dataset(model: VisionLanguageModel, records: list[dict], source: str, 
 def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = None, stages: list[str] | None = None,
               resume: bool = False, verbose: bool = True, log=print) -> dict:
     data = data or DataSpec()
+    info = distributed.setup()  # torchrun: join the process group; rank 0 alone writes
+    if not info.is_main:
+        verbose, log = False, _silent
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(config.to_json())
+    if info.is_main:
+        (run_dir / "config.json").write_text(config.to_json())
     log_file = run_dir / "train_log.jsonl"
     summary = {"preset": config.name, "scale": config.scale, "stages": [], "skipped": {}}
     selected = [s for s in config.stages if stages is None or s.name in stages]
@@ -79,7 +85,7 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
 
     start = time.time()
     model, first, resume_from = None, 0, None
-    if resume:
+    if resume and info.is_main:
         for path in checkpoint.remove_partial(run_dir):
             log(f"removed {path.name}: a checkpoint whose writing was interrupted")
     found = checkpoint.latest(run_dir) if resume else None
@@ -89,17 +95,22 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
             model = VisionLanguageModel.from_pretrained(found / checkpoint.MODEL_DIR)
             first = resume_from.state.stage_index
             log(f"resuming stage {resume_from.state.stage!r} at step {resume_from.state.step} from {found}")
-            _truncate_log(log_file, config, resume_from.state)
+            if info.is_main:
+                _truncate_log(log_file, config, resume_from.state)
         else:
             model, first = VisionLanguageModel.from_pretrained(found), int(found.name.split("-")[0])
             log(f"resuming after stage {config.stages[first - 1].name!r} from {found}")
-            _truncate_log(log_file, config, checkpoint.TrainState(first, "", 0))
+            if info.is_main:
+                _truncate_log(log_file, config, checkpoint.TrainState(first, "", 0))
     elif resume:
         log(f"nothing to resume in {run_dir}: starting from the beginning")
     if model is None:
-        if log_file.exists():
+        if log_file.exists() and info.is_main:
             log_file.unlink()
         model = VisionLanguageModel.from_config(config, verbose=verbose)
+    if info.enabled and torch.cuda.is_available():
+        model.to(f"cuda:{info.local_rank}")
+    distributed.barrier()
     summary["build_seconds"] = time.time() - start
     log(f"model: {config.name} ({config.scale}); {model.num_image_tokens} image tokens per image; "
         f"{sum(p.numel() for p in model.parameters()):,} parameters")
@@ -116,20 +127,29 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
         log(f"stage {index + 1}/{len(config.stages)} {stage.name!r}: {len(dataset)} records from {source}, "
             f"{len(dataset.images)} images, trains {stage.train}")
         stage_resume = resume_from if resume_from is not None and resume_from.state.stage_index == index else None
-        result = train_stage(model, stage, dataset, seed=config.seed + index, log_file=log_file, bf16=config.bf16,
-                             verbose=verbose, log=log, stage_index=index, save_every=config.save_every,
-                             save=_step_saver(model, run_dir, config.keep_last, log), resume=stage_resume)
-        target = run_dir / "checkpoints" / f"{index + 1}-{stage.name}"
-        _write_or_explain(model, target, run_dir)
-        _write_or_explain(model, run_dir / "model", run_dir)
-        checkpoint.prune(run_dir, 0)  # the stage is complete: its step checkpoints are no longer needed
+        result = train_stage(model, stage, dataset, seed=config.seed + index,
+                             log_file=log_file if info.is_main else None, bf16=config.bf16, verbose=verbose, log=log,
+                             stage_index=index, save_every=config.save_every,
+                             save=_step_saver(model, run_dir, config.keep_last, log) if info.is_main else None,
+                             resume=stage_resume)
+        if info.is_main:
+            _write_or_explain(model, run_dir / "checkpoints" / f"{index + 1}-{stage.name}", run_dir)
+            _write_or_explain(model, run_dir / "model", run_dir)
+            checkpoint.prune(run_dir, 0)  # the stage is complete: its step checkpoints are no longer needed
+            plot_loss(log_file, run_dir / "loss.png")
+        distributed.barrier()
         result["train_seconds"] = result.pop("seconds")
         result["seconds"] = time.time() - phase  # data reading + training + checkpoint
         summary["stages"].append(result)
-        plot_loss(log_file, run_dir / "loss.png")
     summary["seconds"] = time.time() - start
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary["processes"] = info.world_size
+    if info.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return {"model": model, **summary}
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
 
 
 def _step_saver(model, run_dir: Path, keep_last: int, log):

@@ -1,0 +1,77 @@
+"""Data-parallel training on an existing engine: `torch.distributed` + DistributedDataParallel.
+
+Launched by `torchrun --nproc_per_node N -m vlmkit train …` (which sets RANK/WORLD_SIZE/LOCAL_RANK): gloo
+on CPU, NCCL on GPUs. Every rank builds the same model from the same seed (DDP also broadcasts rank 0's
+weights), reads the same data order, and takes its share of each global micro-batch; the loss is
+normalised by the number of supervised tokens in the *global* micro-batch, so N processes compute the
+gradient one process would on the whole batch. Rank 0 alone writes logs and checkpoints.
+
+For paper-scale models on a GPU node, see docs/distributed.md (FSDP / DeepSpeed ZeRO through accelerate).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def shard(self, indices: list[int]) -> tuple[list[int], bool]:
+        """This rank's share of a global micro-batch, and whether it is real (a rank left without samples
+        runs the first one with zero weight, so every rank still joins the gradient all-reduce)."""
+        mine = indices[self.rank::self.world_size]
+        return (mine, True) if mine else (indices[:1], False)
+
+
+def setup() -> DistInfo:
+    """Join the process group torchrun describes in the environment; a no-op for a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
+
+
+def current() -> DistInfo:
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo()
+
+
+def all_reduce_sum(values: list[float], device=None) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def wrap(model, info: DistInfo):
+    """DistributedDataParallel over the trainable parameters (frozen parts need no synchronisation)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [info.local_rank] if torch.cuda.is_available() else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
