@@ -131,7 +131,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def load_run(run: str):
+def load_run(run: str, allow_pickle: bool = False):
     from vlmkit.model.vlm import VisionLanguageModel
 
     path = Path(run)
@@ -139,13 +139,13 @@ def load_run(run: str):
         path = path / "model"
     if not (path / "config.json").exists():
         raise VlmkitError(f"{run}: not a run directory or a vlmkit checkpoint (no config.json)")
-    return VisionLanguageModel.from_pretrained(path), path
+    return VisionLanguageModel.from_pretrained(path, allow_pickle=allow_pickle), path
 
 
 def cmd_eval(args) -> int:
     from vlmkit.eval.vqa import run_eval
 
-    model, path = load_run(args.run)
+    model, path = load_run(args.run, args.allow_pickle)
     out_dir = Path(args.run) if (Path(args.run) / "model").exists() else path
     run_eval(model, args.data, args.split, args.image_folder, args.skip_bad, out_dir, args.limit, args.batch_size)
     return 0
@@ -155,7 +155,7 @@ def cmd_chat(args) -> int:
     from vlmkit.infer.chat import answer, first_user_turn, interactive
     from vlmkit.infer.generate import GenerationConfig
 
-    model, _ = load_run(args.run)
+    model, _ = load_run(args.run, args.allow_pickle)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed)
     if args.question:
@@ -179,7 +179,7 @@ def cmd_convert(args) -> int:
 
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     if args.direction == "to-hf":
-        model, _ = load_run(args.src)
+        model, _ = load_run(args.src, args.allow_pickle)
         if dtype is not None:
             model.to(dtype)
         out = convert.to_hf(model, args.out)
@@ -308,6 +308,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="skip bad records and count them")
     p.add_argument("--limit", type=int, default=0, help="only the first N records (0 = all)")
     p.add_argument("--batch-size", type=int, default=128, help="prompts per generation batch")
+    p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin/.pt weights (torch.load(weights_only=True)); only for files you trust")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("chat", help="ask about an image (one answer) or chat interactively (no question)")
@@ -320,6 +321,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin/.pt weights (torch.load(weights_only=True)); only for files you trust")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="import a Hugging Face or original-LLaVA checkpoint, or export to Hugging Face",
@@ -350,6 +352,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     c.add_argument("src", help="run directory or vlmkit checkpoint")
     c.add_argument("out", help="directory to write")
     c.add_argument("--dtype", choices=_DTYPES, help="save in this dtype")
+    c.add_argument("--allow-pickle", action="store_true", help="read pickled .bin/.pt weights (torch.load(weights_only=True)); only for files you trust")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("build-tiny", help="pretrain the tiny backbones into the cache (normally done on first need)")

@@ -148,6 +148,9 @@ class ConversationDataset(Dataset):
             if messages[-1]["role"] != "assistant":
                 raise BadRecord(record_id, "an evaluation record must end with the reference answer", kind="turns")
             answer = messages[-1]["content"]
+            if not answer.strip():
+                raise BadRecord(record_id, f"turn {len(messages) - 1} is an empty assistant turn (the reference "
+                                           "answer)", kind="turns")
             messages = messages[:-1]
             if answer_prompt:
                 messages[-1] = {"role": "user", "content": f"{messages[-1]['content']}\n{answer_prompt}"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,13 +34,16 @@ def load_image(path: str | os.PathLike, record_id="?", max_pixels: int = MAX_IMA
             width, height = image.size
             if width * height > max_pixels:
                 raise BadRecord(record_id, f"image {path} declares {width}x{height} pixels, more than the limit "
-                                           f"of {max_pixels}", kind="image_too_large")
+                                           f"of {max_pixels:,}", kind="image_too_large")
             image.load()
             return image.convert("RGB")
     except BadRecord:
         raise
-    except Image.DecompressionBombError as exc:
-        raise BadRecord(record_id, f"image {path} is too large to decode safely: {exc}", kind="image_too_large") from None
+    except Image.DecompressionBombError as exc:  # PIL refuses in open() itself, before our check can run
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(declared.group(1)):,} pixels" if declared else "too many pixels"
+        raise BadRecord(record_id, f"image {path} declares {size}, more than the limit of {max_pixels:,} "
+                                   "(a decompression bomb); it was not decoded", kind="image_too_large") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise BadRecord(record_id, f"cannot decode image {path}: {exc}", kind="corrupt_image") from None
 

@@ -131,6 +131,7 @@ def run_eval(model, data: str, split: str, image_folder, skip_bad: bool, out_dir
                             DataSpec(instructions=data, image_folder=image_folder, skip_bad=skip_bad),
                             mode="prompt", answer_prompt=model.config.answer_prompt, verbose=verbose)
     report = evaluate(model, dataset, batch_size=batch_size, verbose=verbose)
+    report["skipped"] = dict(dataset.skipped.counts)
     json_path, png_path = write_report(report, out_dir, name)
     skipped = f"; {dataset.skipped.summary()}" if dataset.skipped.total else ""
     print(f"accuracy {report['accuracy']:.2%} ({report['correct']}/{report['total']}) on {source}{skipped} "

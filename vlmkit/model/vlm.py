@@ -17,6 +17,7 @@ from torch import nn
 
 from vlmkit.config import ArchConfig, LoRAConfig
 from vlmkit.connectors import build_connector
+from vlmkit.convert.weights import read_state_dict
 from vlmkit.data.images import ImageTransform
 from vlmkit.data.render import IGNORE_INDEX, IMAGE_TOKEN
 from vlmkit.encoders import VisionEncoder, load_vision_tower
@@ -175,7 +176,10 @@ class VisionLanguageModel(nn.Module):
         return nn.ModuleDict(self.parts())
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device=None, dtype=None) -> "VisionLanguageModel":
+    def from_pretrained(cls, directory: str | os.PathLike, device=None, dtype=None,
+                        allow_pickle: bool = False) -> "VisionLanguageModel":
+        """Load a vlmkit checkpoint. Weights are read from safetensors; a checkpoint that only has pickled
+        weights (.bin/.pt) is refused unless `allow_pickle` (then read with torch.load(weights_only=True))."""
         from transformers import AutoTokenizer
 
         directory = Path(directory)
@@ -186,8 +190,9 @@ class VisionLanguageModel(nn.Module):
         if saved.get("format") != "vlmkit":
             raise ConfigError(f"{config_file} is not a vlmkit config (for a Hugging Face LLaVA directory use "
                               "`vlmkit convert from-hf`)")
-        if not (directory / WEIGHTS_NAME).exists():
-            raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME} (vlmkit loads safetensors only)")
+        weights = directory / WEIGHTS_NAME
+        if not weights.exists() and not any(directory.glob("*.bin")) and not any(directory.glob("*.pt")):
+            raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}")
         config = ArchConfig.from_dict(saved["arch"])
         transform = ImageTransform.from_pretrained(directory, pad_to_square=config.vision.pad_to_square)
         llm = LanguageModel.from_hf_config(saved["llm"])
@@ -197,15 +202,28 @@ class VisionLanguageModel(nn.Module):
         if saved.get("lora"):  # kept adapters: the weights file holds them under peft's names
             attach_lora(model.llm, LoRAConfig(**saved["lora"]))
         try:
-            load_model(model.as_tensor_module(), str(directory / WEIGHTS_NAME), strict=True)
+            if weights.exists():
+                load_model(model.as_tensor_module(), str(weights), strict=True)
+            else:
+                _load_state(model.as_tensor_module(), read_state_dict(directory, allow_pickle=allow_pickle))
         except RuntimeError as exc:  # names differ: a checkpoint from another vlmkit version or a damaged file
             detail = " ".join(str(exc).split())
-            raise ConfigError(f"{directory / WEIGHTS_NAME} does not match the model its config describes "
+            raise ConfigError(f"{weights} does not match the model its config describes "
                               f"({detail[:300]}{'…' if len(detail) > 300 else ''})") from None
         model.eval()
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         return model
+
+
+def _load_state(module: nn.Module, state: dict) -> None:
+    """load_state_dict that accepts a tied parameter stored once (as safetensors files store it)."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    params = dict(module.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in state if k in params}
+    missing = [k for k in missing if k not in params or id(params[k]) not in loaded]
+    if missing or unexpected:
+        raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
 
 
 def prepare_tokenizer(tokenizer, llm: LanguageModel):
