@@ -96,6 +96,9 @@ class ArchConfig:
                             "optimiser steps; 0 = only at the end of each stage.", default=0)
     keep_last: int = _help("How many of those step checkpoints to keep (stage-end checkpoints are all kept).",
                            default=2)
+    distributed: str = _help("Under torchrun: 'ddp' (every process holds the whole model) or 'fsdp' (parameters, "
+                             "gradients and optimizer state sharded across processes, one unit per LLM layer).",
+                             default="ddp")
     stages: list[StageConfig] = field(default_factory=list)
 
     # -- (de)serialisation -------------------------------------------------------------------

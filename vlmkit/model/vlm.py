@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from vlmkit.config import ArchConfig, LoRAConfig
@@ -150,12 +150,14 @@ class VisionLanguageModel(nn.Module):
         return loss, logits
 
     # -- save / load ---------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config.json + model.safetensors + tokenizer + preprocessor config, atomically."""
-        with atomic_dir(directory) as tmp:
-            self._write(Path(tmp))
+    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict | None = None) -> None:
+        """Write config.json + model.safetensors + tokenizer + preprocessor config, atomically.
 
-    def _write(self, directory: Path) -> None:
+        `state_dict` replaces the model's own tensors (a sharded model's gathered full state)."""
+        with atomic_dir(directory) as tmp:
+            self._write(Path(tmp), state_dict)
+
+    def _write(self, directory: Path, state_dict: dict | None = None) -> None:
         config = {
             "format": "vlmkit", "format_version": FORMAT_VERSION,
             "arch": self.config.to_dict(),
@@ -165,7 +167,10 @@ class VisionLanguageModel(nn.Module):
             "lora": lora_record(self.llm),
         }
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
-        save_model(self.as_tensor_module(), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        if state_dict is None:
+            save_model(self.as_tensor_module(), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            save_file(_without_shared(state_dict), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(directory)
         self.image_transform.save(directory)
         if has_lora(self.llm):  # the adapters alone, in peft's format, for use with the base LLM elsewhere
@@ -214,6 +219,17 @@ class VisionLanguageModel(nn.Module):
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         return model
+
+
+def _without_shared(state: dict) -> dict:
+    """Tied tensors (embeddings = LM head) stored once, as safetensors requires (load_model re-ties them)."""
+    seen, out = set(), {}
+    for key, tensor in state.items():
+        pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if pointer not in seen:
+            seen.add(pointer)
+            out[key] = tensor.contiguous()
+    return out
 
 
 def _load_state(module: nn.Module, state: dict) -> None:

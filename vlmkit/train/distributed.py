@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from vlmkit.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -69,9 +71,48 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap(model, info: DistInfo):
-    """DistributedDataParallel over the trainable parameters (frozen parts need no synchronisation)."""
-    from torch.nn.parallel import DistributedDataParallel
+STRATEGIES = ("ddp", "fsdp")
 
-    device_ids = [info.local_rank] if torch.cuda.is_available() else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+def prepare(model, info: DistInfo, strategy: str):
+    """The module the training loop calls: `model` itself (one process, or FSDP-sharded in place) or a DDP
+    wrapper. FSDP (FSDP2 `fully_shard`) makes each LLM decoder layer a unit and the whole model the root, so
+    everything outside the layers (vision tower, connector, embeddings, head) is gathered for the forward."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"distributed={strategy!r}; use one of {', '.join(STRATEGIES)}")
+    if not info.enabled:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [info.local_rank] if torch.cuda.is_available() else None
+        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    if not getattr(model, "_fsdp_sharded", False):
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in decoder_layers(model.llm.causal_lm):
+            fully_shard(layer)
+        fully_shard(model)
+        model._fsdp_sharded = True
+    return model
+
+
+def is_sharded(model) -> bool:
+    return getattr(model, "_fsdp_sharded", False)
+
+
+def decoder_layers(causal_lm) -> list:
+    """The repeated blocks of a transformers causal LM (the unit FSDP shards)."""
+    names = getattr(causal_lm, "_no_split_modules", None) or []
+    layers = [m for m in causal_lm.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ConfigError(f"{type(causal_lm).__name__} does not name its decoder layer class (_no_split_modules); "
+                          "use distributed='ddp'")
+    return layers
+
+
+def full_state_dict(model) -> dict:
+    """All ranks call this (it gathers shards); returns the full state on the CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

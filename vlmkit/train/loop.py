@@ -96,6 +96,7 @@ class TrainingInterrupted(VlmkitError):
 
 def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed: int, log_file: Path | None = None,
                 bf16: bool = False, verbose: bool = True, log=print, stage_index: int = 0, save_every: int = 0,
+                strategy: str = "ddp",
                 save: Callable[[object, object, TrainState], Path | None] | None = None,
                 resume: Resume | None = None) -> dict:
     """Train `model` in place for one stage; returns a summary (steps, losses, seconds).
@@ -105,19 +106,23 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
     """
     start = time.time()
     torch.manual_seed(seed)
+    info = distributed.current()
+    if stage.lora.r > 0 and info.enabled and strategy == "fsdp":
+        raise ConfigError(f"stage {stage.name!r}: LoRA under FSDP is not supported yet; use --distributed ddp")
     if stage.lora.r > 0 and "llm" not in stage.train:
         raise ConfigError(f"stage {stage.name!r} sets lora.r={stage.lora.r} but does not train the llm")
     apply_stage_freezing(model, stage.train, log=log, lora=stage.lora)
+    forward = distributed.prepare(model, info, strategy)  # before the optimizer: FSDP replaces the parameters
     optimizer = torch.optim.AdamW(param_groups(model, stage), betas=(0.9, 0.999), eps=1e-8)
     steps_per_epoch = math.ceil(len(dataset) / (stage.batch_size * stage.grad_accum))
     total_steps = stage.max_steps or max(1, math.ceil(stage.epochs * steps_per_epoch))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, stage.warmup_ratio))
-    cached = encode_all_images(model, dataset, verbose=verbose) if "vision" not in stage.train else None
+    # frozen-encoder features are cached once per image; a sharded model runs its tower inside the forward
+    cache = "vision" not in stage.train and not distributed.is_sharded(model)
+    cached = encode_all_images(model, dataset, verbose=verbose) if cache else None
     pad_id = model.tokenizer.pad_token_id
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    info = distributed.current()
-    forward = distributed.wrap(model, info) if info.enabled else model
     state = TrainState(stage_index, stage.name)
     if resume is not None:
         restore(resume, optimizer, schedule)
@@ -163,6 +168,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
                     step_loss += loss_value / stage.grad_accum
                 norm = torch.nn.utils.clip_grad_norm_(trainable, stage.max_grad_norm) if stage.max_grad_norm \
                     else None
+                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a sharded DTensor
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -83,6 +83,9 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
     if stages is not None and len(selected) != len(stages):
         raise ConfigError(f"unknown stage(s) in {stages}; preset {config.name!r} has {[s.name for s in config.stages]}")
 
+    if info.enabled and config.distributed == "fsdp" and config.save_every:
+        raise ConfigError("step checkpoints (--save-every) are not supported under FSDP yet: use --save-every 0 "
+                          "(each stage still ends with a checkpoint) or --distributed ddp")
     start = time.time()
     model, first, resume_from = None, 0, None
     if resume and info.is_main:
@@ -129,12 +132,13 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
         stage_resume = resume_from if resume_from is not None and resume_from.state.stage_index == index else None
         result = train_stage(model, stage, dataset, seed=config.seed + index,
                              log_file=log_file if info.is_main else None, bf16=config.bf16, verbose=verbose, log=log,
-                             stage_index=index, save_every=config.save_every,
+                             stage_index=index, save_every=config.save_every, strategy=config.distributed,
                              save=_step_saver(model, run_dir, config.keep_last, log) if info.is_main else None,
                              resume=stage_resume)
+        state = distributed.full_state_dict(model) if distributed.is_sharded(model) else None  # all ranks gather
         if info.is_main:
-            _write_or_explain(model, run_dir / "checkpoints" / f"{index + 1}-{stage.name}", run_dir)
-            _write_or_explain(model, run_dir / "model", run_dir)
+            _write_or_explain(model, run_dir / "checkpoints" / f"{index + 1}-{stage.name}", run_dir, state)
+            _write_or_explain(model, run_dir / "model", run_dir, state)
             checkpoint.prune(run_dir, 0)  # the stage is complete: its step checkpoints are no longer needed
             plot_loss(log_file, run_dir / "loss.png")
         distributed.barrier()
@@ -168,9 +172,9 @@ def _step_saver(model, run_dir: Path, keep_last: int, log):
     return save
 
 
-def _write_or_explain(model, target: Path, run_dir: Path) -> None:
+def _write_or_explain(model, target: Path, run_dir: Path, state_dict: dict | None = None) -> None:
     try:
-        model.save_pretrained(target)
+        model.save_pretrained(target, state_dict=state_dict)
     except OSError as exc:
         previous = checkpoint.latest(run_dir)
         raise VlmkitError(f"could not write {target} ({exc.strerror or exc}); "
