@@ -113,3 +113,29 @@ def test_checkpoint_with_other_parameter_names_is_a_clear_error(make_model, tmp_
     save_file(weights, tmp_path / "ckpt" / "model.safetensors")
     with pytest.raises(ConfigError, match="does not match the model.*connector.linear_1.weight"):
         VisionLanguageModel.from_pretrained(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("layer", [-2, -1, 0, 1, [-3, -1], [0, 2]])
+def test_vision_encoder_skips_unused_blocks_exactly(layer):
+    """Blocks past the deepest selected hidden state are not run; the features equal the full tower's."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from vlmkit.config import VisionConfig
+    from vlmkit.encoders import VisionEncoder
+
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=3, num_attention_heads=4)).eval()
+    encoder = VisionEncoder(tower, VisionConfig(feature_layer=layer))
+    calls = []
+    hooks = [block.register_forward_hook(lambda *_: calls.append(1)) for block in encoder._encoder().layers]
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = encoder(pixels)
+        for hook in hooks:
+            hook.remove()
+        hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+    layers = layer if isinstance(layer, list) else [layer]
+    torch.testing.assert_close(ours, torch.cat([hidden[i][:, 1:] for i in layers], dim=-1), rtol=0, atol=0)
+    assert len(calls) == max(1, max(i % 4 for i in layers))
+    assert len(encoder._encoder().layers) == 3  # the tower is whole again (saving and export see every block)

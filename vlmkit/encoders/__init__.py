@@ -8,6 +8,8 @@ which are flattened to H*W tokens. Later encoders (EVA, a Q-Former's input) impl
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -72,13 +74,51 @@ class VisionEncoder(nn.Module):
             features = self.forward(torch.zeros(1, channels, self.image_size, self.image_size))
         return features.shape[1], features.shape[2]
 
+    def _encoder(self) -> nn.Module | None:
+        """The block stack of a ViT tower (CLIP/SigLIP: `encoder.layers`, or `vision_model.encoder.layers` in
+        older transformers), if it has one."""
+        for owner in (self.tower, getattr(self.tower, "vision_model", None)):
+            encoder = getattr(owner, "encoder", None)
+            if isinstance(getattr(encoder, "layers", None), nn.ModuleList):
+                return encoder
+        return None
+
+    @contextlib.contextmanager
+    def _only_needed_layers(self):
+        """Run the blocks up to the deepest selected hidden state and no further: with the penultimate layer
+        (LLaVA's default) the last block's output is never used, so computing it is wasted work. Yields the
+        absolute hidden-state indices to read. The tower's modules are restored afterwards."""
+        encoder = self._encoder()
+        if encoder is None:
+            yield self.feature_layers
+            return
+        layers = encoder.layers
+        count = len(layers) + 1  # hidden states: the embeddings, then one per block
+        wanted = [layer % count if -count <= layer < count else layer for layer in self.feature_layers]
+        if any(not 0 <= layer < count for layer in wanted):
+            yield self.feature_layers  # out of range: the lookup below names the problem
+            return
+        needed = max(1, *wanted)  # at least one block, so the tower still reports its hidden states
+        try:  # transformers >= 5 hooks every block on the first forward: hook all of them, not just the ones run
+            from transformers.utils.output_capturing import maybe_install_capturing_hooks
+
+            maybe_install_capturing_hooks(self.tower)
+        except ImportError:
+            pass
+        encoder.layers = nn.ModuleList(list(layers)[:needed])
+        try:
+            yield wanted
+        finally:
+            encoder.layers = layers
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         param = next(self.tower.parameters())
-        outputs = self.tower(pixel_values=pixel_values.to(device=param.device, dtype=param.dtype),
-                             output_hidden_states=True)
+        with self._only_needed_layers() as feature_layers:
+            outputs = self.tower(pixel_values=pixel_values.to(device=param.device, dtype=param.dtype),
+                                 output_hidden_states=True)
         hidden_states = outputs.hidden_states
         selected = []
-        for layer in self.feature_layers:
+        for layer in feature_layers:
             if not -len(hidden_states) <= layer < len(hidden_states):
                 raise ConfigError(f"vision.feature_layer={self.config.feature_layer} but the tower has "
                                   f"{len(hidden_states)} hidden states")
