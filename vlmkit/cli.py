@@ -250,6 +250,18 @@ def cmd_demo(args) -> int:
 
 
 # -- parser ---------------------------------------------------------------------------------------
+def _add_allow_pickle(parser) -> None:
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read pickled .bin/.pt weights (with torch.load(weights_only=True)); only for files you "
+                             "trust")
+
+
+def _add_convert_paths(parser, src_help: str, out_help: str, dtype_help: str) -> None:
+    parser.add_argument("src", help=src_help)
+    parser.add_argument("out", help=out_help)
+    parser.add_argument("--dtype", choices=_DTYPES, help=dtype_help)
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmkit", description="Vision-language models from shared parts (vision encoder -> connector -> LLM), "
@@ -308,7 +320,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="skip bad records and count them")
     p.add_argument("--limit", type=int, default=0, help="only the first N records (0 = all)")
     p.add_argument("--batch-size", type=int, default=128, help="prompts per generation batch")
-    p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin/.pt weights (torch.load(weights_only=True)); only for files you trust")
+    _add_allow_pickle(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("chat", help="ask about an image (one answer) or chat interactively (no question)")
@@ -321,7 +333,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin/.pt weights (torch.load(weights_only=True)); only for files you trust")
+    _add_allow_pickle(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="import a Hugging Face or original-LLaVA checkpoint, or export to Hugging Face",
@@ -332,27 +344,22 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                               description="Import a Hugging Face LLaVA directory (config.json with vision_config/"
                                           "text_config, safetensors, tokenizer, processor) as a vlmkit llava-1.5 "
                                           "checkpoint. Example: vlmkit convert from-hf llava-hf/llava-1.5-7b-hf out/")
-    c.add_argument("src", help="directory or hub id")
-    c.add_argument("out", help="vlmkit checkpoint directory to write")
-    c.add_argument("--dtype", choices=_DTYPES, help="load and save in this dtype (default: the checkpoint's)")
+    _add_convert_paths(c, "directory or hub id", "vlmkit checkpoint directory to write",
+                       "load and save in this dtype (default: the checkpoint's)")
     c = directions.add_parser("from-llava", help="original LLaVA repository checkpoint (mm_vision_tower…) -> vlmkit",
                               description="Import a haotian-liu/LLaVA checkpoint (LlavaLlamaForCausalLM: mm_* config "
                                           "keys, model.mm_projector.* weights). The vision tower is loaded from the "
                                           "config's mm_vision_tower unless --vision-tower names a local copy.")
-    c.add_argument("src", help="checkpoint directory")
-    c.add_argument("out", help="vlmkit checkpoint directory to write")
+    _add_convert_paths(c, "checkpoint directory", "vlmkit checkpoint directory to write",
+                       "convert the weights to this dtype")
     c.add_argument("--vision-tower", default=None, help="local directory (or hub id) of the CLIP tower to use")
-    c.add_argument("--allow-pickle", action="store_true",
-                   help="read .bin weights (pickles; loaded with torch.load(weights_only=True)); trust them first")
-    c.add_argument("--dtype", choices=_DTYPES, help="convert the weights to this dtype")
+    _add_allow_pickle(c)
     c = directions.add_parser("to-hf", help="vlmkit run or checkpoint -> transformers LlavaForConditionalGeneration",
                               description="Export for LlavaForConditionalGeneration.from_pretrained and "
                                           "AutoProcessor.from_pretrained (with a chat template matching the preset's). "
                                           "Needs a ViT tower (CLIP/SigLIP) and the mlp2x_gelu connector.")
-    c.add_argument("src", help="run directory or vlmkit checkpoint")
-    c.add_argument("out", help="directory to write")
-    c.add_argument("--dtype", choices=_DTYPES, help="save in this dtype")
-    c.add_argument("--allow-pickle", action="store_true", help="read pickled .bin/.pt weights (torch.load(weights_only=True)); only for files you trust")
+    _add_convert_paths(c, "run directory or vlmkit checkpoint", "directory to write", "save in this dtype")
+    _add_allow_pickle(c)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("build-tiny", help="pretrain the tiny backbones into the cache (normally done on first need)")

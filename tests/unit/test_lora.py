@@ -28,6 +28,16 @@ def logits_of(model, image_files):
         return model(ids, image_counts=[1], pixel_values=pixels)[1]
 
 
+def with_random_adapters(model, lora: LoRAConfig) -> None:
+    """Attach adapters and give B non-zero values (peft starts it at zero, which would hide a broken merge)."""
+    attach_lora(model.llm, lora)
+    with torch.no_grad():
+        for name, param in model.llm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    model.eval()
+
+
 def test_lora_stage_trains_only_adapters_and_connector(make_model, image_files):
     model = make_model()
     dataset = tiny_dataset(model, image_files)
@@ -51,12 +61,7 @@ def test_lora_stage_trains_only_adapters_and_connector(make_model, image_files):
 
 def test_merge_gives_the_same_model(make_model, image_files):
     model = make_model()
-    attach_lora(model.llm, LoRAConfig(r=4, alpha=8, dropout=0.0))
-    with torch.no_grad():
-        for name, param in model.llm.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    model.eval()
+    with_random_adapters(model, LoRAConfig(r=4, alpha=8, dropout=0.0))
     with_adapters = logits_of(model, image_files)
     merge_lora(model.llm)
     assert not has_lora(model.llm) and not any("lora" in k for k in model.llm.state_dict())
@@ -69,12 +74,7 @@ def test_kept_adapters_round_trip_and_export(make_model, image_files, tmp_path):
     from vlmkit.convert import to_hf
 
     model = make_model()
-    attach_lora(model.llm, LoRAConfig(r=4, alpha=8, dropout=0.0, save="adapter"))
-    with torch.no_grad():
-        for name, param in model.llm.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    model.eval()
+    with_random_adapters(model, LoRAConfig(r=4, alpha=8, dropout=0.0, save="adapter"))
     expected = logits_of(model, image_files)
     model.save_pretrained(tmp_path / "ckpt")
     adapter_config = json.loads((tmp_path / "ckpt" / "adapter" / "adapter_config.json").read_text())
