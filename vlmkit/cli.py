@@ -169,6 +169,25 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from vlmkit.serve import ServeSettings
+    from vlmkit.serve.app import serve
+
+    model, path = load_run(args.run, args.allow_pickle)
+    name = args.model_name or (Path(args.run).resolve().name if path.name == "model" else path.resolve().name)
+    settings = ServeSettings(max_body_bytes=args.max_body_bytes, max_images=args.max_images,
+                             max_image_pixels=args.max_image_pixels, max_tokens=args.max_tokens,
+                             max_queue=args.max_queue, max_batch=args.max_batch,
+                             allow_image_urls=args.allow_image_urls, temperature=args.temperature)
+    api_key = args.api_key or os.environ.get("VLMKIT_API_KEY") or None
+    print(f"vlmkit: serving {name!r} ({model.config.name}) on http://{args.host}:{args.port}/ "
+          f"— chat page at /, OpenAI API at /v1" + (", API key required" if api_key else ""), flush=True)
+    serve(model, name, args.host, args.port, settings, api_key, args.log_level)
+    return 0
+
+
 _DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -335,6 +354,34 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     _add_allow_pickle(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="serve a run over an OpenAI-compatible API, with a web chat page at /",
+                       description="Serve a run (any preset) over HTTP: POST /v1/chat/completions in the OpenAI "
+                                   "format (text and image_url parts with data: URIs, streaming), GET /v1/models, "
+                                   "GET /health, and a chat page at /. Every limit refuses with a 4xx naming it.",
+                       epilog="example: vlmkit serve runs/demo --port 8000, then open http://127.0.0.1:8000/ or "
+                              "point an OpenAI client at http://127.0.0.1:8000/v1",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", help="run directory or checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (or set VLMKIT_API_KEY)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the run's directory name)")
+    p.add_argument("--max-body-bytes", type=int, default=20 * 1024 * 1024, help="largest request body")
+    p.add_argument("--max-images", type=int, default=4, help="images per request")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                   help="largest decoded image (width x height); checked before decoding")
+    p.add_argument("--max-tokens", type=int, default=512,
+                   help="cap on a request's max_tokens, and the default when a request gives none")
+    p.add_argument("--max-queue", type=int, default=256, help="requests queued or running; more get 429")
+    p.add_argument("--max-batch", type=int, default=8, help="requests generated together in one batch")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="for requests that give no temperature (0 = greedy)")
+    p.add_argument("--allow-image-urls", action="store_true", help="also fetch http(s) image URLs")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_allow_pickle(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="import a Hugging Face or original-LLaVA checkpoint, or export to Hugging Face",
                        description="Move checkpoints between vlmkit and the formats LLaVA users have. Every config "

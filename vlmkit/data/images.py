@@ -6,6 +6,7 @@ file whose header claims a huge size is refused before it is decoded.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -29,11 +30,23 @@ def load_image(path: str | os.PathLike, record_id="?", max_pixels: int = MAX_IMA
     path = Path(path)
     if not path.exists():
         raise BadRecord(record_id, f"image file not found: {path}", kind="missing_image")
+    return _decode(path, f"image {path}", record_id, max_pixels)
+
+
+def decode_image(data: bytes, label: str = "image", record_id="?", max_pixels: int = MAX_IMAGE_PIXELS
+                 ) -> Image.Image:
+    """Decode image bytes (an upload, a data: URI) as RGB under the same pixel limit as files."""
+    if not data:
+        raise BadRecord(record_id, f"{label} is empty (0 bytes)", kind="corrupt_image")
+    return _decode(io.BytesIO(data), label, record_id, max_pixels)
+
+
+def _decode(source, label: str, record_id, max_pixels: int) -> Image.Image:
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             width, height = image.size
             if width * height > max_pixels:
-                raise BadRecord(record_id, f"image {path} declares {width}x{height} pixels, more than the limit "
+                raise BadRecord(record_id, f"{label} declares {width}x{height} pixels, more than the limit "
                                            f"of {max_pixels:,}", kind="image_too_large")
             image.load()
             return image.convert("RGB")
@@ -42,10 +55,10 @@ def load_image(path: str | os.PathLike, record_id="?", max_pixels: int = MAX_IMA
     except Image.DecompressionBombError as exc:  # PIL refuses in open() itself, before our check can run
         declared = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{int(declared.group(1)):,} pixels" if declared else "too many pixels"
-        raise BadRecord(record_id, f"image {path} declares {size}, more than the limit of {max_pixels:,} "
+        raise BadRecord(record_id, f"{label} declares {size}, more than the limit of {max_pixels:,} "
                                    "(a decompression bomb); it was not decoded", kind="image_too_large") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise BadRecord(record_id, f"cannot decode image {path}: {exc}", kind="corrupt_image") from None
+        raise BadRecord(record_id, f"cannot decode {label}: {exc}", kind="corrupt_image") from None
 
 
 # image processors whose fields ImageTransform reproduces (the fast/PIL variants share the fields)
@@ -71,7 +84,7 @@ class ImageTransform:
     normalize: bool = True
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, pad_to_square: bool | None = None) -> "ImageTransform":
+    def from_pretrained(cls, path: str | os.PathLike, pad_to_square: bool | None = None) -> ImageTransform:
         """Read `preprocessor_config.json`, or the `image_processor` entry of a processor's `processor_config.json`."""
         path = Path(path)
         config_file = path / "preprocessor_config.json"
@@ -87,7 +100,7 @@ class ImageTransform:
 
     @classmethod
     def from_config(cls, config: dict, pad_to_square: bool | None = None, source: str = "image processor config"
-                    ) -> "ImageTransform":
+                    ) -> ImageTransform:
         """Honour every field of a transformers image processor config that changes the pixels, or refuse."""
         kind = config.get("image_processor_type", "CLIPImageProcessor")
         if kind.removesuffix("Fast").removesuffix("Pil") not in _KNOWN_PROCESSORS:

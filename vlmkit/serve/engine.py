@@ -1,0 +1,217 @@
+"""The generation side of the server: requests become jobs, one worker thread batches and runs them.
+
+`prepare` turns a validated request into a `Job` (images decoded under the pixel limit and transformed,
+the conversation rendered with the model's template, the token budget checked against the context). The
+`Engine` owns the model: its worker thread takes every job waiting (up to `max_batch`), generates them as
+one left-padded batch, and streams each job's text back through the job's `emit` callback. The event loop
+never runs the model, so the server keeps answering (health, errors, new requests) while it generates.
+A model failure fails that batch's jobs with a message; the worker goes on with the next batch.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import traceback
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from vlmkit.data.images import decode_image
+from vlmkit.data.render import render_conversation
+from vlmkit.data.templates import get_template
+from vlmkit.errors import BadRecord
+from vlmkit.infer.generate import GenerationConfig, generate
+from vlmkit.serve.protocol import ApiError, ChatRequest, ImageRef, ServeSettings
+
+log = logging.getLogger("vlmkit.serve")
+
+
+def context_length(model) -> int:
+    """Longest prompt + answer the model takes: its training length, or the LM's positions if fewer."""
+    positions = getattr(model.llm.causal_lm.config, "max_position_embeddings", None)
+    return min(model.config.max_length, positions) if positions else model.config.max_length
+
+
+def fetch_image(ref: ImageRef, settings: ServeSettings) -> bytes:
+    """GET an http(s) image URL (only when the server allows it), at most max_body_bytes."""
+    try:
+        with urllib.request.urlopen(ref.url, timeout=settings.image_url_timeout) as response:
+            data = response.read(settings.max_body_bytes + 1)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ApiError(400, f"{ref.param}: could not fetch {ref.url}: {exc}", ref.param, "image_fetch_failed")
+    if len(data) > settings.max_body_bytes:
+        raise ApiError(400, f"{ref.param}: the image at {ref.url} is larger than {settings.max_body_bytes:,} bytes",
+                       ref.param, "image_too_large")
+    return data
+
+
+@dataclass
+class Job:
+    """One request on its way through the engine; `emit` receives ('delta', text), ('done', finish, usage)
+    or ('error', status, message) — called from the worker thread."""
+    input_ids: list[int]
+    pixels: list[torch.Tensor]
+    config: GenerationConfig
+    stop: list[str]
+    emit: Callable[[tuple], None] = lambda event: None
+    tokens: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    _sent: int = 0          # characters of the decoded text already emitted
+    _stopped: bool = False  # a stop string was found
+    _tokenizer: object = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.input_ids)
+
+    def _text(self) -> str:
+        return self._tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+    def push(self, token: int) -> bool:
+        """Take one generated token, emit the text that is now certain; True when the job needs no more."""
+        self.tokens.append(token)
+        text = self._text().lstrip()
+        for stop in self.stop:
+            at = text.find(stop)
+            if at >= 0:
+                self._stopped = True
+                self._send(text[:at])
+                return True
+        # hold back trailing spaces, an incomplete character, and a tail that could start a stop string
+        safe = len(text) - 1 if text.endswith("\ufffd") else len(text)
+        safe = len(text[:safe].rstrip())
+        for stop in self.stop:
+            for k in range(min(len(stop) - 1, safe), 0, -1):
+                if text[:safe].endswith(stop[:k]):
+                    safe -= k
+                    break
+        self._send(text[:safe])
+        return self.cancelled
+
+    def _send(self, text: str) -> None:
+        if len(text) > self._sent:
+            self.emit(("delta", text[self._sent:]))
+            self._sent = len(text)
+
+    def finish(self) -> None:
+        if not self._stopped:
+            self._send(self._text().strip())
+        reason = "stop" if self._stopped or len(self.tokens) < self.config.max_new_tokens else "length"
+        self.emit(("done", reason, {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.tokens)}))
+
+
+def prepare(model, request: ChatRequest, settings: ServeSettings) -> Job:
+    """Decode and transform the images, render the prompt, check it against the context: a Job or ApiError."""
+    pixels = []
+    for ref in request.images:
+        data = ref.data if ref.data is not None else fetch_image(ref, settings)
+        try:
+            image = decode_image(data, f"the image at {ref.param}", "request", settings.max_image_pixels)
+        except BadRecord as exc:
+            raise ApiError(400, exc.reason + (" (the server's --max-image-pixels)"
+                                              if exc.kind == "image_too_large" else ""), ref.param, exc.kind)
+        pixels.append(model.image_transform(image))
+    try:
+        rendered = render_conversation(request.messages, get_template(model.config.template), model.tokenizer,
+                                       num_image_tokens=model.num_image_tokens, record_id="request",
+                                       add_generation_prompt=True)
+    except BadRecord as exc:
+        raise ApiError(400, f"messages: {exc.reason}", "messages", exc.kind)
+    prompt = len(rendered.input_ids)
+    context = context_length(model)
+    images = f" ({len(pixels)} image{'s' if len(pixels) != 1 else ''} × {model.num_image_tokens} tokens)" \
+        if pixels else ""
+    if prompt >= context:
+        raise ApiError(400, f"messages: the prompt is {prompt} tokens{images}; the model's context is {context}",
+                       "messages", "context_length_exceeded")
+    if request.max_tokens is None:
+        max_tokens = min(settings.max_tokens, context - prompt)
+    elif prompt + request.max_tokens > context:
+        raise ApiError(400, f"the prompt ({prompt} tokens{images}) plus max_tokens ({request.max_tokens}) is more "
+                            f"than the model's context of {context}; ask for at most {context - prompt}",
+                       "max_tokens", "context_length_exceeded")
+    else:
+        max_tokens = request.max_tokens
+    config = GenerationConfig(max_new_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
+                              seed=request.seed)
+    return Job(rendered.input_ids, pixels, config, request.stop, _tokenizer=model.tokenizer)
+
+
+class Engine:
+    """Owns the model; a worker thread generates queued jobs in left-padded batches of up to `max_batch`."""
+
+    def __init__(self, model, settings: ServeSettings):
+        self.model = model.eval()
+        self.settings = settings
+        self.generate_fn = generate  # the batch generator (tests swap it to make the model fail)
+        self.batches = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._thread = threading.Thread(target=self._run, name="vlmkit-engine", daemon=True)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self._pending >= self.settings.max_queue:
+                raise ApiError(429, f"the server is busy: {self._pending} requests are queued or running "
+                                    f"(its --max-queue is {self.settings.max_queue}); retry shortly",
+                               code="queue_full")
+            self._pending += 1
+        self._queue.put(job)
+
+    def _done(self, count: int) -> None:
+        with self._lock:
+            self._pending -= count
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            batch = [job]
+            while len(batch) < self.settings.max_batch:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(job)
+            live = [j for j in batch if not j.cancelled]
+            try:
+                if live:
+                    self._generate(live)
+            finally:
+                self._done(len(batch))
+
+    def _generate(self, batch: list[Job]) -> None:
+        pixels = [p for job in batch for p in job.pixels]
+        try:
+            self.generate_fn(self.model, [job.input_ids for job in batch], [len(job.pixels) for job in batch],
+                             pixel_values=torch.stack(pixels) if pixels else None,
+                             config=GenerationConfig(use_cache=True), row_configs=[job.config for job in batch],
+                             on_token=lambda row, token: batch[row].push(token))
+        except Exception as exc:  # noqa: BLE001  any model failure fails these requests; the server keeps serving
+            log.error("generation failed for a batch of %d:\n%s", len(batch), traceback.format_exc())
+            for job in batch:
+                job.emit(("error", 500, f"the model failed while generating: {type(exc).__name__}: {exc}"))
+            return
+        self.batches += 1
+        for job in batch:
+            job.finish()

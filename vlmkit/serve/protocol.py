@@ -1,0 +1,245 @@
+"""The OpenAI chat-completions format: request validation, response and error bodies.
+
+`parse_chat_request` turns a decoded JSON body into a `ChatRequest` (messages in vlmkit's role/content form
+with `<image>` where each image part was, the images still as bytes, sampling settings) or raises `ApiError`
+naming the field at fault (`messages[1].content[0].image_url.url: ...`) — the server sends that back as an
+OpenAI-style error body with a 4xx status. Nothing here touches the model, so it is cheap to test.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from vlmkit.data.render import IMAGE_TOKEN
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass
+class ServeSettings:
+    """What one request may ask for (every refusal is a 4xx naming the limit and its flag), and defaults."""
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_images: int = 4
+    max_image_pixels: int = 4096 * 4096
+    max_tokens: int = 512          # cap on a request's max_tokens, and the default when it gives none
+    max_queue: int = 256           # requests waiting or running; more get 429
+    max_batch: int = 8             # requests generated together (left-padded)
+    allow_image_urls: bool = False  # fetch http(s) image URLs (off: only data: URIs)
+    image_url_timeout: float = 10.0
+    temperature: float = 0.0       # for requests that give none (0 = greedy, as `vlmkit chat`)
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status, OpenAI error type, the offending parameter, a code."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+                             429: "rate_limit_error"}.get(status, "invalid_request_error" if status < 500
+                                                          else "server_error")
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+@dataclass
+class ImageRef:
+    """One image part: bytes from a data: URI, or an http(s) URL to fetch (when the server allows it)."""
+    param: str
+    data: bytes | None = None
+    url: str | None = None
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict]            # role/content, `<image>` where each image part was
+    images: list[ImageRef]
+    max_tokens: int | None          # None: as many as the cap and the context allow
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    seed: int | None = None
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None, status: int = 400) -> ApiError:
+    return ApiError(status, f"{param}: {message}" if param else message, param, code)
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(f"must be a number, got {type(value).__name__}", name, "invalid_type")
+    if value > high or value < low or (low_open and value == low):
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise _bad(f"{value} is outside {bound}", name, "invalid_value")
+    return float(value)
+
+
+def _data_uri(url: str, param: str) -> bytes:
+    header, comma, payload = url.partition(",")
+    if not comma or not header.startswith("data:"):
+        raise _bad("a data: URI needs the form data:image/png;base64,<data>", param, "invalid_image_url")
+    if not header.endswith(";base64"):
+        raise _bad("only base64 data: URIs are accepted (…;base64,<data>)", param, "invalid_image_url")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise _bad(f"the base64 payload does not decode ({exc})", param, "invalid_image_url") from None
+
+
+def _image_part(part: dict, param: str, settings: ServeSettings) -> ImageRef:
+    spec = part.get("image_url")
+    url = spec.get("url") if isinstance(spec, dict) else spec
+    param = f"{param}.image_url.url" if isinstance(spec, dict) else f"{param}.image_url"
+    if not isinstance(url, str) or not url:
+        raise _bad("an image_url part needs a URL string", param, "invalid_image_url")
+    if url.startswith("data:"):
+        return ImageRef(param, data=_data_uri(url, param))
+    if url.startswith(("http://", "https://")):
+        if not settings.allow_image_urls:
+            raise _bad("only data: URIs are accepted; this server does not fetch http(s) images "
+                       "(start it with --allow-image-urls to allow that)", param, "image_url_not_allowed")
+        return ImageRef(param, url=url)
+    raise _bad(f"unsupported image URL scheme {url.split(':', 1)[0]!r}; send a data: URI", param,
+               "invalid_image_url")
+
+
+def _content(message: dict, param: str, role: str, images: list[ImageRef], settings: ServeSettings) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        parts = [{"type": "text", "text": content}]
+    elif isinstance(content, list):
+        parts = content
+    else:
+        raise _bad("content must be a string or a list of parts", f"{param}.content", "invalid_type")
+    pieces = []
+    for j, part in enumerate(parts):
+        where = f"{param}.content" if isinstance(content, str) else f"{param}.content[{j}]"
+        if not isinstance(part, dict):
+            raise _bad("each content part must be an object with a 'type'", where, "invalid_type")
+        kind = part.get("type")
+        if kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise _bad("a text part needs a 'text' string", where, "invalid_type")
+            if IMAGE_TOKEN in text:
+                raise _bad(f"the text contains {IMAGE_TOKEN}, which marks where images go; send images as "
+                           "image_url parts", where, "reserved_token")
+            pieces.append(text)
+        elif kind == "image_url":
+            if role != "user":
+                raise _bad(f"images are accepted in user messages only, not {role!r}", where, "invalid_image")
+            if len(images) >= settings.max_images:
+                raise _bad(f"more than {settings.max_images} images in one request (the server's --max-images)",
+                           where, "too_many_images")
+            images.append(_image_part(part, where, settings))
+            pieces.append(IMAGE_TOKEN)
+        else:
+            raise _bad(f"unsupported content part type {kind!r} (expected 'text' or 'image_url')", where,
+                       "invalid_type")
+    return "\n".join(pieces)
+
+
+def parse_chat_request(body, settings: ServeSettings, model_name: str) -> ChatRequest:
+    """Validate a /v1/chat/completions body against the OpenAI format and this server's settings."""
+    if not isinstance(body, dict):
+        raise _bad(f"the request body must be a JSON object, got {type(body).__name__}")
+    model = body.get("model")
+    if model is not None and model != model_name:
+        raise ApiError(404, f"model {model!r} is not served here; this server serves {model_name!r}", "model",
+                       "model_not_found")
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise _bad("must be a non-empty list of messages", "messages", "invalid_value")
+    messages: list[dict] = []
+    images: list[ImageRef] = []
+    for i, message in enumerate(raw):
+        param = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _bad("each message must be an object with 'role' and 'content'", param, "invalid_type")
+        role = ROLES.get(message.get("role"))
+        if role is None:
+            raise _bad(f"unsupported role {message.get('role')!r} (expected system, user or assistant)",
+                       f"{param}.role", "invalid_value")
+        if role == "system" and messages:
+            raise _bad("a system message must come first", f"{param}.role", "invalid_value")
+        messages.append({"role": role, "content": _content(message, param, role, images, settings)})
+    body_turns = messages[1:] if messages[0]["role"] == "system" else messages
+    for i, message in enumerate(body_turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            index = i + (len(messages) - len(body_turns))
+            raise _bad(f"turns must alternate user, assistant, user, …; this one is {message['role']!r}",
+                       f"messages[{index}].role", "invalid_value")
+    if not body_turns or body_turns[-1]["role"] != "user":
+        raise _bad("the last message must be a user message (the one to answer)", "messages", "invalid_value")
+
+    n = body.get("n", 1)
+    if n != 1:
+        raise _bad("only n=1 is supported", "n", "invalid_value")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise _bad(f"must be a positive integer, got {max_tokens!r}", name, "invalid_value")
+        if max_tokens > settings.max_tokens:
+            raise _bad(f"{max_tokens} is more than this server's cap of {settings.max_tokens} (--max-tokens)",
+                       name, "max_tokens_too_large")
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise _bad("must be a string or a list of up to 4 non-empty strings", "stop", "invalid_value")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("must be true or false", "stream", "invalid_type")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise _bad("must be an object", "stream_options", "invalid_type")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise _bad("must be an integer", "seed", "invalid_type")
+    return ChatRequest(messages=messages, images=images, max_tokens=max_tokens,
+                       temperature=_number(body, "temperature", settings.temperature, 0.0, 2.0),
+                       top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+                       stop=stop, stream=stream, include_usage=bool(options.get("include_usage")), seed=seed)
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def completion_body(cid: str, model: str, text: str, finish_reason: str, usage: dict) -> dict:
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish_reason, "logprobs": None}],
+            "usage": usage}
+
+
+def chunk_body(cid: str, model: str, delta: dict, finish_reason: str | None = None, usage: dict | None = None
+               ) -> dict:
+    body = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+    if usage is not None:
+        body["choices"], body["usage"] = [], usage
+    return body
+
+
+def usage_body(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
