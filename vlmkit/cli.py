@@ -10,7 +10,15 @@ import sys
 import time
 from pathlib import Path
 
-from vlmkit.config import ArchConfig, ConnectorConfig, LLMConfig, LoRAConfig, StageConfig, VisionConfig, from_name
+from vlmkit.config import (
+    ArchConfig,
+    ConnectorConfig,
+    LLMConfig,
+    LoRAConfig,
+    StageConfig,
+    VisionConfig,
+    from_name,
+)
 from vlmkit.errors import VlmkitError
 
 _PART_CLASSES = {"vision": VisionConfig, "connector": ConnectorConfig, "llm": LLMConfig}
@@ -229,8 +237,8 @@ def cmd_build_tiny(args) -> int:
 
 def cmd_demo(args) -> int:
     from vlmkit.data import easyvqa
-    from vlmkit.infer.chat import answer, first_user_turn
     from vlmkit.eval.vqa import run_eval
+    from vlmkit.infer.chat import answer, first_user_turn
     from vlmkit.tiny import NAMES, ensure
     from vlmkit.train.run import DataSpec, train_run
 

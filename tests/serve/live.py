@@ -7,6 +7,8 @@ import socket
 import threading
 import time
 
+from PIL import Image
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -58,3 +60,18 @@ def file_uri(path) -> str:
 def image_message(question: str, uri: str) -> dict:
     return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
                                         {"type": "text", "text": question}]}
+
+
+def reference(model, question: str, uri: str, max_new_tokens: int = 24):
+    """What the library itself answers (tokens, text, prompt length) for one image and question."""
+    from vlmkit.data.render import render_conversation
+    from vlmkit.data.templates import get_template
+    from vlmkit.infer.generate import GenerationConfig, generate
+
+    image = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB")
+    ids = render_conversation([{"role": "user", "content": f"<image>\n{question}"}], get_template(model.config.template),
+                              model.tokenizer, num_image_tokens=model.num_image_tokens,
+                              add_generation_prompt=True).input_ids
+    tokens = generate(model, [ids], [1], pixel_values=model.image_transform(image)[None],
+                      config=GenerationConfig(max_new_tokens=max_new_tokens))[0]
+    return tokens, model.tokenizer.decode(tokens, skip_special_tokens=True).strip(), len(ids)
