@@ -2,7 +2,6 @@
 every refusal as an OpenAI-style 4xx naming what was wrong."""
 from __future__ import annotations
 
-import base64
 import http.server
 import io
 import json
