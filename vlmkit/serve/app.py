@@ -11,7 +11,6 @@ import asyncio
 import hmac
 import json
 import logging
-import threading
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -29,7 +28,6 @@ from vlmkit.serve.protocol import (
 )
 
 log = logging.getLogger("vlmkit.serve")
-_RENDER_LOCK = threading.Lock()  # a fast tokenizer must not encode from two threads at once
 
 
 def page_html() -> str:
@@ -59,9 +57,14 @@ async def read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _prepare_locked(model, request, settings):
-    with _RENDER_LOCK:
-        return prepare(model, request, settings)
+def _parse_and_prepare(raw: bytes, model, model_name: str, settings: ServeSettings):
+    """Body bytes -> a Job, or ApiError. Runs in a worker thread: JSON, base64 and images are CPU work."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    chat = parse_chat_request(body, settings, model_name)
+    return chat, prepare(model, chat, settings)
 
 
 def create_app(model, model_name: str, settings: ServeSettings | None = None, api_key: str | None = None,
@@ -137,12 +140,7 @@ def create_app(model, model_name: str, settings: ServeSettings | None = None, ap
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         raw = await read_body(request, settings.max_body_bytes)
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-        chat = parse_chat_request(body, settings, model_name)
-        job = await run_in_threadpool(_prepare_locked, engine.model, chat, settings)
+        chat, job = await run_in_threadpool(_parse_and_prepare, raw, engine.model, model_name, settings)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)

@@ -28,6 +28,7 @@ from vlmkit.infer.generate import GenerationConfig, generate
 from vlmkit.serve.protocol import ApiError, ChatRequest, ImageRef, ServeSettings
 
 log = logging.getLogger("vlmkit.serve")
+_RENDER_LOCK = threading.Lock()  # requests are prepared in several threads; the tokenizer encodes one at a time
 
 
 def context_length(model) -> int:
@@ -116,9 +117,10 @@ def prepare(model, request: ChatRequest, settings: ServeSettings) -> Job:
                                               if exc.kind == "image_too_large" else ""), ref.param, exc.kind)
         pixels.append(model.image_transform(image))
     try:
-        rendered = render_conversation(request.messages, get_template(model.config.template), model.tokenizer,
-                                       num_image_tokens=model.num_image_tokens, record_id="request",
-                                       add_generation_prompt=True)
+        with _RENDER_LOCK:
+            rendered = render_conversation(request.messages, get_template(model.config.template), model.tokenizer,
+                                           num_image_tokens=model.num_image_tokens, record_id="request",
+                                           add_generation_prompt=True)
     except BadRecord as exc:
         raise ApiError(400, f"messages: {exc.reason}", "messages", exc.kind)
     prompt = len(rendered.input_ids)
