@@ -7,6 +7,7 @@ import io
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -285,3 +286,29 @@ def test_generation_rows_keep_their_own_settings(served_model):
     stopped = generate(served_model, ids[:1], config=GenerationConfig(max_new_tokens=6), stop_ids=set(),
                        on_token=lambda row, token: True)
     assert stopped == [alone[0][:1]]
+
+
+def test_a_full_queue_answers_429_and_recovers(served_model):
+    from vlmkit.serve import ServeSettings, create_app
+
+    with LiveServer(create_app(served_model, "busy", ServeSettings(max_tokens=4, max_queue=1))) as live:
+        release = threading.Event()
+        real = live.engine.generate_fn
+
+        def held(*args, **kwargs):
+            release.wait(30)
+            return real(*args, **kwargs)
+
+        live.engine.generate_fn = held
+        body = {"messages": [{"role": "user", "content": "hi"}]}
+        with httpx.Client(base_url=live.url, timeout=60) as http, ThreadPoolExecutor(1) as pool:
+            first = pool.submit(http.post, "/v1/chat/completions", json=body)
+            deadline = time.time() + 30
+            while http.get("/health").json()["pending"] < 1 and time.time() < deadline:
+                time.sleep(0.02)
+            second = http.post("/v1/chat/completions", json=body)
+            assert second.status_code == 429
+            assert second.json()["error"]["code"] == "queue_full" and "--max-queue" in second.json()["error"]["message"]
+            release.set()
+            assert first.result().status_code == 200
+            assert http.post("/v1/chat/completions", json=body).status_code == 200
