@@ -187,7 +187,7 @@ def cmd_serve(args) -> int:
     name = args.model_name or (Path(args.run).resolve().name if path.name == "model" else path.resolve().name)
     settings = ServeSettings(max_body_bytes=args.max_body_bytes, max_images=args.max_images,
                              max_image_pixels=args.max_image_pixels, max_tokens=args.max_tokens,
-                             max_queue=args.max_queue, max_batch=args.max_batch,
+                             max_queue=args.max_queue, max_batch=args.max_batch, batch_wait=args.batch_wait,
                              allow_image_urls=args.allow_image_urls, temperature=args.temperature)
     api_key = args.api_key or os.environ.get("VLMKIT_API_KEY") or None
     print(f"vlmkit: serving {name!r} ({model.config.name}) on http://{args.host}:{args.port}/ "
@@ -384,6 +384,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                    help="cap on a request's max_tokens, and the default when a request gives none")
     p.add_argument("--max-queue", type=int, default=256, help="requests queued or running; more get 429")
     p.add_argument("--max-batch", type=int, default=8, help="requests generated together in one batch")
+    p.add_argument("--batch-wait", type=float, default=0.02,
+                   help="seconds a batch waits for requests that are already arriving (never when none are)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="for requests that give no temperature (0 = greedy)")
     p.add_argument("--allow-image-urls", action="store_true", help="also fetch http(s) image URLs")

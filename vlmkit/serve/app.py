@@ -140,11 +140,12 @@ def create_app(model, model_name: str, settings: ServeSettings | None = None, ap
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         raw = await read_body(request, settings.max_body_bytes)
-        chat, job = await run_in_threadpool(_parse_and_prepare, raw, engine.model, model_name, settings)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
-        engine.submit(job)
+        with engine.arriving():
+            chat, job = await run_in_threadpool(_parse_and_prepare, raw, engine.model, model_name, settings)
+            job.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+            engine.submit(job)
         cid = completion_id()
         if chat.stream:
             return StreamingResponse(_stream(job, events, cid, model_name, chat.include_usage),

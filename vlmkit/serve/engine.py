@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import traceback
 import urllib.error
 import urllib.request
@@ -154,6 +155,7 @@ class Engine:
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._pending = 0
+        self._arriving = 0  # requests being parsed/prepared: the next batch waits briefly for them
         self._thread = threading.Thread(target=self._run, name="vlmkit-engine", daemon=True)
 
     @property
@@ -176,6 +178,21 @@ class Engine:
             self._pending += 1
         self._queue.put(job)
 
+    def arriving(self):
+        """Context manager around preparing a request, so the worker knows more jobs are on their way."""
+        engine = self
+
+        class _Arriving:
+            def __enter__(self):
+                with engine._lock:
+                    engine._arriving += 1
+
+            def __exit__(self, *exc):
+                with engine._lock:
+                    engine._arriving -= 1
+
+        return _Arriving()
+
     def _done(self, count: int) -> None:
         with self._lock:
             self._pending -= count
@@ -186,10 +203,14 @@ class Engine:
             if job is None:
                 return
             batch = [job]
+            deadline = time.monotonic() + self.settings.batch_wait
             while len(batch) < self.settings.max_batch:
-                try:
-                    job = self._queue.get_nowait()
+                try:  # take what is queued; wait a little only for requests already being prepared
+                    wait = deadline - time.monotonic() if self._arriving else 0
+                    job = self._queue.get(timeout=min(wait, 0.002)) if wait > 0 else self._queue.get_nowait()
                 except queue.Empty:
+                    if self._arriving and time.monotonic() < deadline:
+                        continue
                     break
                 if job is None:
                     self._queue.put(None)  # stop after this batch
