@@ -142,10 +142,14 @@ def create_app(model, model_name: str, settings: ServeSettings | None = None, ap
         raw = await read_body(request, settings.max_body_bytes)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        with engine.arriving():
+        engine.expect()  # the worker may wait a moment for this request to fill its batch
+        try:
             chat, job = await run_in_threadpool(_parse_and_prepare, raw, engine.model, model_name, settings)
-            job.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
-            engine.submit(job)
+        except BaseException:
+            engine.expect(-1)
+            raise
+        job.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        engine.submit(job, expected=True)
         cid = completion_id()
         if chat.stream:
             return StreamingResponse(_stream(job, events, cid, model_name, chat.include_usage),

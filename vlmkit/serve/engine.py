@@ -169,8 +169,10 @@ class Engine:
         self._queue.put(None)
         self._thread.join(timeout=30)
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job, expected: bool = False) -> None:
+        """Queue a prepared job (`expected`: it was announced with `expect()`), or raise 429 when full."""
         with self._lock:
+            self._arriving -= int(expected)
             if self._pending >= self.settings.max_queue:
                 raise ApiError(429, f"the server is busy: {self._pending} requests are queued or running "
                                     f"(its --max-queue is {self.settings.max_queue}); retry shortly",
@@ -178,20 +180,10 @@ class Engine:
             self._pending += 1
         self._queue.put(job)
 
-    def arriving(self):
-        """Context manager around preparing a request, so the worker knows more jobs are on their way."""
-        engine = self
-
-        class _Arriving:
-            def __enter__(self):
-                with engine._lock:
-                    engine._arriving += 1
-
-            def __exit__(self, *exc):
-                with engine._lock:
-                    engine._arriving -= 1
-
-        return _Arriving()
+    def expect(self, delta: int = 1) -> None:
+        """A request is being prepared (+1), or its preparation failed (-1); `submit` counts it as arrived."""
+        with self._lock:
+            self._arriving += delta
 
     def _done(self, count: int) -> None:
         with self._lock:
