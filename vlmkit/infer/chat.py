@@ -7,13 +7,18 @@ from vlmkit.data.templates import get_template
 from vlmkit.infer.generate import GenerationConfig, generate
 
 
+def render_prompt(model, messages: list[dict], record_id="chat", max_length: int | None = None):
+    """`messages` (ending with a user turn) in the model's template, ending with the assistant cue."""
+    return render_conversation(messages, get_template(model.config.template), model.tokenizer,
+                               num_image_tokens=model.num_image_tokens, max_length=max_length,
+                               record_id=record_id, add_generation_prompt=True)
+
+
 def answer(model, messages: list[dict], images: list, config: GenerationConfig | None = None) -> str:
     """Reply to `messages` (role/content, `<image>` where each image goes); images are PIL images or paths."""
     pixels = [model.image_transform(load_image(i, "chat") if isinstance(i, str) else i.convert("RGB"))
               for i in images]
-    rendered = render_conversation(messages, get_template(model.config.template), model.tokenizer,
-                                   num_image_tokens=model.num_image_tokens, max_length=model.config.max_length,
-                                   record_id="chat", add_generation_prompt=True)
+    rendered = render_prompt(model, messages, max_length=model.config.max_length)
     import torch
 
     pixel_values = torch.stack(pixels) if pixels else None

@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from vlmkit.data.images import decode_image
-from vlmkit.data.render import render_conversation
-from vlmkit.data.templates import get_template
 from vlmkit.errors import BadRecord
+from vlmkit.infer.chat import render_prompt
 from vlmkit.infer.generate import GenerationConfig, generate
 from vlmkit.serve.protocol import ApiError, ChatRequest, ImageRef, ServeSettings
 
@@ -119,9 +118,7 @@ def prepare(model, request: ChatRequest, settings: ServeSettings) -> Job:
         pixels.append(model.image_transform(image))
     try:
         with _RENDER_LOCK:
-            rendered = render_conversation(request.messages, get_template(model.config.template), model.tokenizer,
-                                           num_image_tokens=model.num_image_tokens, record_id="request",
-                                           add_generation_prompt=True)
+            rendered = render_prompt(model, request.messages, record_id="request")
     except BadRecord as exc:
         raise ApiError(400, f"messages: {exc.reason}", "messages", exc.kind)
     prompt = len(rendered.input_ids)
