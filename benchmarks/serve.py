@@ -2,8 +2,9 @@
 
     python benchmarks/serve.py [--quick] [--run runs/demo] [--concurrency 1 8 32] [--requests N] [--out FILE.json]
 
-Servers, each a subprocess on a free local port (torch on `--threads` threads), warmed up, then killed after
-its passes:
+Servers, each a subprocess on a free local port (torch on `--threads` threads), all started and warmed up
+first; their passes then run in turn (C=1 plain on each server, C=1 stream on each, ...), so a drift of the
+machine during the run touches every server alike:
 
   vlmkit        `vlmkit serve RUN`: its default --max-batch 8, so requests that wait together are generated
                 together in one left-padded batch (a static batch: it runs until its longest answer ends).
@@ -364,24 +365,46 @@ def measure_pass(server: Server, bodies: list[bytes], concurrency: int, stream: 
     return best
 
 
-def measure_server(name: str, argv: list[str], port: int, questions: list[Question], settings: Settings,
-                   log_path: Path, log=print) -> dict:
-    with Server(argv, port, log_path, settings) as server:
-        log(f"\n[{LABELS[name]}] {' '.join(argv)}: up in {server.startup_s:.1f}s, model id {server.model!r}")
-        bodies = {stream: [request_body(q, server.model, settings, stream) for q in questions]
-                  for stream in (False, True)}
+def measure_servers(servers: dict[str, tuple[list[str], int]], questions: list[Question], settings: Settings,
+                    log_dir: Path, log=print) -> tuple[dict, dict]:
+    """Start every server, warm each up, then run the passes interleaved: for each concurrency and mode, one
+    pass per server in turn. A slow drift of the machine (measured: whichever server ran its passes second
+    was up to 25% slower at C=1, whichever it was) then touches every server alike. Idle servers wait on a
+    queue and use no CPU; the quiet-machine check would flag one that did.
+
+    Returns (results by name, failures by name); a server that fails to start is a failure only for
+    `transformers` (vlmkit failing stops the benchmark)."""
+    results, failures = {}, {}
+    with contextlib.ExitStack() as stack:
+        running = {}
+        for name, (argv, port) in servers.items():
+            try:
+                running[name] = stack.enter_context(Server(argv, port, log_dir / f"{name}.log", settings))
+            except ServerFailed as exc:
+                if name != "transformers":
+                    raise
+                failures[name] = f"not run: `transformers serve` failed: {exc}"
+                log(f"\n[transformers] {failures[name]}")
+                continue
+            server = running[name]
+            log(f"\n[{LABELS[name]}] {' '.join(argv)}: up in {server.startup_s:.1f}s, model id {server.model!r}")
+        bodies = {name: {stream: [request_body(q, server.model, settings, stream) for q in questions]
+                         for stream in (False, True)} for name, server in running.items()}
         warm = min(8, max(settings.concurrency))
-        asyncio.run(closed_loop(server.url, bodies[False][:settings.warmup], warm, stream=False))
-        asyncio.run(closed_loop(server.url, bodies[True][:2], 1, stream=True))
-        passes = {}
+        for name, server in running.items():
+            asyncio.run(closed_loop(server.url, bodies[name][False][:settings.warmup], warm, stream=False))
+            asyncio.run(closed_loop(server.url, bodies[name][True][:2], 1, stream=True))
+            results[name] = {"command": servers[name][0], "startup_s": server.startup_s, "model_id": server.model,
+                             "passes": {}}
         for concurrency in settings.concurrency:
             count = settings.requests_at(concurrency)
             for stream in (False, True):
                 mode = "stream" if stream else "plain"
-                passes[f"c{concurrency}_{mode}"] = measure_pass(
-                    server, bodies[stream][:count], concurrency, stream, settings,
-                    f"[{LABELS[name]}] C={concurrency} {mode} ({count} requests)", log)
-        return {"command": argv, "startup_s": server.startup_s, "model_id": server.model, "passes": passes}
+                for name, server in running.items():
+                    results[name]["passes"][f"c{concurrency}_{mode}"] = measure_pass(
+                        server, bodies[name][stream][:count], concurrency, stream, settings,
+                        f"[{LABELS[name]}] C={concurrency} {mode} ({count} requests)", log)
+    return results, failures
 
 
 # -- summary ---------------------------------------------------------------------------------------------------
@@ -554,6 +577,7 @@ def main(argv=None) -> dict:
     questions = load_questions(count, settings.seed)
     results = {}
     with tempfile.TemporaryDirectory(prefix="vlmkit-serve-bench-") as tmp:
+        servers = {}
         for name in args.servers:
             hf_dir = None
             if name == "transformers":
@@ -566,17 +590,13 @@ def main(argv=None) -> dict:
                     report["servers"][JSON_KEYS[name]] = reason
                     continue
             port = free_port()
-            try:
-                results[name] = measure_server(name, server_argv(name, args.run, hf_dir, port), port, questions,
-                                               settings, Path(tmp) / f"{name}.log")
-            except Exception as exc:  # transformers failing leaves it out; vlmkit failing stops the benchmark
-                if name != "transformers":
-                    raise
-                reason = f"not run: `transformers serve` failed: {type(exc).__name__}: {exc}"
-                print(f"\n[transformers] {reason}")
-                report["servers"][JSON_KEYS[name]] = reason
-                continue
-            report["servers"][JSON_KEYS[name]] = results[name]
+            while port in {p for _, p in servers.values()}:  # all servers start before any pass
+                port = free_port()
+            servers[name] = (server_argv(name, args.run, hf_dir, port), port)
+        results, failures = measure_servers(servers, questions, settings, Path(tmp))
+        for name in args.servers:
+            if name in results or name in failures:
+                report["servers"][JSON_KEYS[name]] = results.get(name, failures.get(name))
     summarise(report, results, questions, settings)
     report["load_average_after"] = os.getloadavg()
     report["seconds"] = time.perf_counter() - start

@@ -385,7 +385,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256, help="requests queued or running; more get 429")
     p.add_argument("--max-batch", type=int, default=8, help="requests generated together in one batch")
     p.add_argument("--batch-wait", type=float, default=0.02,
-                   help="seconds a batch waits for requests that are already arriving (never when none are)")
+                   help="longest a batch waits to fill: for requests already arriving, or under load for as many as the "
+                        "last batch had (a lone client never waits)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="for requests that give no temperature (0 = greedy)")
     p.add_argument("--allow-image-urls", action="store_true", help="also fetch http(s) image URLs")

@@ -187,6 +187,7 @@ class Engine:
             self._pending -= count
 
     def _run(self) -> None:
+        last_size = 1
         while True:
             job = self._queue.get()
             if job is None:
@@ -194,17 +195,21 @@ class Engine:
             batch = [job]
             deadline = time.monotonic() + self.settings.batch_wait
             while len(batch) < self.settings.max_batch:
-                try:  # take what is queued; wait a little only for requests already being prepared
-                    wait = deadline - time.monotonic() if self._arriving else 0
+                # take what is queued; wait a little (batch_wait at most) for requests already being prepared,
+                # or, under load, for as many as the last batch had: its clients send their next ones now
+                waiting = self._arriving or len(batch) < last_size
+                try:
+                    wait = deadline - time.monotonic() if waiting else 0
                     job = self._queue.get(timeout=min(wait, 0.002)) if wait > 0 else self._queue.get_nowait()
                 except queue.Empty:
-                    if self._arriving and time.monotonic() < deadline:
+                    if waiting and time.monotonic() < deadline:
                         continue
                     break
                 if job is None:
                     self._queue.put(None)  # stop after this batch
                     break
                 batch.append(job)
+            last_size = len(batch)
             live = [j for j in batch if not j.cancelled]
             try:
                 if live:

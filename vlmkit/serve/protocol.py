@@ -27,7 +27,7 @@ class ServeSettings:
     max_tokens: int = 512          # cap on a request's max_tokens, and the default when it gives none
     max_queue: int = 256           # requests waiting or running; more get 429
     max_batch: int = 8             # requests generated together (left-padded)
-    batch_wait: float = 0.02       # seconds a batch waits for requests already being prepared (never idle)
+    batch_wait: float = 0.02       # longest a batch waits to fill (for arriving requests, or last batch's size)
     allow_image_urls: bool = False  # fetch http(s) image URLs (off: only data: URIs)
     image_url_timeout: float = 10.0
     temperature: float = 0.0       # for requests that give none (0 = greedy, as `vlmkit chat`)
