@@ -2,6 +2,7 @@
 every refusal as an OpenAI-style 4xx naming what was wrong."""
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import json
@@ -189,24 +190,30 @@ def test_the_openai_client_raises_its_own_errors(server, client):
     assert httpx.get(server.url + "/v2/nothing").json()["error"]["code"] == "404"
 
 
-def test_a_model_failure_is_a_500_and_the_server_keeps_serving(server, client):
-    real = server.engine.generate_fn
+@contextlib.contextmanager
+def _restore_forward(model):
+    """Undo a test's replacement of the language model's forward, whatever happens."""
+    try:
+        yield
+    finally:
+        model.llm.__dict__.pop("forward", None)
 
+
+def test_a_model_failure_is_a_500_and_the_server_keeps_serving(server, served_model, client):
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    server.engine.generate_fn = broken
-    try:
+    served_model.llm.forward = broken  # the language model fails on its next call
+    with _restore_forward(served_model):
         with pytest.raises(openai.InternalServerError, match="illegal memory access"):
             client.chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": "hi"}])
         with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
                           json={"messages": [{"role": "user", "content": "hi"}], "stream": True}) as response:
             events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
         assert json.loads(events[-2])["error"]["code"] == "model_failure" and events[-1] == "[DONE]"
-    finally:
-        server.engine.generate_fn = real
     reply = client.chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": "hi"}])
     assert reply.choices[0].finish_reason in ("stop", "length")
+    assert httpx.get(server.url + "/health").json()["pending"] == 0
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_place(server, client):
@@ -293,15 +300,16 @@ def test_a_full_queue_answers_429_and_recovers(served_model):
 
     with LiveServer(create_app(served_model, "busy", ServeSettings(max_tokens=4, max_queue=1))) as live:
         release = threading.Event()
-        real = live.engine.generate_fn
+        real = served_model.llm.forward
 
         def held(*args, **kwargs):
             release.wait(30)
             return real(*args, **kwargs)
 
-        live.engine.generate_fn = held
+        served_model.llm.forward = held  # the first request holds the model until released
         body = {"messages": [{"role": "user", "content": "hi"}]}
-        with httpx.Client(base_url=live.url, timeout=60) as http, ThreadPoolExecutor(1) as pool:
+        with httpx.Client(base_url=live.url, timeout=60) as http, ThreadPoolExecutor(1) as pool, \
+                _restore_forward(served_model):
             first = pool.submit(http.post, "/v1/chat/completions", json=body)
             deadline = time.time() + 30
             while http.get("/health").json()["pending"] < 1 and time.time() < deadline:
@@ -311,4 +319,44 @@ def test_a_full_queue_answers_429_and_recovers(served_model):
             assert second.json()["error"]["code"] == "queue_full" and "--max-queue" in second.json()["error"]["message"]
             release.set()
             assert first.result().status_code == 200
+            del served_model.llm.forward
             assert http.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_a_short_request_overtakes_a_long_one(server, served_model):
+    """Continuous batching: a request that arrives while a long answer is being generated joins the running
+    batch and is answered before the long one ends (with static batches it would wait for it)."""
+    uri = png_uri((255, 0, 0))
+    tokens, _, _ = reference(served_model, QUESTION, uri)
+    assert len(tokens) == 24  # the long request really runs to its 24-token budget
+    real = served_model.llm.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.02)  # 24 decode steps take about half a second
+        return real(*args, **kwargs)
+
+    served_model.llm.forward = slow
+    body = {"messages": [image_message(QUESTION, uri)], "stream": True, "max_tokens": 24}
+    arrivals = []  # (time, line) of the long stream, read as it comes
+    started = threading.Event()
+
+    def read_long():
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as long:
+            for line in long.iter_lines():
+                if line.startswith("data: "):
+                    arrivals.append((time.perf_counter(), line))
+                    if '"content": "' in line and '"content": ""' not in line:
+                        started.set()  # it is decoding
+
+    with _restore_forward(served_model), ThreadPoolExecutor(1) as pool:
+        reader = pool.submit(read_long)
+        assert started.wait(30)
+        short = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        short_done = time.perf_counter()
+        reader.result()
+    assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 1
+    assert arrivals[-1][1] == "data: [DONE]"
+    assert json.loads(arrivals[-2][1][6:])["choices"][0]["finish_reason"] == "length"
+    later = [line for at, line in arrivals if at > short_done and '"content": "' in line]
+    assert len(later) >= 5, f"only {len(later)} pieces of the long answer came after the short one"

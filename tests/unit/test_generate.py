@@ -46,3 +46,34 @@ def test_sampling_is_seeded_and_top_p_keeps_the_nucleus():
     a = sample_next(logits.repeat(5, 1), 1.0, 1.0, torch.Generator().manual_seed(3))
     b = sample_next(logits.repeat(5, 1), 1.0, 1.0, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+def test_rows_joining_and_leaving_mid_generation_get_their_solo_tokens(make_model):
+    """Continuous batching: a row that joins a running batch (its cache left-padded into the others'), and
+    rows that finish and leave (the cache trimmed), decode exactly as each would alone."""
+    from vlmkit.infer.generate import Decoder, Row
+
+    model = make_model().eval()
+    ids = prompts(model, ["what color is the shape?", "is there not a blue shape in the image?", "what?"])
+    pixels = torch.randn(3, 3, 32, 32)
+    budgets = [9, 4, 5]
+    alone = [generate(model, [ids[i]], [1], pixel_values=pixels[i:i + 1],
+                      config=GenerationConfig(max_new_tokens=budgets[i]), stop_ids=set())[0] for i in range(3)]
+    decoder = Decoder(model, stop_ids=set())
+    rows = [Row(GenerationConfig(max_new_tokens=n)) for n in budgets]
+    decoder.add([ids[0]], rows[:1], [1], pixel_values=pixels[:1])
+    decoder.step()
+    decoder.step()
+    assert decoder.can_join
+    decoder.add(ids[1:], rows[1:], [1, 1], pixel_values=pixels[1:])  # two rows join a running one
+    assert len(decoder) == 3 and decoder.mask.shape[0] == 3
+    left = []
+    while len(decoder):
+        decoder.step()
+        left += decoder.drop_finished()
+        if len(decoder):
+            width = decoder.mask.shape[1]
+            assert decoder.mask[:, 0].any()  # no column that is padding in every row survives a drop
+            assert all(layer.keys.shape[2] == width for layer in decoder.cache.layers)
+    assert [row.tokens for row in rows] == alone
+    assert left == [rows[1], rows[2], rows[0]]  # they left in order of their budgets

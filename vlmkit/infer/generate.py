@@ -48,16 +48,161 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
 
 
-def _sample_rows(logits: torch.Tensor, configs: list[GenerationConfig] | None, generators: list,
-                 config: GenerationConfig) -> torch.Tensor:
-    """Next token of each row: one draw for the batch under `config`, or each row under its own settings."""
-    if configs is None:
-        return sample_next(logits, config.temperature, config.top_p, generators[0])
-    tokens = logits.argmax(-1)
-    for row, own in enumerate(configs):
-        if own.temperature > 0:
-            tokens[row] = sample_next(logits[row:row + 1], own.temperature, own.top_p, generators[row])[0]
-    return tokens
+@dataclass
+class Row:
+    """One sequence being decoded: its settings, its tokens so far, and who hears about each new one."""
+    config: GenerationConfig
+    generator: torch.Generator | None = None
+    on_token: Callable[[int], bool] | None = None  # True: this row needs no more tokens
+    tokens: list[int] | None = None
+    finished: bool = False
+
+    def __post_init__(self):
+        self.tokens = [] if self.tokens is None else self.tokens
+
+
+def _dynamic_layers(cache) -> list | None:
+    """The cache's per-layer K/V holders when every layer is a plain growing one (rows can be padded and
+    joined); None for sliding-window, static or quantised caches."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+        return None
+    return layers
+
+
+def _left_pad_time(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+class Decoder:
+    """Rows decoded together, which may join and leave between steps (continuous batching).
+
+    State between steps: the KV cache holds every row's sequence except its pending token (the one sampled
+    last, fed at the next step), left-padded to a common length with `mask` 0 on the padding; `last` is each
+    row's position of its last cached token. `add` prefills new rows (one left-padded forward) and merges
+    them in; `step` feeds every pending token and samples the next; `drop_finished` removes finished rows
+    from the cache. `generate()` is one `add` and steps until all rows finish. With `use_cache=False` the
+    whole sequence is recomputed every step (tests, debugging) and rows cannot join later.
+    """
+
+    def __init__(self, model, stop_ids: set[int] | None = None, use_cache: bool = True):
+        self.model = model
+        self.stop_ids = stop_ids if stop_ids is not None else {model.tokenizer.eos_token_id}
+        self.use_cache = use_cache
+        self.rows: list[Row] = []
+        self.cache = None
+        self.embeds = None      # use_cache=False: the whole sequence so far
+        self.mask = None        # (rows, cached length)
+        self.last = None        # (rows,) position of each row's last cached token
+        self.pending = None     # (rows,) the token to feed next
+
+    @property
+    def can_join(self) -> bool:
+        """Whether rows can be added now (no rows yet, or a cache whose rows can be padded and joined)."""
+        return not self.rows or (self.use_cache and _dynamic_layers(self.cache) is not None)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.no_grad()
+    def add(self, prompts: list[list[int]], rows: list[Row], image_counts=None, pixel_values=None,
+            vision_features=None, record_ids=None) -> None:
+        """Prefill `prompts` (token ids with image placeholders) and join their rows to the batch."""
+        if not self.can_join:
+            raise RuntimeError("rows cannot join this batch now (cache layout, or use_cache=False)")
+        model, device = self.model, self.model.device
+        input_ids, mask = left_pad(prompts, model.tokenizer.pad_token_id)
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        embeds, _ = model.embed(input_ids, image_counts, pixel_values, vision_features, record_ids)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = model.llm(embeds, attention_mask=mask, position_ids=positions, past_key_values=None,
+                                  use_cache=self.use_cache, logits_to_keep=1)
+        pending = self._sample(logits[:, -1], rows)
+        last = positions[:, -1]
+        if not self.rows:
+            self.cache, self.embeds, self.mask, self.last, self.pending = cache, embeds, mask, last, pending
+        else:  # merge: left-pad the shorter side's cache and mask to the longer one, stack the rows
+            length = max(self.mask.shape[1], mask.shape[1])
+            for old, new in zip(_dynamic_layers(self.cache), _dynamic_layers(cache)):
+                old.keys = torch.cat([_left_pad_time(old.keys, length, 2), _left_pad_time(new.keys, length, 2)])
+                old.values = torch.cat([_left_pad_time(old.values, length, 2),
+                                        _left_pad_time(new.values, length, 2)])
+            self.mask = torch.cat([_left_pad_time(self.mask, length, 1), _left_pad_time(mask, length, 1)])
+            self.last = torch.cat([self.last, last])
+            self.pending = torch.cat([self.pending, pending])
+        self.rows.extend(rows)
+        self._take(rows, pending)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Feed every row's pending token and sample the next one."""
+        model = self.model
+        fed = self.pending.masked_fill(torch.tensor([r.finished for r in self.rows], device=self.pending.device),
+                                       model.tokenizer.pad_token_id)
+        new_embeds = model.llm.embed(fed[:, None])
+        positions = (self.last + 1)[:, None]
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        if self.use_cache:
+            logits, self.cache = model.llm(new_embeds, attention_mask=self.mask, position_ids=positions,
+                                           past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        else:
+            self.embeds = torch.cat([self.embeds, new_embeds], dim=1)
+            all_positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+            logits, _ = model.llm(self.embeds, attention_mask=self.mask, position_ids=all_positions,
+                                  logits_to_keep=1)
+        self.last = self.last + 1
+        self.pending = self._sample(logits[:, -1], self.rows)
+        self._take(self.rows, self.pending)
+
+    def drop_finished(self) -> list[Row]:
+        """Remove finished rows (cache, mask, positions), trimming padding no row needs; returns them."""
+        done = [row for row in self.rows if row.finished]
+        if not done:
+            return []
+        keep = [i for i, row in enumerate(self.rows) if not row.finished]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.embeds = self.mask = self.last = self.pending = None
+            return done
+        index = torch.tensor(keep, device=self.mask.device)
+        self.mask, self.last, self.pending = self.mask[index], self.last[index], self.pending[index]
+        layers = _dynamic_layers(self.cache) if self.use_cache else None
+        if self.use_cache and layers is None:
+            self.cache.batch_select_indices(index)  # other cache layouts: select rows, keep the length
+            return done
+        start = int(self.mask.any(0).long().argmax())  # leading columns that are padding in every kept row
+        self.mask = self.mask[:, start:]
+        if layers is not None:
+            for layer in layers:
+                layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+        else:
+            self.embeds = self.embeds[index, start:]
+        return done
+
+    def _sample(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+        tokens = logits.argmax(-1)
+        for i, row in enumerate(rows):
+            if row.config.temperature > 0:
+                tokens[i] = sample_next(logits[i:i + 1], row.config.temperature, row.config.top_p, row.generator)[0]
+        return tokens
+
+    def _take(self, rows: list[Row], tokens: torch.Tensor) -> None:
+        for row, token in zip(rows, tokens.tolist()):
+            if row.finished:
+                continue
+            if token in self.stop_ids:
+                row.finished = True
+                continue
+            row.tokens.append(token)
+            if (row.on_token is not None and row.on_token(token)) or len(row.tokens) >= row.config.max_new_tokens:
+                row.finished = True
 
 
 @torch.no_grad()
@@ -71,53 +216,17 @@ def generate(model, prompts: list[list[int]], image_counts: list[int] | None = N
     from `config`. `on_token(row, token)` is called for every kept token; a True return finishes the row.
     """
     config = config or GenerationConfig()
-    tokenizer = model.tokenizer
-    stop_ids = stop_ids if stop_ids is not None else {tokenizer.eos_token_id}
-    batch = len(prompts)
-    if row_configs is not None and len(row_configs) != batch:
-        raise ValueError(f"{len(row_configs)} row configs for {batch} prompts")
-    generators = [torch.Generator().manual_seed(c.seed) if c.seed is not None else None
-                  for c in (row_configs or [config])]
-    budgets = [c.max_new_tokens for c in row_configs] if row_configs else [config.max_new_tokens] * batch
-    input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
-    device = model.device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    inputs_embeds, _ = model.embed(input_ids, image_counts, pixel_values, vision_features, record_ids)
-    finished = [budget <= 0 for budget in budgets]
-    outputs = [[] for _ in range(batch)]
-    cache = None
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    step_embeds, step_positions = inputs_embeds, position_ids
-    for _ in range(max(budgets, default=0)):
-        if all(finished):
-            break
-        if config.use_cache:
-            logits, cache = model.llm(step_embeds, attention_mask=attention_mask, position_ids=step_positions,
-                                      past_key_values=cache, use_cache=True, logits_to_keep=1)
-        else:
-            logits, _ = model.llm(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                  logits_to_keep=1)
-        next_tokens = _sample_rows(logits[:, -1], row_configs, generators, config)
-        for row, token in enumerate(next_tokens.tolist()):
-            if finished[row]:
-                continue
-            if token in stop_ids:
-                finished[row] = True
-                continue
-            outputs[row].append(token)
-            if (on_token is not None and on_token(row, token)) or len(outputs[row]) >= budgets[row]:
-                finished[row] = True
-        if all(finished):
-            break
-        done = torch.tensor(finished, device=device)
-        next_tokens = next_tokens.masked_fill(done, tokenizer.pad_token_id)
-        new_embeds = model.llm.embed(next_tokens[:, None])
-        next_positions = position_ids[:, -1:] + 1
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=1)
-        if config.use_cache:
-            step_embeds, step_positions = new_embeds, next_positions
-            position_ids = torch.cat([position_ids, next_positions], dim=1)
-        else:
-            inputs_embeds = torch.cat([inputs_embeds, new_embeds], dim=1)
-            position_ids = torch.cat([position_ids, next_positions], dim=1)
-    return outputs
+    if row_configs is not None and len(row_configs) != len(prompts):
+        raise ValueError(f"{len(row_configs)} row configs for {len(prompts)} prompts")
+    shared = torch.Generator().manual_seed(config.seed) if config.seed is not None and not row_configs else None
+    rows = []
+    for i, own in enumerate(row_configs or [config] * len(prompts)):
+        generator = shared if not row_configs else (torch.Generator().manual_seed(own.seed)
+                                                    if own.seed is not None else None)
+        callback = (lambda token, i=i: on_token(i, token)) if on_token is not None else None
+        rows.append(Row(own, generator, callback, finished=own.max_new_tokens <= 0))
+    decoder = Decoder(model, stop_ids, config.use_cache)
+    decoder.add(prompts, rows, image_counts, pixel_values, vision_features, record_ids)
+    while not all(row.finished for row in rows):
+        decoder.step()
+    return [row.tokens for row in rows]

@@ -2,10 +2,11 @@
 
 `prepare` turns a validated request into a `Job` (images decoded under the pixel limit and transformed,
 the conversation rendered with the model's template, the token budget checked against the context). The
-`Engine` owns the model: its worker thread takes every job waiting (up to `max_batch`), generates them as
-one left-padded batch, and streams each job's text back through the job's `emit` callback. The event loop
+`Engine` owns the model: its worker thread decodes up to `max_batch` jobs together, admits waiting jobs between
+decode steps (their prompts prefilled as one left-padded batch and joined to the running cache), and streams
+each job's text back through the job's `emit` callback. The event loop
 never runs the model, so the server keeps answering (health, errors, new requests) while it generates.
-A model failure fails that batch's jobs with a message; the worker goes on with the next batch.
+A model failure fails the jobs it touched with a message; the worker goes on.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 from vlmkit.data.images import decode_image
 from vlmkit.errors import BadRecord
 from vlmkit.infer.chat import render_prompt
-from vlmkit.infer.generate import GenerationConfig, generate
+from vlmkit.infer.generate import Decoder, GenerationConfig, Row
 from vlmkit.serve.protocol import ApiError, ChatRequest, ImageRef, ServeSettings
 
 log = logging.getLogger("vlmkit.serve")
@@ -142,17 +143,18 @@ def prepare(model, request: ChatRequest, settings: ServeSettings) -> Job:
 
 
 class Engine:
-    """Owns the model; a worker thread generates queued jobs in left-padded batches of up to `max_batch`."""
+    """Owns the model; a worker thread decodes up to `max_batch` jobs at a time, admitting queued jobs between
+    decode steps (continuous batching: a short answer never waits for a long one to end)."""
 
     def __init__(self, model, settings: ServeSettings):
         self.model = model.eval()
         self.settings = settings
-        self.generate_fn = generate  # the batch generator (tests swap it to make the model fail)
-        self.batches = 0
+        self.batches = 0  # groups of jobs prefilled together
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._pending = 0
-        self._arriving = 0  # requests being parsed/prepared: the next batch waits briefly for them
+        self._arriving = 0  # requests being parsed/prepared: an idle worker waits briefly for them
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="vlmkit-engine", daemon=True)
 
     @property
@@ -182,53 +184,85 @@ class Engine:
         with self._lock:
             self._arriving += delta
 
-    def _done(self, count: int) -> None:
+    def _done(self, count: int = 1) -> None:
         with self._lock:
             self._pending -= count
 
-    def _run(self) -> None:
-        last_size = 1
-        while True:
+    def _take(self, room: int, idle: bool, last_size: int) -> list[Job]:
+        """Up to `room` queued jobs. An idle worker blocks for the first, then waits (at most batch_wait)
+        for requests already being prepared, or under load for as many as it admitted last time."""
+        jobs: list[Job] = []
+        if idle:
             job = self._queue.get()
             if job is None:
-                return
-            batch = [job]
-            deadline = time.monotonic() + self.settings.batch_wait
-            while len(batch) < self.settings.max_batch:
-                # take what is queued; wait a little (batch_wait at most) for requests already being prepared,
-                # or, under load, for as many as the last batch had: its clients send their next ones now
-                waiting = self._arriving or len(batch) < last_size
-                try:
-                    wait = deadline - time.monotonic() if waiting else 0
-                    job = self._queue.get(timeout=min(wait, 0.002)) if wait > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    if waiting and time.monotonic() < deadline:
-                        continue
-                    break
-                if job is None:
-                    self._queue.put(None)  # stop after this batch
-                    break
-                batch.append(job)
-            last_size = len(batch)
-            live = [j for j in batch if not j.cancelled]
+                self._stopping = True
+                return jobs
+            jobs.append(job)
+        deadline = time.monotonic() + self.settings.batch_wait
+        while len(jobs) < room and not self._stopping:
+            waiting = idle and (self._arriving or len(jobs) < last_size)
             try:
-                if live:
-                    self._generate(live)
-            finally:
-                self._done(len(batch))
+                wait = deadline - time.monotonic() if waiting else 0
+                job = self._queue.get(timeout=min(wait, 0.002)) if wait > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                if waiting and time.monotonic() < deadline:
+                    continue
+                break
+            if job is None:
+                self._stopping = True
+                break
+            jobs.append(job)
+        live = [job for job in jobs if not job.cancelled]
+        self._done(len(jobs) - len(live))  # the client left before its turn
+        return live
 
-    def _generate(self, batch: list[Job]) -> None:
-        pixels = [p for job in batch for p in job.pixels]
+    def _run(self) -> None:
+        decoder, last_size = Decoder(self.model), 1
+        jobs: dict[int, Job] = {}  # id(row) -> job
+        while True:
+            room = self.settings.max_batch - len(decoder)
+            if not self._stopping and room > 0 and decoder.can_join and (not len(decoder) or not self._queue.empty()):
+                new = self._take(room, idle=not len(decoder), last_size=last_size)
+                if new:
+                    if not len(decoder):
+                        last_size = len(new)
+                    self._admit(decoder, new, jobs)
+            elif self._stopping and not len(decoder):
+                return
+            if not len(decoder):
+                if self._stopping:
+                    return
+                continue
+            try:
+                self._finish(decoder.drop_finished(), jobs)
+                if len(decoder):
+                    decoder.step()
+                    self._finish(decoder.drop_finished(), jobs)
+            except Exception as exc:  # noqa: BLE001  a model failure fails the running jobs; the server goes on
+                self._fail(list(jobs.values()), exc)
+                jobs.clear()
+                decoder = Decoder(self.model)
+
+    def _admit(self, decoder: Decoder, new: list[Job], jobs: dict[int, Job]) -> None:
+        rows = [Row(job.config, torch.Generator().manual_seed(job.config.seed) if job.config.seed is not None
+                    else None, job.push) for job in new]
+        pixels = [p for job in new for p in job.pixels]
         try:
-            self.generate_fn(self.model, [job.input_ids for job in batch], [len(job.pixels) for job in batch],
-                             pixel_values=torch.stack(pixels) if pixels else None,
-                             config=GenerationConfig(use_cache=True), row_configs=[job.config for job in batch],
-                             on_token=lambda row, token: batch[row].push(token))
-        except Exception as exc:  # noqa: BLE001  any model failure fails these requests; the server keeps serving
-            log.error("generation failed for a batch of %d:\n%s", len(batch), traceback.format_exc())
-            for job in batch:
-                job.emit(("error", 500, f"the model failed while generating: {type(exc).__name__}: {exc}"))
+            decoder.add([job.input_ids for job in new], rows, [len(job.pixels) for job in new],
+                        pixel_values=torch.stack(pixels) if pixels else None)
+        except Exception as exc:  # noqa: BLE001  the prefill failed: these jobs fail, the running ones go on
+            self._fail(new, exc)
             return
         self.batches += 1
-        for job in batch:
-            job.finish()
+        jobs.update({id(row): job for row, job in zip(rows, new)})
+
+    def _finish(self, rows: list[Row], jobs: dict[int, Job]) -> None:
+        for row in rows:
+            jobs.pop(id(row)).finish()
+            self._done()
+
+    def _fail(self, failed: list[Job], exc: Exception) -> None:
+        log.error("generation failed for %d request(s):\n%s", len(failed), traceback.format_exc())
+        for job in failed:
+            job.emit(("error", 500, f"the model failed while generating: {type(exc).__name__}: {exc}"))
+        self._done(len(failed))
