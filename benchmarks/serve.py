@@ -6,8 +6,8 @@ Servers, each a subprocess on a free local port (torch on `--threads` threads), 
 first; their passes then run in turn (C=1 plain on each server, C=1 stream on each, ...), so a drift of the
 machine during the run touches every server alike:
 
-  vlmkit        `vlmkit serve RUN`: its default --max-batch 8, so requests that wait together are generated
-                together in one left-padded batch (a static batch: it runs until its longest answer ends).
+  vlmkit        `vlmkit serve RUN`: its default --max-batch 8: up to 8 requests decode together, waiting ones
+                join between decode steps (continuous batching).
   max-batch 1   `vlmkit serve RUN --max-batch 1`: one request at a time, the natural alternative to batching.
   transformers  `transformers serve DIR`, Hugging Face's own OpenAI-compatible server, on RUN exported with
                 `vlmkit convert to-hf RUN DIR` (LlavaForConditionalGeneration + processor + chat template).
@@ -493,7 +493,7 @@ def format_table(report: dict, settings: Settings) -> str:
                      + " failed requests (examples in the JSON)")
     if "vlmkit" in measured:
         passes = report["servers"][JSON_KEYS["vlmkit"]]["passes"]
-        lines.append("vlmkit mean batch (requests per generated batch, plain/stream): " + ", ".join(
+        lines.append("vlmkit requests per prefill group (plain/stream): " + ", ".join(
             f"C={c} {passes[f'c{c}_plain'].get('mean_batch', 0):.1f}/{passes[f'c{c}_stream'].get('mean_batch', 0):.1f}"
             for c in settings.concurrency))
     foreign = {f"{name} {key}": record["foreign_cpu"] for name in measured
