@@ -62,6 +62,7 @@ class Job:
     emit: Callable[[tuple], None] = lambda event: None
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
+    stream: bool = True     # False: the text is sent once, at the end (no per-token decoding or wake-ups)
     _sent: int = 0          # characters of the decoded text already emitted
     _stopped: bool = False  # a stop string was found
     _tokenizer: object = None
@@ -76,6 +77,8 @@ class Job:
     def push(self, token: int) -> bool:
         """Take one generated token, emit the text that is now certain; True when the job needs no more."""
         self.tokens.append(token)
+        if not self.stream and not self.stop:
+            return self.cancelled
         text = self._text().lstrip()
         for stop in self.stop:
             at = text.find(stop)
@@ -139,7 +142,7 @@ def prepare(model, request: ChatRequest, settings: ServeSettings) -> Job:
         max_tokens = request.max_tokens
     config = GenerationConfig(max_new_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
                               seed=request.seed)
-    return Job(rendered.input_ids, pixels, config, request.stop, _tokenizer=model.tokenizer)
+    return Job(rendered.input_ids, pixels, config, request.stop, stream=request.stream, _tokenizer=model.tokenizer)
 
 
 class Engine:
