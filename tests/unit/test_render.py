@@ -93,5 +93,5 @@ def test_token_spanning_a_turn_boundary_is_an_error(tokenizer):
     template = Template(name="glued", system="", user_format="{content}", assistant_prefix="",
                         assistant_format="{content}", stop="</s>", add_bos=False)
     conversation = [{"from": "human", "value": "what is the sha"}, {"from": "gpt", "value": "pe?"}]
-    with pytest.raises(BadRecord, match="disagrees"):
+    with pytest.raises(BadRecord, match="covers both the end of one turn"):
         render_conversation(conversation, template, tokenizer, num_image_tokens=1, record_id="glued")

@@ -146,29 +146,37 @@ def check_exportable(model) -> str:
     return "default" if model.vision.has_cls and model.config.vision.select == "patch" else "full"
 
 
-def chat_template_jinja(template) -> str:
+def chat_template_jinja(template, tokenizer) -> str:
     """A Jinja chat template that renders exactly what vlmkit's renderer does, for `apply_chat_template`."""
+    from vlmkit.data.templates import fill
+
     def lit(text: str) -> str:
-        return json.dumps(text)
+        return json.dumps(fill(text, tokenizer))
 
     user_before, user_after = template.user_format.split("{content}")
     assistant_before, assistant_after = template.assistant_format.split("{content}")
     system_before, system_after = template.system_format.split("{system}")
+    system_text = "{{ " + lit(system_before) + " + system + " + lit(system_after) + " }}"
     return (
         "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
         "{% set messages = messages[1:] %}{% else %}{% set system = " + lit(template.system) + " %}{% endif %}"
         + ("{{ bos_token }}" if template.add_bos else "")
-        + "{% if system %}{{ " + lit(system_before) + " + system + " + lit(system_after) + " }}{% endif %}"
-        "{% for message in messages %}"
+        + ("" if template.system_in_user else "{% if system %}" + system_text + "{% endif %}")
+        + "{{ " + lit(template.begin) + " }}"
+        + "{% for message in messages %}"
         "{% set ns = namespace(text='') %}"
-        "{% if message['content'] is string %}{% set ns.text = message['content'] %}{% else %}"
-        "{% for part in message['content'] %}{% if part['type'] == 'image' %}{% set ns.text = ns.text + '<image>\\n' %}"
+        "{% if message['content'] is string %}{% set ns.text = message['content'] | replace('<image>', "
+        + lit(template.image_format) + ") %}{% else %}"
+        "{% for part in message['content'] %}{% if part['type'] == 'image' %}{% set ns.text = ns.text + "
+        + lit(template.image_format) + " + '\\n' %}"
         "{% elif part['type'] == 'text' %}{% set ns.text = ns.text + part['text'] %}{% endif %}{% endfor %}{% endif %}"
         "{% set text = ns.text %}"
-        "{% if message['role'] == 'user' %}{{ " + lit(user_before) + " + text + " + lit(user_after) + " + "
-        + lit(template.assistant_prefix) + " }}"
+        "{% if message['role'] == 'user' %}"
+        + ("{% if loop.first and system %}" + system_text.replace("}}", "") .replace("{{ ", "{% set text = ")
+           + " + text %}{% endif %}" if template.system_in_user else "")
+        + "{{ " + lit(user_before) + " + text + " + lit(user_after) + " + " + lit(template.assistant_prefix) + " }}"
         "{% else %}{{ " + lit(assistant_before) + " + text + " + lit(assistant_after) + " + " + lit(template.stop)
-        + " }}{% endif %}{% endfor %}"
+        + " + " + lit(template.turn_end) + " }}{% endif %}{% endfor %}"
     )
 
 
@@ -205,7 +213,7 @@ def to_hf(model, out: str | os.PathLike) -> Path:
     out = Path(out)
     with atomic_dir(out) as tmp:
         hf.save_pretrained(tmp)
-        processor = _processor(model, strategy, chat_template_jinja(get_template(model.config.template)))
+        processor = _processor(model, strategy, chat_template_jinja(get_template(model.config.template), model.tokenizer))
         processor.save_pretrained(tmp)
         (Path(tmp) / VLMKIT_SIDECAR).write_text(model.config.to_json())
     return out

@@ -1,9 +1,14 @@
 """The one function that turns a conversation into `(input_ids, labels)`.
 
-It alone decides what the loss sees: the content of assistant turns and the template's stop token after
-each. Everything else (system prompt, user turns, image tokens, the assistant cue) gets label -100.
-Each `<image>` in a user turn becomes `num_image_tokens` copies of the image token id; the model splices
-image features into exactly those positions.
+It alone decides what the loss sees: the content of assistant turns and the template's stop after each.
+Everything else (system prompt, user turns, image tokens, the assistant cue) gets label -100.
+
+The conversation is rendered to one string and tokenised once; each token's label comes from the characters
+it covers (the tokenizer's offsets), so the mask is exact for every tokenizer family — byte-level BPE (GPT-2,
+Qwen2), SentencePiece-style `▁` BPE (Llama, legacy or not), tiktoken-style — and a token is never split
+differently from how the model sees the whole text. A tokenizer without offsets (a Python one) gets them by
+decoding growing prefixes. Each `<image>` becomes `num_image_tokens` copies of the image token id; the model
+splices image features into exactly those positions.
 """
 from __future__ import annotations
 
@@ -11,11 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmkit.data.templates import Template
-from vlmkit.errors import BadRecord
+from vlmkit.data.templates import IMAGE_TOKEN, Template, fill, token_id
+from vlmkit.errors import BadRecord, ConfigError
 
 IGNORE_INDEX = -100
-IMAGE_TOKEN = "<image>"
 
 
 @dataclass
@@ -69,7 +73,6 @@ def render_conversation(
     max_length: int | None = None,
     record_id="?",
     add_generation_prompt: bool = False,
-    check_tokenization: bool = True,
 ) -> Rendered:
     """Render `messages` (role/content dicts) with `template`.
 
@@ -81,53 +84,31 @@ def render_conversation(
     if add_generation_prompt and messages[-1]["role"] != "user":
         raise BadRecord(record_id, "a generation prompt needs the conversation to end with a user turn",
                         kind="turns")
-    system = template.system
-    if messages[0]["role"] == "system":
-        system, messages = messages[0]["content"], messages[1:]
-
-    # (text, supervised) pieces; each is tokenised alone so the mask boundaries are exact.
-    pieces: list[tuple[str, bool]] = []
-    if system:
-        pieces.append((template.system_format.format(system=system), False))
-    num_images = 0
-    for message in messages:
-        content = message["content"]
-        if message["role"] == "user":
-            num_images += content.count(IMAGE_TOKEN)
-            if not template.keep_user_text:
-                content = IMAGE_TOKEN * content.count(IMAGE_TOKEN)
-            pieces.append((template.user_format.format(content=content) + template.assistant_prefix, False))
-        else:
-            if IMAGE_TOKEN in content:
-                raise BadRecord(record_id, "an assistant turn contains <image>", kind="image_count")
-            pieces.append((template.assistant_format.format(content=content) + template.stop, True))
-    # merge neighbouring pieces with the same supervision so tokenisation sees the natural text
-    merged: list[tuple[str, bool]] = []
-    for text, supervised in pieces:
-        if merged and merged[-1][1] == supervised:
-            merged[-1] = (merged[-1][0] + text, supervised)
-        else:
-            merged.append((text, supervised))
-
+    check_template_tokens(template, tokenizer)
+    pieces, num_images = conversation_pieces(messages, template, tokenizer, record_id)
+    text = "".join(piece for piece, _ in pieces)
+    supervised_chars = bytearray(len(text))
+    at = 0
+    for piece, supervised in pieces:
+        if supervised:
+            supervised_chars[at:at + len(piece)] = b"\x01" * len(piece)
+        at += len(piece)
+    token_ids, offsets = encode_with_offsets(tokenizer, text, record_id)
     input_ids: list[int] = []
     labels: list[int] = []
     if template.add_bos and tokenizer.bos_token_id is not None:
         input_ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE_INDEX)
-    for text, supervised in merged:
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        input_ids.extend(ids)
-        labels.extend(ids if supervised else [IGNORE_INDEX] * len(ids))
-
-    if check_tokenization:
-        whole = tokenizer.encode("".join(t for t, _ in merged), add_special_tokens=False)
-        offset = 1 if template.add_bos and tokenizer.bos_token_id is not None else 0
-        if whole != input_ids[offset:]:
-            raise BadRecord(record_id, "tokenising the turns one by one disagrees with tokenising the whole "
-                                       "conversation (a token spans a turn boundary); the loss mask would be "
-                                       "wrong. Check the template's separators.", kind="tokenization")
+    for token, (start, end) in zip(token_ids, offsets):
+        input_ids.append(token)
+        labels.append(token if _token_is_supervised(text, supervised_chars, start, end, tokenizer, token,
+                                                     record_id) else IGNORE_INDEX)
 
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    found = input_ids.count(image_token_id)
+    if found != num_images:
+        raise BadRecord(record_id, f"{num_images} <image> placeholder(s) became {found} image tokens (is <image> "
+                                   "a special token of this tokenizer?)", kind="image_count")
     if num_images and num_image_tokens > 1:
         expanded_ids, expanded_labels = [], []
         for token, label in zip(input_ids, labels):
@@ -146,3 +127,87 @@ def render_conversation(
     if not add_generation_prompt and all(label == IGNORE_INDEX for label in labels):
         raise BadRecord(record_id, "no assistant tokens to learn from", kind="turns")
     return Rendered(input_ids, labels, num_images)
+
+
+def conversation_pieces(messages: list[dict], template: Template, tokenizer, record_id="?"
+                        ) -> tuple[list[tuple[str, bool]], int]:
+    """The rendered text of checked, normalised `messages` as (text, supervised) pieces, and the image count."""
+    system = template.system
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    system_text = fill(template.system_format, tokenizer, system=system) if system else ""
+    stop = fill(template.stop, tokenizer)
+    image_text = fill(template.image_format, tokenizer)
+
+    pieces: list[tuple[str, bool]] = []  # (text, supervised)
+    if system_text and not template.system_in_user:
+        pieces.append((system_text, False))
+    if template.begin:
+        pieces.append((fill(template.begin, tokenizer), False))
+    num_images = 0
+    for index, message in enumerate(messages):
+        content = message["content"]
+        if message["role"] == "user":
+            count = content.count(IMAGE_TOKEN)
+            num_images += count
+            if not template.keep_user_text:
+                content = IMAGE_TOKEN * count
+            content = content.replace(IMAGE_TOKEN, image_text)
+            if index == 0 and system_text and template.system_in_user:
+                content = system_text + content
+            pieces.append((fill(template.user_format, tokenizer, content=content)
+                           + fill(template.assistant_prefix, tokenizer), False))
+        else:
+            if IMAGE_TOKEN in content:
+                raise BadRecord(record_id, "an assistant turn contains <image>", kind="image_count")
+            pieces.append((fill(template.assistant_format, tokenizer, content=content) + stop, True))
+            if template.turn_end:
+                pieces.append((fill(template.turn_end, tokenizer), False))
+
+    return pieces, num_images
+
+
+def check_template_tokens(template: Template, tokenizer) -> None:
+    missing = [t for t in (IMAGE_TOKEN, *template.special_tokens) if token_id(tokenizer, t) is None]
+    if missing:
+        raise ConfigError(f"template {template.name!r} needs the token(s) {missing}, which the tokenizer lacks "
+                          "(vlmkit.model.vlm.prepare_tokenizer adds them and grows the embeddings)")
+
+
+def encode_with_offsets(tokenizer, text: str, record_id="?") -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of `text` (no special tokens added) and the character span each one covers."""
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(encoded["input_ids"]), [tuple(span) for span in encoded["offset_mapping"]]
+    # no offsets (a Python tokenizer, e.g. tiktoken-based): the end of token k is the length of the decoded
+    # first k tokens, which is exact when decoding gives the text back
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    decode = lambda part: tokenizer.decode(part, skip_special_tokens=False,  # noqa: E731
+                                           clean_up_tokenization_spaces=False)
+    if decode(ids) != text:
+        raise BadRecord(record_id, f"this tokenizer ({type(tokenizer).__name__}) gives no character offsets and "
+                                   "decoding does not give the text back, so the loss mask cannot be placed "
+                                   "exactly; use its fast (tokenizers) version", kind="tokenization")
+    offsets, previous = [], 0
+    for k in range(1, len(ids) + 1):
+        end = len(decode(ids[:k]))
+        offsets.append((min(previous, end), end))
+        previous = max(previous, end)
+    return ids, offsets
+
+
+def _token_is_supervised(text: str, supervised_chars: bytearray, start: int, end: int, tokenizer, token: int,
+                         record_id) -> bool:
+    """A token is supervised when its characters are: whitespace a SentencePiece `▁` or byte-level `Ġ` token
+    carries over a boundary goes with the token's other characters; real characters on both sides of a
+    boundary mean no exact mask exists for this text."""
+    if end <= start:  # a zero-width token (legacy SentencePiece's `▁` after a special token): its neighbour's
+        return bool(supervised_chars[min(start, len(text) - 1)]) if text else False
+    solid = {supervised_chars[i] for i in range(start, end) if not text[i].isspace()}
+    if len(solid) > 1:
+        raise BadRecord(record_id, f"token {tokenizer.convert_ids_to_tokens(token)!r} ({text[start:end]!r}) covers "
+                                   "both the end of one turn and the start of the next, so the loss mask cannot be "
+                                   "exact; check the template's separators", kind="tokenization")
+    if solid:
+        return bool(solid.pop())
+    return bool(supervised_chars[start])

@@ -1,12 +1,19 @@
-"""Conversation templates, as data.
+"""Conversation templates, as data, and their stop resolved against a tokenizer.
 
 A template says how the turns of a conversation become text. The renderer (`vlmkit.data.render`) is the
-only code that reads these fields; what the loss sees is decided there: assistant content and `stop`.
-Later presets add their own entries (Llama-2 `[INST]` for MiniGPT-v2, ChatML for Qwen-VL) without code.
+only code that reads the format fields; what the loss sees is decided there: assistant content and `stop`.
+Every format may name the tokenizer's own special tokens as `{bos}` / `{eos}`, so one template serves every
+tokenizer family (Vicuna's `</s>` is Qwen's `<|endoftext|>`). `resolve_stop` turns a template's stop into
+what generation watches for: token ids (the EOS, a named special token such as `<|im_end|>`) or a string
+(`###`, `\\n`), and the answer never shows it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from vlmkit.errors import ConfigError
+
+IMAGE_TOKEN = "<image>"
 
 
 @dataclass(frozen=True)
@@ -14,34 +21,103 @@ class Template:
     name: str
     system: str = ""
     system_format: str = "{system} "     # text before the first user turn (omitted when system is "")
+    system_in_user: bool = False          # True: the formatted system text opens the first user turn's content
+    begin: str = ""                       # after the system text, before the first turn
     user_format: str = "USER: {content} "
     assistant_prefix: str = "ASSISTANT:"  # cue for the model to answer; never in the loss
     assistant_format: str = " {content}"  # assistant content; in the loss
-    stop: str = "</s>"                    # appended after each assistant turn; in the loss
-    add_bos: bool = True
+    stop: str = "{eos}"                   # appended after each assistant turn; in the loss
+    turn_end: str = ""                    # after the stop, before the next turn; not in the loss
+    image_format: str = IMAGE_TOKEN       # how each image placeholder is written (must contain <image>)
+    add_bos: bool = True                  # the tokenizer's BOS id (if it has one) before everything
     keep_user_text: bool = True           # False: only the images of a user turn are kept (LLaVA 'plain')
+    special_tokens: tuple[str, ...] = field(default=())  # tokens the tokenizer must have (added if missing)
 
-    def corpus_text(self) -> list[str]:
+    def corpus_text(self, bos: str = "<s>", eos: str = "</s>") -> list[str]:
         """Fixed text of the template, for training a tokenizer that encodes it compactly."""
-        turn = self.user_format.format(content="hi") + self.assistant_prefix + self.assistant_format.format(content="ok")
-        system = self.system_format.format(system=self.system) if self.system else ""
-        return [system + turn + self.stop.strip() + turn]
+        def plain(text: str) -> str:
+            return text.replace("{bos}", bos).replace("{eos}", eos)
+        turn = (self.user_format.replace("{content}", "hi") + self.assistant_prefix
+                + self.assistant_format.replace("{content}", "ok") + self.turn_end)
+        system = self.system_format.replace("{system}", self.system) if self.system else ""
+        return [plain(system + self.begin + turn + self.stop.strip() + turn)]
+
+
+@dataclass(frozen=True)
+class StopSpec:
+    """What ends an assistant turn for one tokenizer: `text` as rendered; generation stops on any of `ids`
+    (the stop's own token, and the tokenizer's EOS) or when the decoded answer contains one of `strings`."""
+    text: str
+    ids: frozenset[int]
+    strings: tuple[str, ...]
+
+    def cut(self, answer: str) -> str:
+        """The answer without a stop string and what follows it."""
+        for stop in self.strings:
+            at = answer.find(stop)
+            if at >= 0:
+                answer = answer[:at]
+        return answer
+
+
+def fill(text: str, tokenizer, **values: str) -> str:
+    """Substitute `{bos}`, `{eos}` (the tokenizer's own tokens) and the given fields into a format string."""
+    if "{bos}" in text:  # a tokenizer without a BOS (Qwen) gets none, as `add_bos` does
+        text = text.replace("{bos}", getattr(tokenizer, "bos_token", None) or "")
+    if "{eos}" in text:
+        if not getattr(tokenizer, "eos_token", None):
+            raise ConfigError("the template uses {eos} but the tokenizer has no eos token")
+        text = text.replace("{eos}", tokenizer.eos_token)
+    for name, value in values.items():
+        text = text.replace("{" + name + "}", value)
+    return text
+
+
+def token_id(tokenizer, token: str) -> int | None:
+    """The id of `token` in the tokenizer's vocabulary, or None (not the unknown token's id)."""
+    found = tokenizer.convert_tokens_to_ids(token)
+    if found is None or (found == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        return None
+    return found
+
+
+def single_token_id(tokenizer, text: str) -> int | None:
+    """The id of `text` when it is one of the tokenizer's special or added tokens (always encoded whole; a
+    regular vocabulary entry such as `###` may also be generated in pieces, so it stays a string)."""
+    if not text or text not in tokenizer.get_added_vocab():
+        return None
+    found = token_id(tokenizer, text)
+    return found if found is not None and tokenizer.encode(text, add_special_tokens=False) == [found] else None
+
+
+def resolve_stop(template: Template, tokenizer) -> StopSpec:
+    text = fill(template.stop, tokenizer)
+    ids = set()
+    token_id = single_token_id(tokenizer, text)
+    if token_id is not None:
+        ids.add(token_id)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)  # a model that ends with its EOS under another template has finished
+    return StopSpec(text, frozenset(ids), (text,) if token_id is None and text else ())
 
 
 TEMPLATES: dict[str, Template] = {}
 
 
 def register(template: Template) -> Template:
+    if IMAGE_TOKEN not in template.image_format:
+        raise ConfigError(f"template {template.name!r}: image_format must contain {IMAGE_TOKEN}")
     TEMPLATES[template.name] = template
     return template
 
 
 def get_template(name: str) -> Template:
     if name not in TEMPLATES:
-        raise KeyError(f"unknown template {name!r}; available: {', '.join(sorted(TEMPLATES))}")
+        raise ConfigError(f"unknown template {name!r}; available: {', '.join(sorted(TEMPLATES))}")
     return TEMPLATES[name]
 
 
+# LLaVA's conv_vicuna_v1: `USER: … ASSISTANT: …</s>`, where Vicuna's `</s>` is its EOS.
 register(Template(
     name="vicuna_v1",
     system="A chat between a curious user and an artificial intelligence assistant. "
@@ -58,4 +134,48 @@ register(Template(
     stop="\n",
     add_bos=False,
     keep_user_text=False,
+))
+
+# LLaMA-2-chat (MiniGPT-v2): `<s>[INST] <<SYS>>\n…\n<</SYS>>\n\nq [/INST] a </s><s>[INST] …`; the BOS opens
+# every turn. MiniGPT-v2 writes an image as `<Img><ImageHere></Img>`.
+register(Template(
+    name="llama2",
+    system="",
+    system_format="<<SYS>>\n{system}\n<</SYS>>\n\n",
+    system_in_user=True,
+    user_format="{bos}[INST] {content} [/INST]",
+    assistant_prefix="",
+    assistant_format=" {content} ",
+    stop="{eos}",
+    image_format="<Img><image></Img>",
+    add_bos=False,
+))
+
+# ChatML (Qwen, Qwen-VL): generation stops on <|im_end|>. Qwen has no BOS.
+register(Template(
+    name="chatml",
+    system="You are a helpful assistant.",
+    system_format="<|im_start|>system\n{system}<|im_end|>\n",
+    user_format="<|im_start|>user\n{content}<|im_end|>\n",
+    assistant_prefix="<|im_start|>assistant\n",
+    assistant_format="{content}",
+    stop="<|im_end|>",
+    turn_end="\n",
+    add_bos=False,
+    special_tokens=("<|im_start|>", "<|im_end|>"),
+))
+
+# MiniGPT-4: `###Human: <Img><ImageHere></Img> q ###Assistant: a###Human: …`: the `###` that ends an answer
+# also opens the next turn, as in its own conversation code. The cue's trailing space is written as the
+# answer's leading space, so a tokenizer sees the same text at training and at generation.
+register(Template(
+    name="minigpt4",
+    system="",
+    system_format="{system}",
+    begin="###",
+    user_format="Human: {content} ",
+    assistant_prefix="###Assistant:",
+    assistant_format=" {content}",
+    stop="###",
+    image_format="<Img><image></Img>",
 ))

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from vlmkit.infer.generate import GenerationConfig, generate
+from vlmkit.infer.generate import GenerationConfig, decode_answer, generate
 from vlmkit.train.loop import encode_all_images
 
 _ARTICLES = {"a", "an", "the"}
@@ -47,7 +47,7 @@ def evaluate(model, dataset, batch_size: int = 128, max_new_tokens: int = 8, ver
                            vision_features=features[image_indices] if len(image_indices) else None, config=config,
                            record_ids=[e.record_id for e in examples])
         for i, tokens in zip(indices, outputs):
-            predictions[i] = model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            predictions[i] = decode_answer(model, tokens)
     rows = []
     per_answer = defaultdict(lambda: [0, 0])
     confusion = Counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 from vlmkit.data.images import load_image
 from vlmkit.data.render import IMAGE_TOKEN, render_conversation
 from vlmkit.data.templates import get_template
-from vlmkit.infer.generate import GenerationConfig, generate
+from vlmkit.infer.generate import GenerationConfig, decode_answer, generate
 
 
 def render_prompt(model, messages: list[dict], record_id="chat", max_length: int | None = None):
@@ -23,7 +23,7 @@ def answer(model, messages: list[dict], images: list, config: GenerationConfig |
 
     pixel_values = torch.stack(pixels) if pixels else None
     tokens = generate(model, [rendered.input_ids], [len(pixels)], pixel_values=pixel_values, config=config)[0]
-    return model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return decode_answer(model, tokens)
 
 
 def first_user_turn(question: str, has_image: bool) -> str:

@@ -7,6 +7,10 @@ debugging); both give the same tokens under greedy decoding.
 A batch may mix requests: `row_configs` gives each row its own token budget, temperature, top-p and seed
 (the server batches unrelated requests), and `on_token(row, token)` sees each token as it is made (streaming;
 returning True ends that row, e.g. on a stop string or a closed connection).
+
+What ends an answer is the model's template's stop resolved against its tokenizer (`model_stop`): its EOS, a
+named special token such as `<|im_end|>`, or a string such as `###` (found in the decoded tail of each row,
+and cut from the answer by `decode_answer`).
 """
 from __future__ import annotations
 
@@ -23,6 +27,23 @@ class GenerationConfig:
     top_p: float = 1.0
     use_cache: bool = True
     seed: int | None = None
+
+
+def model_stop(model):
+    """The StopSpec of `model`'s template for its tokenizer (ids and strings that end an answer)."""
+    from vlmkit.data.templates import get_template, resolve_stop
+
+    cached = getattr(model, "_stop_spec", None)
+    key = (model.config.template, len(model.tokenizer))
+    if cached is None or cached[0] != key:
+        cached = (key, resolve_stop(get_template(model.config.template), model.tokenizer))
+        model._stop_spec = cached
+    return cached[1]
+
+
+def decode_answer(model, tokens: list[int]) -> str:
+    """The text of generated tokens, without special tokens, a stop string or what follows it."""
+    return model_stop(model).cut(model.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,9 +113,15 @@ class Decoder:
     whole sequence is recomputed every step (tests, debugging) and rows cannot join later.
     """
 
-    def __init__(self, model, stop_ids: set[int] | None = None, use_cache: bool = True):
+    def __init__(self, model, stop_ids: set[int] | None = None, use_cache: bool = True,
+                 stop_strings: tuple[str, ...] | None = None):
+        """`stop_ids` / `stop_strings` default to the model's template stop (`model_stop`)."""
         self.model = model
-        self.stop_ids = stop_ids if stop_ids is not None else {model.tokenizer.eos_token_id}
+        stop = model_stop(model) if stop_ids is None or stop_strings is None else None
+        self.stop_ids = set(stop_ids if stop_ids is not None else stop.ids)
+        self.stop_strings = tuple(stop_strings if stop_strings is not None else stop.strings)
+        # a stop string of n characters lies within the last 4n + 4 tokens (a token is at least one byte)
+        self._tail = max((4 * len(s) + 4 for s in self.stop_strings), default=0)
         self.use_cache = use_cache
         self.rows: list[Row] = []
         self.cache = None
@@ -203,12 +230,15 @@ class Decoder:
             row.tokens.append(token)
             if (row.on_token is not None and row.on_token(token)) or len(row.tokens) >= row.config.max_new_tokens:
                 row.finished = True
+            elif self.stop_strings:
+                tail = self.model.tokenizer.decode(row.tokens[-self._tail:], skip_special_tokens=True)
+                row.finished = any(stop in tail for stop in self.stop_strings)
 
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], image_counts: list[int] | None = None, pixel_values=None,
              vision_features=None, config: GenerationConfig | None = None, stop_ids: set[int] | None = None,
-             record_ids=None, row_configs: list[GenerationConfig] | None = None,
+             record_ids=None, stop_strings: tuple[str, ...] | None = None, row_configs: list[GenerationConfig] | None = None,
              on_token: Callable[[int, int], bool] | None = None) -> list[list[int]]:
     """Generate continuations for token-id prompts; returns the new tokens of each (stop token excluded).
 
@@ -225,7 +255,8 @@ def generate(model, prompts: list[list[int]], image_counts: list[int] | None = N
                                                     if own.seed is not None else None)
         callback = (lambda token, i=i: on_token(i, token)) if on_token is not None else None
         rows.append(Row(own, generator, callback, finished=own.max_new_tokens <= 0))
-    decoder = Decoder(model, stop_ids, config.use_cache)
+    decoder = Decoder(model, stop_ids, config.use_cache,
+                      stop_strings=() if stop_ids is not None and stop_strings is None else stop_strings)
     decoder.add(prompts, rows, image_counts, pixel_values, vision_features, record_ids)
     while not all(row.finished for row in rows):
         decoder.step()

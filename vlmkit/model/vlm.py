@@ -82,7 +82,7 @@ class VisionLanguageModel(nn.Module):
         qlora = next((s.lora for s in config.stages if s.lora.quantize), None)
         llm_kwargs = dict(load_kwargs, quantization_config=quantization_config(qlora)) if qlora else load_kwargs
         llm = LanguageModel.from_pretrained(llm_path, **llm_kwargs)
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(llm_path), llm)
+        tokenizer = prepare_tokenizer(load_tokenizer(llm_path), llm, template_tokens(config))
         return cls._assemble(config, load_vision_tower(vision_path, **load_kwargs), llm, tokenizer, transform)
 
     @classmethod
@@ -242,10 +242,29 @@ def _load_state(module: nn.Module, state: dict) -> None:
         raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
 
 
-def prepare_tokenizer(tokenizer, llm: LanguageModel):
-    """Make sure the tokenizer has an image placeholder and a pad token; grow the embeddings if needed."""
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+def template_tokens(config: ArchConfig) -> list[str]:
+    """Special tokens that the templates of a config's stages need (ChatML's <|im_start|>, <|im_end|>)."""
+    from vlmkit.data.templates import get_template
+
+    names = [config.template] + [stage.template for stage in config.stages if stage.template]
+    return [token for name in dict.fromkeys(names) for token in get_template(name).special_tokens]
+
+
+def load_tokenizer(path):
+    """The LLM's own tokenizer class (AutoTokenizer), fast where one exists (character offsets for the mask)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def prepare_tokenizer(tokenizer, llm: LanguageModel, extra_tokens: list[str] = ()):
+    """Make sure the tokenizer has an image placeholder, the templates' special tokens and a pad token; grow
+    the embeddings if needed."""
+    from vlmkit.data.templates import token_id
+
+    missing = [t for t in dict.fromkeys([IMAGE_TOKEN, *extra_tokens]) if token_id(tokenizer, t) is None]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if len(tokenizer) > llm.model.get_input_embeddings().num_embeddings:

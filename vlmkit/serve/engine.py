@@ -25,7 +25,7 @@ import torch
 from vlmkit.data.images import decode_image
 from vlmkit.errors import BadRecord
 from vlmkit.infer.chat import render_prompt
-from vlmkit.infer.generate import Decoder, GenerationConfig, Row
+from vlmkit.infer.generate import Decoder, GenerationConfig, Row, model_stop
 from vlmkit.serve.protocol import ApiError, ChatRequest, ImageRef, ServeSettings
 
 log = logging.getLogger("vlmkit.serve")
@@ -142,7 +142,8 @@ def prepare(model, request: ChatRequest, settings: ServeSettings) -> Job:
         max_tokens = request.max_tokens
     config = GenerationConfig(max_new_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
                               seed=request.seed)
-    return Job(rendered.input_ids, pixels, config, request.stop, stream=request.stream, _tokenizer=model.tokenizer)
+    stops = list(request.stop) + [s for s in model_stop(model).strings if s not in request.stop]
+    return Job(rendered.input_ids, pixels, config, stops, stream=request.stream, _tokenizer=model.tokenizer)
 
 
 class Engine:

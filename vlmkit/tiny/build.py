@@ -24,6 +24,7 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 TOKENIZER_VOCAB = 1024
 ANSWER_PROMPT = "Answer the question using a single word or phrase."
 CAPTION_PROMPTS = ["Describe the image briefly."]
+TINY_TEMPLATES = ("vicuna_v1", "plain")  # the templates the tiny presets use: the tokenizer encodes them compactly
 
 LM_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True)
@@ -50,8 +51,8 @@ def text_corpus() -> list[str]:
     corpus = [q.text for q in questions] + [q.answer for q in questions]
     corpus += [easyvqa.caption_of(a) or "" for a in easyvqa.image_attributes(questions).values()]
     corpus += [ANSWER_PROMPT, *CAPTION_PROMPTS]
-    for template in TEMPLATES.values():
-        corpus += template.corpus_text()
+    for name in TINY_TEMPLATES:
+        corpus += TEMPLATES[name].corpus_text()
     return [t for t in corpus if t]
 
 
@@ -77,20 +78,19 @@ def build_tokenizer(path: Path, verbose: bool = True, **_) -> None:
         print(f"[tiny] tokenizer: {len(fast)} tokens -> {path} ({time.time() - start:.1f}s)")
 
 
-def _lm_documents(seed: int = 0) -> list[str]:
-    """Training conversations as text-only chats (the <image> placeholder removed), plus captions."""
+def _lm_documents(tokenizer, seed: int = 0) -> list[str]:
+    """Training conversations as text-only chats (the <image> placeholder removed), rendered by the shared
+    renderer with the LLaVA template, plus captions."""
+    from vlmkit.data.render import conversation_pieces, normalise_messages
+
     template = TEMPLATES["vicuna_v1"]
     documents = []
     for prompt in ("", ANSWER_PROMPT):
         for record in easyvqa.instruction_records("train", answer_prompt=prompt, seed=seed):
-            text = template.system_format.format(system=template.system)
-            for turn in record["conversations"]:
-                value = turn["value"].replace("<image>\n", "")
-                if turn["from"] == "human":
-                    text += template.user_format.format(content=value) + template.assistant_prefix
-                else:
-                    text += template.assistant_format.format(content=value) + template.stop
-            documents.append(text)
+            messages = [{**m, "content": m["content"].replace("<image>\n", "")}
+                        for m in normalise_messages(record["conversations"], record["id"])]
+            pieces, _ = conversation_pieces(messages, template, tokenizer, record["id"])
+            documents.append("".join(text for text, _ in pieces))
     for record in easyvqa.caption_records("train"):
         documents.append(record["conversations"][1]["value"] + "\n")
     return documents
@@ -106,7 +106,7 @@ def build_llama(path: Path, tokenizer_dir: Path, verbose: bool = True, seed: int
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          attn_implementation="sdpa", **LM_CONFIG)
     model = LlamaForCausalLM(config)
-    documents = _lm_documents(seed)
+    documents = _lm_documents(tokenizer, seed)
     encoded = [[tokenizer.bos_token_id] + tokenizer.encode(d, add_special_tokens=False) for d in documents]
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LM_LR, weight_decay=0.01, betas=(0.9, 0.98))

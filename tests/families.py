@@ -1,0 +1,72 @@
+"""Tokenizers of the real LLM families, built offline with the families' own transformers classes.
+
+Each is trained with `train_new_from_iterator` on a small corpus (easy-VQA-like questions and answers, the
+templates' fixed text, general English), keeping the family's pre-tokenisation, normalisation, decoding and
+special tokens:
+- `llama` / `llama-legacy`: `LlamaTokenizer` (SentencePiece-style `▁` BPE; Vicuna, LLaMA-2, Mistral), with
+  `legacy=False` and `legacy=True`. Trained with whitespace splitting, as SentencePiece trains, so no piece
+  spans two words.
+- `qwen2`: `Qwen2Tokenizer` (byte-level BPE with Qwen's pattern; `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`).
+- `gpt2`: `GPT2Tokenizer` (byte-level BPE; `<|endoftext|>` is BOS, EOS and UNK).
+"""
+from __future__ import annotations
+
+import itertools
+import string
+
+FAMILIES = ("llama", "llama-legacy", "qwen2", "gpt2")
+
+_WORDS = ("what color is the shape does this image contain a circle rectangle triangle is there no yes "
+          "red blue green black brown gray teal yellow describe briefly answer question using single word or "
+          "phrase not it the picture shows hello world how are you today please tell me about location of").split()
+
+
+def corpus() -> list[str]:
+    from vlmkit.data.templates import TEMPLATES
+
+    lines = [" ".join(_WORDS[(i * 7 + j * 3) % len(_WORDS)] for j in range(8)) + "?" for i in range(300)]
+    lines += [f"{a} {b}." for a, b in itertools.product(_WORDS[:20], _WORDS[10:30])]
+    for template in TEMPLATES.values():
+        lines += template.corpus_text() * 20
+    lines += [string.printable] * 5
+    return lines
+
+
+def build_tokenizer(family: str, vocab_size: int = 600):
+    from tokenizers import pre_tokenizers
+    from transformers import GPT2Tokenizer, LlamaTokenizer, Qwen2Tokenizer
+
+    if family.startswith("llama"):
+        base = LlamaTokenizer(legacy=family == "llama-legacy")
+        runtime = base.backend_tokenizer.pre_tokenizer
+        scheme = "always" if family == "llama-legacy" else "first"
+        base.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme,
+                                                                        split=True)
+        tokenizer = base.train_new_from_iterator(corpus(), vocab_size=vocab_size)
+        tokenizer.backend_tokenizer.pre_tokenizer = runtime
+    elif family == "qwen2":
+        base = Qwen2Tokenizer()
+        tokenizer = base.train_new_from_iterator(corpus(), vocab_size=vocab_size,
+                                                 new_special_tokens=["<|im_start|>", "<|im_end|>"])
+    elif family == "gpt2":
+        tokenizer = GPT2Tokenizer().train_new_from_iterator(corpus(), vocab_size=vocab_size)
+    else:
+        raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
+    return tokenizer
+
+
+def save_family_llm(family: str, directory, hidden: int = 32, layers: int = 2, seed: int = 0):
+    """A random tiny LlamaForCausalLM with the family's tokenizer, saved as a Hugging Face directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(family)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)

@@ -1,0 +1,139 @@
+"""Exact loss masks and stops for every tokenizer family under every template.
+
+Llama (SentencePiece-style, legacy and not), Qwen2 and GPT-2 tokenizers are built offline with their own
+transformers classes (tests/families.py). For multi-turn records with a system prompt and images, the decoded
+supervised tokens must be exactly each assistant turn plus its stop, and the whole sequence must decode to
+the rendered text.
+"""
+import pytest
+
+from families import FAMILIES, build_tokenizer
+from vlmkit.data.render import IGNORE_INDEX, conversation_pieces, normalise_messages, render_conversation
+from vlmkit.data.templates import TEMPLATES, get_template, resolve_stop
+from vlmkit.errors import BadRecord
+
+CONVERSATION = [
+    {"role": "system", "content": "You are a careful assistant."},
+    {"role": "user", "content": "<image>\nwhat color is the shape?"},
+    {"role": "assistant", "content": "red"},
+    {"role": "user", "content": "is there a circle? <image>"},
+    {"role": "assistant", "content": "no, it is a triangle."},
+    {"role": "user", "content": "hello, how are you today?"},
+    {"role": "assistant", "content": "yes"},
+]
+CAPTION = [{"role": "user", "content": "<image>\nDescribe the image briefly."},
+           {"role": "assistant", "content": "a blue circle."}]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_tokenizer(request):
+    tokenizer = build_tokenizer(request.param)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<|im_start|>", "<|im_end|>"]},
+                                 replace_extra_special_tokens=False)
+    return request.param, tokenizer
+
+
+def supervised_spans(rendered):
+    spans, current = [], []
+    for token, label in zip(rendered.input_ids, rendered.labels):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            spans.append(current)
+            current = []
+    return spans + ([current] if current else [])
+
+
+@pytest.mark.parametrize("template_name", ["vicuna_v1", "llama2", "chatml", "minigpt4"])
+def test_supervised_tokens_are_each_answer_and_its_stop(family_tokenizer, template_name):
+    family, tokenizer = family_tokenizer
+    template = get_template(template_name)
+    rendered = render_conversation(CONVERSATION, template, tokenizer, num_image_tokens=3, record_id="r1")
+    stop = resolve_stop(template, tokenizer)
+    answers = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
+    spans = [tokenizer.decode(span) for span in supervised_spans(rendered)]
+    expected = [(template.assistant_format.replace("{content}", answer) + stop.text).strip() for answer in answers]
+    assert [span.strip() for span in spans] == expected, family
+    # the sequence is the rendered text, tokenised once (images expanded to 3 placeholders each)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert rendered.input_ids.count(image_id) == 6 and rendered.num_images == 2
+    collapsed = []
+    for token in rendered.input_ids:
+        if not (token == image_id and collapsed and collapsed[-1] == image_id):
+            collapsed.append(token)
+    pieces, _ = conversation_pieces(normalise_messages(CONVERSATION), template, tokenizer)
+    text = "".join(piece for piece, _ in pieces)
+    offset = 1 if template.add_bos and tokenizer.bos_token_id is not None else 0
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert collapsed[offset:] == whole
+    assert text.count("You are a careful assistant.") == 1
+
+
+def test_stop_is_resolved_against_the_tokenizer(family_tokenizer):
+    family, tokenizer = family_tokenizer
+    vicuna = resolve_stop(get_template("vicuna_v1"), tokenizer)
+    assert vicuna.text == tokenizer.eos_token and vicuna.ids == {tokenizer.eos_token_id} and not vicuna.strings
+    chatml = resolve_stop(get_template("chatml"), tokenizer)
+    assert chatml.ids == {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+    minigpt4 = resolve_stop(get_template("minigpt4"), tokenizer)
+    assert minigpt4.strings == ("###",) and minigpt4.cut(" yes###Human: hi") == " yes"
+
+
+def test_captions_with_plain(family_tokenizer):
+    family, tokenizer = family_tokenizer
+    rendered = render_conversation(CAPTION, get_template("plain"), tokenizer, num_image_tokens=4)
+    assert [tokenizer.decode(s) for s in supervised_spans(rendered)] == ["a blue circle.\n"]
+    assert rendered.input_ids[:4] == [tokenizer.convert_tokens_to_ids("<image>")] * 4
+
+
+def test_generation_prompt_is_the_training_prefix(family_tokenizer):
+    """What the model is given at generation is token for token the start of what it was trained on."""
+    _, tokenizer = family_tokenizer
+    for name in ("vicuna_v1", "llama2", "chatml", "minigpt4"):
+        template = get_template(name)
+        full = render_conversation(CONVERSATION[:3], template, tokenizer, num_image_tokens=2)
+        prompt = render_conversation(CONVERSATION[:2], template, tokenizer, num_image_tokens=2,
+                                     add_generation_prompt=True)
+        assert full.input_ids[:len(prompt.input_ids)] == prompt.input_ids, name
+        assert full.labels[len(prompt.input_ids)] != IGNORE_INDEX, name  # the answer starts right after
+
+
+def test_tokenizer_without_offsets_gets_the_same_mask(family_tokenizer):
+    """A Python tokenizer (no offsets, e.g. tiktoken-based) is aligned by decoding prefixes: same labels."""
+    family, tokenizer = family_tokenizer
+    if family == "llama-legacy":
+        pytest.skip("legacy SentencePiece decoding adds spaces after special tokens: no exact text round trip")
+
+    class Slow:
+        is_fast = False
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+    fast = render_conversation(CONVERSATION, get_template("chatml"), tokenizer, num_image_tokens=2)
+    slow = render_conversation(CONVERSATION, get_template("chatml"), Slow(), num_image_tokens=2)
+    assert (slow.input_ids, slow.labels) == (fast.input_ids, fast.labels)
+
+
+def test_missing_template_token_is_a_clear_error():
+    tokenizer = build_tokenizer("gpt2")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    with pytest.raises(Exception, match=r"needs the token\(s\) \['<\|im_start\|>', '<\|im_end\|>'\]"):
+        render_conversation(CONVERSATION, get_template("chatml"), tokenizer, num_image_tokens=1)
+
+
+def test_every_template_is_covered():
+    assert set(TEMPLATES) >= {"vicuna_v1", "plain", "llama2", "chatml", "minigpt4"}
+
+
+def test_glued_turns_are_refused_not_mislabelled():
+    tokenizer = build_tokenizer("gpt2")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    from vlmkit.data.templates import Template
+
+    glued = Template(name="glued", system="", user_format="{content}", assistant_prefix="", assistant_format="{content}",
+                     add_bos=False)
+    with pytest.raises(BadRecord, match="covers both"):
+        render_conversation([{"role": "user", "content": "what is the sha"}, {"role": "assistant", "content": "pe?"}],
+                            glued, tokenizer, num_image_tokens=1)
