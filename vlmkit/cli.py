@@ -122,7 +122,7 @@ def cmd_presets(args) -> int:
 
 
 def _data_spec(args):
-    from vlmkit.train.run import DataSpec
+    from vlmkit.data.sources import DataSpec
 
     return DataSpec(instructions=args.data, captions=getattr(args, "caption_data", None),
                     image_folder=args.image_folder, skip_bad=args.skip_bad)
@@ -240,7 +240,8 @@ def cmd_demo(args) -> int:
     from vlmkit.eval.vqa import run_eval
     from vlmkit.infer.chat import answer, first_user_turn
     from vlmkit.tiny import NAMES, ensure
-    from vlmkit.train.run import DataSpec, train_run
+    from vlmkit.data.sources import DataSpec
+    from vlmkit.train.run import train_run
 
     run_dir = Path(args.run_dir)
     phases = {}

@@ -64,6 +64,12 @@ class StageConfig:
                              default_factory=lambda: ["connector"])
     data: str = _help("Which data the stage reads: 'captions' (alignment) or 'instructions'.", default="instructions")
     template: str = _help("Conversation template for this stage ('' = the architecture's template).", default="")
+    mixture: str = _help("Weighted data sources for this stage instead of its slot: 'SOURCE[=WEIGHT],...' (a LLaVA "
+                         "JSON/JSONL path or a built-in source: easy-vqa:captions, easy-vqa:instructions, "
+                         "easy-vqa:questions) or a .json file listing {source, weight, image_folder, template, "
+                         "answer_prompt}. Weight 1 = each record once per epoch.", default="")
+    pack_to: int = _help("Pack samples into rows of this many tokens (0 = one sample per row, padded); attention "
+                         "never crosses a sample and positions restart per sample.", default=0)
     lr: dict[str, float] = _help("Peak learning rate per trained module.", default_factory=dict)
     max_turns: int = _help("easy-VQA instructions: questions per record (0 = all of an image's questions in one "
                            "multi-turn record).", default=0)
@@ -96,6 +102,10 @@ class ArchConfig:
                             "optimiser steps; 0 = only at the end of each stage.", default=0)
     keep_last: int = _help("How many of those step checkpoints to keep (stage-end checkpoints are all kept).",
                            default=2)
+    workers: int = _help("DataLoader worker processes that decode images for training batches and feature "
+                         "encoding (0 = in the main process).", default=2)
+    feature_cache_gb: float = _help("Memory budget for a frozen encoder's cached features; larger data sets encode "
+                                    "each batch as it is read instead.", default=4.0)
     distributed: str = _help("Under torchrun: 'ddp' (every process holds the whole model) or 'fsdp' (parameters, "
                              "gradients and optimizer state sharded across processes, one unit per LLM layer).",
                              default="ddp")

@@ -1,9 +1,10 @@
 """Records -> rendered, validated training/eval examples, and the collate that pads them.
 
-Every record is rendered and its images decoded before any training step, so a bad record stops the run
-at once with one line naming it (or, with `skip_bad=True`, is skipped and counted by reason). Images are
-decoded once and kept as tensors; each example refers to its images by index into `dataset.images`, which
-also lets the training loop cache frozen encoder features per image.
+Every record is rendered and every image's header read before any training step, so a bad record stops the
+run at once with one line naming it (or, with `skip_bad=True`, is skipped and counted by reason). Pixels are
+decoded only when a batch needs them (`pixels`, in DataLoader workers: `vlmkit.data.loader`), so memory holds
+the index — token ids and image paths — not the images. Each example refers to its images by index into
+`dataset.images`, which also lets a frozen encoder's features be cached per image.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from vlmkit.data.images import ImageTransform, load_image
+from vlmkit.data.images import ImageTransform, check_image, load_image
 from vlmkit.data.render import IGNORE_INDEX, IMAGE_TOKEN, normalise_messages, render_conversation
 from vlmkit.data.templates import Template
 from vlmkit.errors import BadRecord, VlmkitError
@@ -100,34 +101,69 @@ class ConversationDataset(Dataset):
                  verbose: bool = True):
         self.examples: list[Example] = []
         self.images: list[str] = []
+        self.image_owners: list[str] = []  # the first record that uses each image, for error messages
+        self.transform = transform
         self.skipped = SkipReport()
         self.source = source
         image_index: dict[str, int] = {}
-        pixels: list[torch.Tensor] = []
         for position, record in enumerate(tqdm(records, desc=f"reading {source or 'records'}", disable=not verbose,
                                                mininterval=1.0)):
             record_id = record.get("id", f"#{position}") if isinstance(record, dict) else f"#{position}"
             try:
                 example, paths = self._prepare(record, record_id, tokenizer, template, num_image_tokens,
                                                max_length, image_folder, mode, answer_prompt)
-                new_pixels = [(path, transform(load_image(path, record_id))) for path in paths
-                              if path not in image_index]
+                for path in paths:
+                    if path not in image_index:
+                        check_image(path, record_id)
             except BadRecord as error:
                 error.source = error.source or source
                 if not skip_bad:
                     raise BadRecord(error.record_id, error.reason, error.kind, source) from None
                 self.skipped.add(error)
                 continue
-            for path, tensor in new_pixels:
+            for path in paths:
                 if path not in image_index:
                     image_index[path] = len(self.images)
                     self.images.append(path)
-                    pixels.append(tensor)
+                    self.image_owners.append(str(record_id))
             example.image_indices = [image_index[path] for path in paths]
             self.examples.append(example)
-        self.pixel_values = torch.stack(pixels) if pixels else torch.zeros(0)
         if not self.examples:
             raise VlmkitError(f"{source or 'data'}: no usable records ({self.skipped.summary()})")
+        from vlmkit.data.sources import Mixture
+
+        self.mixture = Mixture.single(source or "data", len(self.examples))
+
+    @classmethod
+    def concat(cls, datasets: list["ConversationDataset"], weights: list[float]) -> "ConversationDataset":
+        """One dataset holding every source's examples (images shared by path), sampled by `weights`."""
+        from vlmkit.data.sources import Mixture
+
+        if len(datasets) == 1 and weights[0] == 1.0:
+            return datasets[0]
+        out = cls.__new__(cls)
+        out.examples, out.images, out.image_owners = [], [], []
+        out.transform, out.skipped = datasets[0].transform, SkipReport()
+        out.source = " + ".join(d.source or "data" for d in datasets)
+        index: dict[str, int] = {}
+        ranges = []
+        for dataset in datasets:
+            remap = []
+            for path, owner in zip(dataset.images, dataset.image_owners):
+                if path not in index:
+                    index[path] = len(out.images)
+                    out.images.append(path)
+                    out.image_owners.append(owner)
+                remap.append(index[path])
+            start = len(out.examples)
+            out.examples += [Example(e.record_id, e.input_ids, e.labels, [remap[i] for i in e.image_indices], e.answer)
+                             for e in dataset.examples]
+            ranges.append((start, len(out.examples)))
+            out.skipped.counts.update(dataset.skipped.counts)
+            for kind, text in dataset.skipped.examples.items():
+                out.skipped.examples.setdefault(kind, text)
+        out.mixture = Mixture([d.source or "data" for d in datasets], ranges, list(weights))
+        return out
 
     @staticmethod
     def _prepare(record, record_id, tokenizer, template, num_image_tokens, max_length, image_folder, mode,
@@ -168,6 +204,21 @@ class ConversationDataset(Dataset):
     def lengths(self) -> list[int]:
         return [len(e.input_ids) for e in self.examples]
 
+    def pixels(self, image_indices) -> torch.Tensor:
+        """Decode and transform the given images: (n, 3, H, W). A file that changed or broke since its header
+        was read is a BadRecord naming the record that uses it."""
+        indices = [int(i) for i in image_indices]
+        try:
+            tensors = [self.transform(load_image(self.images[i], self.image_owners[i])) for i in indices]
+        except BadRecord as error:
+            raise BadRecord(error.record_id, error.reason, error.kind, self.source) from None
+        return torch.stack(tensors) if tensors else torch.zeros(0)
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        """Every image decoded at once (small data sets, tests); training reads batches through a loader."""
+        return self.pixels(range(len(self.images)))
+
 
 @dataclass
 class Batch:
@@ -177,6 +228,7 @@ class Batch:
     image_indices: torch.Tensor  # (num_images,) indices into dataset.images, in sample order
     image_counts: list[int]
     record_ids: list[str]
+    pixel_values: torch.Tensor | None = None  # the batch's images, when the loader decoded them
 
 
 def collate(examples: list[Example], pad_token_id: int, padding_side: str = "right") -> Batch:
@@ -195,10 +247,12 @@ def collate(examples: list[Example], pad_token_id: int, padding_side: str = "rig
                  [e.record_id for e in examples])
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group: int = 16) -> list[list[int]]:
-    """Shuffled batches of similar length (less padding): shuffle, sort within chunks of `group` batches."""
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group: int = 16,
+                           indices: list[int] | None = None) -> list[list[int]]:
+    """Shuffled batches of similar length (less padding): shuffle, sort within chunks of `group` batches.
+    `indices` (default: all) are the samples to batch; a mixture's epoch may repeat some and leave others."""
     rng = random.Random(seed)
-    order = list(range(len(lengths)))
+    order = list(range(len(lengths))) if indices is None else list(indices)
     rng.shuffle(order)
     chunk = batch_size * group
     batches = []

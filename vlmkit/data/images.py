@@ -33,6 +33,33 @@ def load_image(path: str | os.PathLike, record_id="?", max_pixels: int = MAX_IMA
     return _decode(path, f"image {path}", record_id, max_pixels)
 
 
+def check_image(path: str | os.PathLike, record_id="?", max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """Read only an image's header (format, size): the file exists, is an image and is within the pixel limit.
+    Decoding waits until a batch needs the pixels."""
+    path = Path(path)
+    if not path.exists():
+        raise BadRecord(record_id, f"image file not found: {path}", kind="missing_image")
+    label = f"image {path}"
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as exc:
+        raise _bomb(exc, label, record_id, max_pixels) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise BadRecord(record_id, f"cannot decode {label}: {exc}", kind="corrupt_image") from None
+    if width * height > max_pixels:
+        raise BadRecord(record_id, f"{label} declares {width}x{height} pixels, more than the limit of "
+                                   f"{max_pixels:,}", kind="image_too_large")
+    return width, height
+
+
+def _bomb(exc, label: str, record_id, max_pixels: int) -> BadRecord:
+    declared = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(declared.group(1)):,} pixels" if declared else "too many pixels"
+    return BadRecord(record_id, f"{label} declares {size}, more than the limit of {max_pixels:,} "
+                                "(a decompression bomb); it was not decoded", kind="image_too_large")
+
+
 def decode_image(data: bytes, label: str = "image", record_id="?", max_pixels: int = MAX_IMAGE_PIXELS
                  ) -> Image.Image:
     """Decode image bytes (an upload, a data: URI) as RGB under the same pixel limit as files."""
@@ -53,10 +80,7 @@ def _decode(source, label: str, record_id, max_pixels: int) -> Image.Image:
     except BadRecord:
         raise
     except Image.DecompressionBombError as exc:  # PIL refuses in open() itself, before our check can run
-        declared = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f"{int(declared.group(1)):,} pixels" if declared else "too many pixels"
-        raise BadRecord(record_id, f"{label} declares {size}, more than the limit of {max_pixels:,} "
-                                   "(a decompression bomb); it was not decoded", kind="image_too_large") from None
+        raise _bomb(exc, label, record_id, max_pixels) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise BadRecord(record_id, f"cannot decode {label}: {exc}", kind="corrupt_image") from None
 

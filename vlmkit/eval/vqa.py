@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmkit.infer.generate import GenerationConfig, decode_answer, generate
-from vlmkit.train.loop import encode_all_images
+from vlmkit.model.features import cache_features
 
 _ARTICLES = {"a", "an", "the"}
 _NUMBERS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
@@ -30,11 +30,12 @@ def normalise_answer(text: str) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, batch_size: int = 128, max_new_tokens: int = 8, verbose: bool = True) -> dict:
+def evaluate(model, dataset, batch_size: int = 128, max_new_tokens: int = 8, verbose: bool = True,
+             feature_cache_gb: float = 4.0, workers: int = 0) -> dict:
     """Answer every example of a prompt-mode ConversationDataset; returns the report dict."""
     start = time.time()
     model.eval()
-    features = encode_all_images(model, dataset, verbose=verbose)
+    features = cache_features(model, dataset, feature_cache_gb, workers, verbose=verbose)
     order = sorted(range(len(dataset)), key=lambda i: len(dataset[i].input_ids))
     predictions = [None] * len(dataset)
     config = GenerationConfig(max_new_tokens=max_new_tokens)
@@ -43,9 +44,11 @@ def evaluate(model, dataset, batch_size: int = 128, max_new_tokens: int = 8, ver
         indices = order[start_index:start_index + batch_size]
         examples = [dataset[i] for i in indices]
         image_indices = torch.tensor([j for e in examples for j in e.image_indices], dtype=torch.long)
+        images = dict(vision_features=features[image_indices]) if features is not None else \
+            dict(pixel_values=dataset.pixels(image_indices))
         outputs = generate(model, [e.input_ids for e in examples], [len(e.image_indices) for e in examples],
-                           vision_features=features[image_indices] if len(image_indices) else None, config=config,
-                           record_ids=[e.record_id for e in examples])
+                           config=config, record_ids=[e.record_id for e in examples],
+                           **(images if len(image_indices) else {}))
         for i, tokens in zip(indices, outputs):
             predictions[i] = decode_answer(model, tokens)
     rows = []
@@ -119,7 +122,7 @@ def run_eval(model, data: str, split: str, image_folder, skip_bad: bool, out_dir
     """Evaluate on 'easy-vqa' (a split) or a LLaVA JSON file, print one summary line, write the report."""
     from vlmkit.data import easyvqa
     from vlmkit.data.dataset import load_llava_json
-    from vlmkit.train.run import EASY_VQA, DataSpec, build_dataset
+    from vlmkit.data.sources import EASY_VQA, DataSpec, build_dataset
 
     if data == EASY_VQA:
         records, source, name = easyvqa.question_records(split), f"easy-vqa {split}", f"easy-vqa-{split}"

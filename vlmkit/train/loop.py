@@ -1,8 +1,9 @@
 """The one training loop: every preset and stage runs it; stages differ only in their StageConfig.
 
 AdamW with a learning rate per module, linear warm-up then cosine decay, gradient clipping and
-accumulation, seeded data order, a tqdm bar, the loss per step appended to a JSONL log. While the vision
-encoder is frozen its features are computed once per image and reused for every epoch. Every `save_every`
+accumulation, seeded data order, a tqdm bar, the loss per step appended to a JSONL log. Batches are read
+through DataLoader workers (`vlmkit.data.loader`); while the vision encoder is frozen its features are
+computed once per image and reused for every epoch, if they fit the cache budget (`vlmkit.model.features`). Every `save_every`
 steps, and on SIGINT/SIGTERM, the caller's `save` writes a step checkpoint (vlmkit.train.checkpoint);
 `resume` restarts from one at the same data position with the same optimizer, schedule and RNG.
 """
@@ -21,10 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmkit.config import StageConfig
-from vlmkit.data.dataset import ConversationDataset, collate, length_grouped_batches
+from vlmkit.data.dataset import ConversationDataset, length_grouped_batches
+from vlmkit.data.loader import batch_loader
 from vlmkit.data.render import IGNORE_INDEX
 from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.llm.lora import finish_stage
+from vlmkit.model.features import cache_features
 from vlmkit.train import distributed
 from vlmkit.train.checkpoint import Resume, TrainState, restore
 from vlmkit.train.freeze import apply_stage_freezing
@@ -53,17 +56,6 @@ def warmup_cosine(total_steps: int, warmup_ratio: float):
         progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
-
-
-@torch.no_grad()
-def encode_all_images(model, dataset: ConversationDataset, batch_size: int = 256, verbose: bool = True):
-    """Vision features of every image in the dataset (the frozen-encoder cache)."""
-    model.vision.eval()
-    features = []
-    for start in tqdm(range(0, len(dataset.images), batch_size), desc="encoding images (frozen encoder)",
-                      disable=not verbose, mininterval=1.0):
-        features.append(model.encode_images(dataset.pixel_values[start:start + batch_size]))
-    return torch.cat(features) if features else None
 
 
 class StopRequested:
@@ -96,7 +88,7 @@ class TrainingInterrupted(VlmkitError):
 
 def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed: int, log_file: Path | None = None,
                 bf16: bool = False, verbose: bool = True, log=print, stage_index: int = 0, save_every: int = 0,
-                strategy: str = "ddp",
+                strategy: str = "ddp", workers: int = 0, feature_cache_gb: float = 4.0,
                 save: Callable[[object, object, TrainState], Path | None] | None = None,
                 resume: Resume | None = None) -> dict:
     """Train `model` in place for one stage; returns a summary (steps, losses, seconds).
@@ -117,12 +109,12 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
     # optimizer step 272 -> 56 ms on the benchmark's 'small' model); FSDP's sharded DTensors use the default
     optimizer = torch.optim.AdamW(param_groups(model, stage), betas=(0.9, 0.999), eps=1e-8,
                                   fused=not distributed.is_sharded(model))
-    steps_per_epoch = math.ceil(len(dataset) / (stage.batch_size * stage.grad_accum))
+    steps_per_epoch = math.ceil(dataset.mixture.epoch_size() / (stage.batch_size * stage.grad_accum))
     total_steps = stage.max_steps or max(1, math.ceil(stage.epochs * steps_per_epoch))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, stage.warmup_ratio))
     # frozen-encoder features are cached once per image; a sharded model runs its tower inside the forward
     cache = "vision" not in stage.train and not distributed.is_sharded(model)
-    cached = encode_all_images(model, dataset, verbose=verbose) if cache else None
+    cached = cache_features(model, dataset, feature_cache_gb, workers, verbose=verbose, log=log) if cache else None
     pad_id = model.tokenizer.pad_token_id
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
@@ -136,10 +128,13 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
         """(epoch, batch index in epoch, batch), from the saved position on."""
         epoch, skip = state.epoch, state.batch_in_epoch
         while True:
-            order = length_grouped_batches(dataset.lengths(), stage.batch_size, seed + epoch)
-            for position in range(skip, len(order)):
-                indices, real = info.shard(order[position]) if info.enabled else (order[position], True)
-                yield epoch, position, real, collate([dataset[i] for i in indices], pad_id)
+            order = length_grouped_batches(dataset.lengths(), stage.batch_size, seed + epoch,
+                                           indices=dataset.mixture.epoch(seed, epoch))
+            shares = [info.shard(batch) if info.enabled else (batch, True) for batch in order[skip:]]
+            loader = batch_loader(dataset, [indices for indices, _ in shares], pad_id, pixels=cached is None,
+                                  workers=workers)
+            for position, (_, real), batch in zip(range(skip, len(order)), shares, loader):
+                yield epoch, position, real, batch
             epoch, skip = epoch + 1, 0
 
     batches = micro_batches()
@@ -154,8 +149,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
                     epoch, position, real, batch = next(batches)
                     features = cached[batch.image_indices] if cached is not None and len(batch.image_indices) \
                         else None
-                    pixels = dataset.pixel_values[batch.image_indices] if features is None and \
-                        len(batch.image_indices) else None
+                    pixels = batch.pixel_values if features is None else None
                     with autocast:
                         loss, _ = forward(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
                                           image_counts=batch.image_counts, pixel_values=pixels,
@@ -192,6 +186,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
                     raise TrainingInterrupted(f"{stop.signal_name}: stopped stage {stage.name!r} after step "
                                               f"{state.step}" + ("; continue with --resume" if save else ""))
     finally:
+        batches.close()  # ends the epoch's loader and its worker processes
         if log_handle:
             log_handle.close()
     finish_stage(model.llm, stage.lora)  # merge LoRA adapters into the weights, or keep them

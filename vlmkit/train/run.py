@@ -13,59 +13,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from vlmkit.config import ArchConfig, StageConfig
-from vlmkit.data import easyvqa
-from vlmkit.data.dataset import ConversationDataset, load_llava_json
-from vlmkit.data.templates import get_template
+from vlmkit.data.sources import DataSpec, build_dataset, stage_dataset  # noqa: F401 (build_dataset: public here too)
 from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.train import checkpoint, distributed
 from vlmkit.train.loop import train_stage
 from vlmkit.train.plot import plot_loss
-
-EASY_VQA = "easy-vqa"
-
-
-@dataclass
-class DataSpec:
-    """Where stage data comes from: 'easy-vqa' or LLaVA JSON files (+ image folder)."""
-    instructions: str = EASY_VQA
-    captions: str | None = None  # default: easy-VQA captions when instructions are easy-VQA
-    image_folder: str | None = None
-    skip_bad: bool = False
-
-
-def stage_records(config: ArchConfig, stage: StageConfig, data: DataSpec) -> tuple[list[dict], str]:
-    if stage.data == "captions":
-        source = data.captions or (EASY_VQA if data.instructions == EASY_VQA else None)
-        if source is None:
-            raise ConfigError(f"stage {stage.name!r} reads captions: pass --caption-data FILE.json, or --stages to "
-                              "skip it")
-        if source == EASY_VQA:
-            return easyvqa.caption_records("train", config.caption_prompt), "easy-vqa captions (train)"
-        return load_llava_json(source), source
-    if stage.data == "instructions":
-        if data.instructions == EASY_VQA:
-            return (easyvqa.instruction_records("train", config.answer_prompt, seed=config.seed,
-                                                max_turns=stage.max_turns),
-                    "easy-vqa instructions (train)")
-        return load_llava_json(data.instructions), data.instructions
-    raise ConfigError(f"stage {stage.name!r}: unknown data kind {stage.data!r} (captions, instructions)")
-
-
-def build_dataset(model: VisionLanguageModel, records: list[dict], source: str, template_name: str,
-                  data: DataSpec, mode: str = "train", answer_prompt: str = "", verbose: bool = True):
-    folder = None if source.startswith(EASY_VQA) else data.image_folder
-    return ConversationDataset(records, model.tokenizer, get_template(template_name), model.image_transform,
-                               num_image_tokens=model.num_image_tokens, max_length=model.config.max_length,
-                               image_folder=folder, skip_bad=data.skip_bad, source=source, mode=mode,
-                               answer_prompt=answer_prompt, verbose=verbose)
-
 
 def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = None, stages: list[str] | None = None,
               resume: bool = False, verbose: bool = True, log=print) -> dict:
@@ -122,17 +80,22 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
         if index < first or stage not in selected:
             continue
         phase = time.time()
-        records, source = stage_records(config, stage, data)
-        dataset = build_dataset(model, records, source, stage.template or config.template, data, verbose=verbose)
+        dataset = stage_dataset(model, config, stage, data, verbose=verbose)
+        source = dataset.source
         if dataset.skipped.total:
             log(f"{source}: {dataset.skipped.summary()}")
             summary["skipped"][stage.name] = dict(dataset.skipped.counts)
+        per_source = dataset.mixture.per_source()
         log(f"stage {index + 1}/{len(config.stages)} {stage.name!r}: {len(dataset)} records from {source}, "
             f"{len(dataset.images)} images, trains {stage.train}")
+        if len(per_source) > 1:
+            log(f"  mixture, samples per epoch: " + ", ".join(f"{n} {name}" for name, n in per_source.items()))
+        summary.setdefault("samples_per_epoch", {})[stage.name] = per_source
         stage_resume = resume_from if resume_from is not None and resume_from.state.stage_index == index else None
         result = train_stage(model, stage, dataset, seed=config.seed + index,
                              log_file=log_file if info.is_main else None, bf16=config.bf16, verbose=verbose, log=log,
                              stage_index=index, save_every=config.save_every, strategy=config.distributed,
+                             workers=config.workers, feature_cache_gb=config.feature_cache_gb,
                              save=_step_saver(model, run_dir, config.keep_last, log) if info.is_main else None,
                              resume=stage_resume)
         state = distributed.full_state_dict(model) if distributed.is_sharded(model) else None  # all ranks gather

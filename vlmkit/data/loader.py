@@ -1,0 +1,100 @@
+"""Batches and images read through `torch.utils.data.DataLoader` worker processes.
+
+The training loop decides the order (seeded, length-grouped, each rank's share under torchrun); these
+loaders only read it: `batch_loader` collates the given index lists — decoding their images in `workers`
+processes when the batch needs pixels — and `image_loader` decodes images in order for feature encoding.
+Memory holds the dataset's index and a few batches in flight, never the whole set of images. An image that
+fails to decode in a worker comes back to the main process as the BadRecord naming its record.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vlmkit.data.dataset import Batch, ConversationDataset, collate
+from vlmkit.errors import BadRecord
+
+
+class _Failed:
+    """A BadRecord raised in a worker, carried back intact (DataLoader would re-raise a mangled copy)."""
+
+    def __init__(self, error: BadRecord):
+        self.args = (error.record_id, error.reason, error.kind, error.source)
+
+
+def _unwrap(item):
+    if isinstance(item, _Failed):
+        raise BadRecord(*item.args)
+    return item
+
+
+class _Examples(Dataset):
+    def __init__(self, dataset: ConversationDataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return index
+
+
+class _Collate:
+    def __init__(self, dataset: ConversationDataset, collate_fn: Callable, pad_token_id: int, pixels: bool):
+        self.dataset, self.collate_fn, self.pad_token_id, self.pixels = dataset, collate_fn, pad_token_id, pixels
+
+    def __call__(self, indices: list[int]):
+        examples = [self.dataset[i] for i in indices]
+        batch = self.collate_fn(examples, self.pad_token_id)
+        if self.pixels and len(batch.image_indices):
+            try:
+                batch.pixel_values = self.dataset.pixels(batch.image_indices)
+            except BadRecord as error:
+                return _Failed(error)
+        return batch
+
+
+def batch_loader(dataset: ConversationDataset, batches: Sequence[list[int]], pad_token_id: int, *, pixels: bool,
+                 workers: int = 0, collate_fn: Callable = collate) -> Iterator[Batch]:
+    """Collated batches for the given lists of example indices, in that order."""
+    if not batches:
+        return iter(())
+    # without pixels a batch is a few lists of ints: worker processes would cost more than they save
+    workers = workers if pixels else 0
+    loader = DataLoader(_Examples(dataset), batch_sampler=list(batches), num_workers=workers,
+                        collate_fn=_Collate(dataset, collate_fn, pad_token_id, pixels),
+                        prefetch_factor=4 if workers else None, persistent_workers=False)
+    return map(_unwrap, loader)
+
+
+class _Images(Dataset):
+    def __init__(self, dataset: ConversationDataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset.images)
+
+    def __getitem__(self, index):
+        return index
+
+
+class _Decode:
+    def __init__(self, dataset: ConversationDataset):
+        self.dataset = dataset
+
+    def __call__(self, indices: list[int]):
+        try:
+            return self.dataset.pixels(indices)
+        except BadRecord as error:
+            return _Failed(error)
+
+
+def image_loader(dataset: ConversationDataset, batch_size: int = 256, workers: int = 0) -> Iterator[torch.Tensor]:
+    """The dataset's images, decoded and transformed, in index order, `batch_size` at a time."""
+    if not dataset.images:
+        return iter(())
+    loader = DataLoader(_Images(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=_Decode(dataset), prefetch_factor=2 if workers else None)
+    return map(_unwrap, loader)
