@@ -13,6 +13,27 @@ def cache_home() -> Path:
     return Path(os.environ.get("VLMKIT_HOME") or Path.home() / ".cache" / "vlmkit")
 
 
+def check_local_path(name_or_path: str, what: str) -> None:
+    """A name that can only be a local path (absolute, ./, ../, ~, more than one '/', or under an existing
+    directory) must exist; otherwise it would be taken for a hub id and fail after retries. Hub ids
+    (`org/name`) pass."""
+    from vlmkit.errors import ConfigError
+
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    looks_local = (text.startswith(("/", "./", "../", "~", ".\\")) or text.count("/") > 1
+                   or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()))
+    if looks_local and not path.exists():
+        parent = path.parent
+        hint = ""
+        if parent.is_dir():
+            import difflib
+
+            close = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()], n=1, cutoff=0.5)
+            hint = f"; did you mean {str(parent / close[0])!r}?" if close else f" ({parent} exists)"
+        raise ConfigError(f"{what} {text!r}: no such file or directory{hint}")
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike):
     """Yield a temporary directory next to `target`; on success it replaces `target` in one rename.

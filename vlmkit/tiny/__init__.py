@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vlmkit.io import cache_home
 
-VERSION = "v1"
+VERSION = "v2"  # v2: the LM corpus is rendered by the shared renderer (vlmkit.data.render)
 PREFIX = "tiny:"
 NAMES = ("tokenizer", "llama", "vision")
 

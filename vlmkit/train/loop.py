@@ -24,13 +24,13 @@ from tqdm.auto import tqdm
 from vlmkit.config import StageConfig
 from vlmkit.data.dataset import ConversationDataset, length_grouped_batches
 from vlmkit.data.loader import batch_loader
-from vlmkit.data.render import IGNORE_INDEX
 from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.llm.lora import finish_stage
 from vlmkit.model.features import cache_features
 from vlmkit.train import distributed
 from vlmkit.train.checkpoint import Resume, TrainState, restore
 from vlmkit.train.freeze import apply_stage_freezing
+from vlmkit.train.objectives import get_objective
 
 
 def param_groups(model, stage: StageConfig) -> list[dict]:
@@ -116,6 +116,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
     cache = "vision" not in stage.train and not distributed.is_sharded(model)
     cached = cache_features(model, dataset, feature_cache_gb, workers, verbose=verbose, log=log) if cache else None
     pad_id = model.tokenizer.pad_token_id
+    objective = get_objective(stage.objective)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     state = TrainState(stage_index, stage.name)
@@ -144,25 +145,25 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
     try:
         with StopRequested() as stop:
             for step in bar:
-                step_loss = 0.0
-                for _ in range(stage.grad_accum):
-                    epoch, position, real, batch = next(batches)
+                micro = [next(batches) for _ in range(stage.grad_accum)]
+                # the step's loss is normalised by its units (supervised tokens) over every micro-batch and rank
+                units = [objective.units(batch) if real else 0 for _, _, real, batch in micro]
+                total_units = sum(units)
+                if info.enabled:
+                    total_units = int(distributed.all_reduce_sum([total_units])[0])
+                total_units = max(total_units, 1)
+                step_sum = 0.0
+                for (epoch, position, real, batch), count in zip(micro, units):
                     features = cached[batch.image_indices] if cached is not None and len(batch.image_indices) \
                         else None
-                    pixels = batch.pixel_values if features is None else None
                     with autocast:
-                        loss, _ = forward(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                                          image_counts=batch.image_counts, pixel_values=pixels,
-                                          vision_features=features, record_ids=batch.record_ids)
-                    if info.enabled:  # weight by this rank's share of the global micro-batch's supervised tokens
-                        tokens = int((batch.labels[:, 1:] != IGNORE_INDEX).sum()) if real else 0
-                        total_tokens, total_loss = distributed.all_reduce_sum([tokens, loss.item() * tokens])
-                        loss_value = total_loss / total_tokens
-                        loss = loss * (tokens / total_tokens * info.world_size)
-                    else:
-                        loss_value = loss.item()
-                    (loss / stage.grad_accum).backward()
-                    step_loss += loss_value / stage.grad_accum
+                        loss, _ = objective(forward, batch, features)
+                    # this micro-batch's share of the step's units; DDP averages gradients over ranks, so the
+                    # world size turns that average back into the global sum (a rank without samples: weight 0)
+                    weight = count * info.world_size / total_units
+                    (loss * weight).backward()
+                    step_sum += loss.item() * count
+                step_loss = (distributed.all_reduce_sum([step_sum])[0] if info.enabled else step_sum) / total_units
                 norm = torch.nn.utils.clip_grad_norm_(trainable, stage.max_grad_norm) if stage.max_grad_norm \
                     else None
                 norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a sharded DTensor
@@ -176,7 +177,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
                     log_handle.write(json.dumps({
                         "stage": stage.name, "step": step + 1, "epoch": epoch, "loss": step_loss,
                         "lr": {g["name"]: g["lr"] for g in optimizer.param_groups if not g["name"].endswith(".no_decay")},
-                        "grad_norm": None if norm is None else float(norm),
+                        "grad_norm": None if norm is None else float(norm), "tokens": total_units,
                         "seconds": round(time.time() - start, 3)}) + "\n")
                     log_handle.flush()
                 periodic = save_every and state.step % save_every == 0 and state.step < total_steps

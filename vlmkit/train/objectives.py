@@ -1,0 +1,41 @@
+"""Training objectives beside the loop: a stage names one, the loop asks it for loss, token count, metrics.
+
+`objective(forward, batch, features)` returns the micro-batch's loss as a MEAN over its normalisation units
+and the metrics to log; `objective.units(batch)` counts those units (supervised tokens for `lm`). The loop
+weights every micro-batch by its share of the units of the whole optimiser step — all micro-batches, all
+ranks — so the gradient is the same for batch 32 x accumulation 1 as for batch 16 x accumulation 2, however
+the supervised tokens fall (and a single micro-batch on one process is left exactly as it is). BLIP-2's contrastive, matching and generation losses register here next, as further names.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from vlmkit.data.render import IGNORE_INDEX
+from vlmkit.errors import ConfigError
+
+
+class LanguageModeling:
+    """Next-token cross-entropy on the supervised tokens (assistant turns and their stops)."""
+    name = "lm"
+
+    def units(self, batch) -> int:
+        return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+
+    def __call__(self, forward: Callable, batch, features=None) -> tuple[torch.Tensor, dict]:
+        pixels = batch.pixel_values if features is None else None
+        extra = {"position_ids": batch.position_ids} if getattr(batch, "position_ids", None) is not None else {}
+        mean, _ = forward(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                          image_counts=batch.image_counts, pixel_values=pixels, vision_features=features,
+                          record_ids=batch.record_ids, **extra)
+        return mean, {}
+
+
+OBJECTIVES: dict[str, Callable[[], object]] = {"lm": LanguageModeling}
+
+
+def get_objective(name: str):
+    if name not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {name!r}; available: {', '.join(sorted(OBJECTIVES))}")
+    return OBJECTIVES[name]()
