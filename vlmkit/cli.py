@@ -290,6 +290,17 @@ def _add_convert_paths(parser, src_help: str, out_help: str, dtype_help: str) ->
     parser.add_argument("--dtype", choices=_DTYPES, help=dtype_help)
 
 
+_TRAIN_EXAMPLES = """examples:
+  vlmkit train --preset llava-1.5 --data mine.json --image-folder imgs/ --caption-data caps.json
+  vlmkit train --llm ./my-qwen2 --template chatml          # the LLM's own tokenizer; answers stop on <|im_end|>
+  # a stage reading weighted sources (weight 1 = each record once per epoch, 0.5 = a random half):
+  vlmkit train --instruct.mixture "easy-vqa:instructions=1,mine.json=0.5" --image-folder imgs/
+  # a long list in a file: [{"source": "mine.json", "weight": 2, "image_folder": "imgs", "template": "chatml"}]
+  vlmkit train --instruct.mixture mix.json --instruct.pack-to 1024   # samples packed into 1024-token rows
+  vlmkit train ... --workers 4 --feature-cache-gb 16     # image-decoding processes; frozen-feature cache budget
+"""
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmkit", description="Vision-language models from shared parts (vision encoder -> connector -> LLM), "
@@ -312,7 +323,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a preset through its stages",
                        description="Train a preset through its stages. Each flag below is a field of the preset's "
-                                   "config; the defaults shown are this preset's.")
+                                   "config; the defaults shown are this preset's.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_TRAIN_EXAMPLES)
     p.add_argument("--preset", default="llava-1.5", help="architecture preset (see `vlmkit presets`)")
     p.add_argument("--scale", default="tiny", choices=["tiny", "paper"], help="backbone scale")
     p.add_argument("--run-dir", default="runs/train", help="where checkpoints, logs and the loss curve go")
