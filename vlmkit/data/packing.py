@@ -35,6 +35,7 @@ class PackedBatch:
     record_ids: list[list[str]]   # the record ids of each row's samples, in order
     position_ids: torch.Tensor    # (B, L) restarting at 0 for every sample; 0 on padding
     sequence_ids: torch.Tensor    # (B, L) index of the sample within its row; -1 on padding
+    pixel_values: torch.Tensor | None = None  # the batch's images, when a loader decoded them (as in Batch)
 
 
 def pack_examples(examples: list[Example], pack_to: int) -> list[list[int]]:
@@ -98,3 +99,14 @@ def block_diagonal_mask(sequence_ids: torch.Tensor, dtype: torch.dtype = torch.f
     allowed |= torch.eye(length, dtype=torch.bool, device=sequence_ids.device)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=sequence_ids.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+class PackingCollate:
+    """A loader's collate for packed stages: the micro-batch's samples packed into rows of `pack_to` tokens."""
+
+    def __init__(self, pack_to: int):
+        self.pack_to = pack_to
+
+    def __call__(self, examples: list[Example], pad_token_id: int) -> PackedBatch:
+        rows = pack_examples(examples, self.pack_to)
+        return collate_packed([[examples[i] for i in row] for row in rows], pad_token_id)

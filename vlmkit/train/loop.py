@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from vlmkit.config import StageConfig
 from vlmkit.data.dataset import ConversationDataset, length_grouped_batches
 from vlmkit.data.loader import batch_loader
+from vlmkit.data.packing import PackingCollate
 from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.llm.lora import finish_stage
 from vlmkit.model.features import cache_features
@@ -117,6 +118,13 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
     cached = cache_features(model, dataset, feature_cache_gb, workers, verbose=verbose, log=log) if cache else None
     pad_id = model.tokenizer.pad_token_id
     objective = get_objective(stage.objective)
+    packing = {}
+    if stage.pack_to:  # a micro-batch is still batch_size samples, packed into as few rows as fit
+        longest = max(range(len(dataset)), key=lambda i: len(dataset[i].input_ids))
+        if len(dataset[longest].input_ids) > stage.pack_to:
+            raise ConfigError(f"stage {stage.name!r}: record {dataset[longest].record_id!r} has "
+                              f"{len(dataset[longest].input_ids)} tokens, more than pack_to={stage.pack_to}")
+        packing = {"collate_fn": PackingCollate(stage.pack_to)}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     state = TrainState(stage_index, stage.name)
@@ -133,7 +141,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
                                            indices=dataset.mixture.epoch(seed, epoch))
             shares = [info.shard(batch) if info.enabled else (batch, True) for batch in order[skip:]]
             loader = batch_loader(dataset, [indices for indices, _ in shares], pad_id, pixels=cached is None,
-                                  workers=workers)
+                                  workers=workers, **packing)
             for position, (_, real), batch in zip(range(skip, len(order)), shares, loader):
                 yield epoch, position, real, batch
             epoch, skip = epoch + 1, 0
@@ -178,6 +186,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
                         "stage": stage.name, "step": step + 1, "epoch": epoch, "loss": step_loss,
                         "lr": {g["name"]: g["lr"] for g in optimizer.param_groups if not g["name"].endswith(".no_decay")},
                         "grad_norm": None if norm is None else float(norm), "tokens": total_units,
+                        "rows": sum(int(batch.input_ids.shape[0]) for *_, batch in micro),
                         "seconds": round(time.time() - start, 3)}) + "\n")
                     log_handle.flush()
                 periodic = save_every and state.step % save_every == 0 and state.step < total_steps

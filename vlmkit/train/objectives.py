@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from vlmkit.data.packing import block_diagonal_mask
 from vlmkit.data.render import IGNORE_INDEX
 from vlmkit.errors import ConfigError
 
@@ -25,8 +26,11 @@ class LanguageModeling:
 
     def __call__(self, forward: Callable, batch, features=None) -> tuple[torch.Tensor, dict]:
         pixels = batch.pixel_values if features is None else None
-        extra = {"position_ids": batch.position_ids} if getattr(batch, "position_ids", None) is not None else {}
-        mean, _ = forward(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+        attention_mask, extra = batch.attention_mask, {}
+        if getattr(batch, "sequence_ids", None) is not None:  # packed rows: no attention across samples
+            attention_mask = block_diagonal_mask(batch.sequence_ids)
+            extra["position_ids"] = batch.position_ids
+        mean, _ = forward(batch.input_ids, attention_mask=attention_mask, labels=batch.labels,
                           image_counts=batch.image_counts, pixel_values=pixels, vision_features=features,
                           record_ids=batch.record_ids, **extra)
         return mean, {}
