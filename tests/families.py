@@ -32,7 +32,7 @@ def corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(family: str, vocab_size: int = 600):
+def build_tokenizer(family: str, vocab_size: int = 600, texts: list[str] | None = None):
     from tokenizers import pre_tokenizers
     from transformers import GPT2Tokenizer, LlamaTokenizer, Qwen2Tokenizer
 
@@ -42,14 +42,14 @@ def build_tokenizer(family: str, vocab_size: int = 600):
         scheme = "always" if family == "llama-legacy" else "first"
         base.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme,
                                                                         split=True)
-        tokenizer = base.train_new_from_iterator(corpus(), vocab_size=vocab_size)
+        tokenizer = base.train_new_from_iterator(texts or corpus(), vocab_size=vocab_size)
         tokenizer.backend_tokenizer.pre_tokenizer = runtime
     elif family == "qwen2":
         base = Qwen2Tokenizer()
-        tokenizer = base.train_new_from_iterator(corpus(), vocab_size=vocab_size,
+        tokenizer = base.train_new_from_iterator(texts or corpus(), vocab_size=vocab_size,
                                                  new_special_tokens=["<|im_start|>", "<|im_end|>"])
     elif family == "gpt2":
-        tokenizer = GPT2Tokenizer().train_new_from_iterator(corpus(), vocab_size=vocab_size)
+        tokenizer = GPT2Tokenizer().train_new_from_iterator(texts or corpus(), vocab_size=vocab_size)
     else:
         raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
     return tokenizer
@@ -70,3 +70,18 @@ def save_family_llm(family: str, directory, hidden: int = 32, layers: int = 2, s
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
+
+
+def supervised_spans(rendered) -> list[list[int]]:
+    """The runs of consecutive supervised tokens of a Rendered conversation (each label equal to its token)."""
+    from vlmkit.data.render import IGNORE_INDEX
+
+    spans, current = [], []
+    for token, label in zip(rendered.input_ids, rendered.labels):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            spans.append(current)
+            current = []
+    return spans + ([current] if current else [])

@@ -45,22 +45,29 @@ def assert_same_losses(resumed, reference):
     assert worst <= 1e-6
 
 
+def variant_args(variant: str, tmp_path) -> list[str]:
+    """LoRA dropout consumes the RNG; a mixture at weight 1.5 draws a different random half every epoch (12
+    records at batch 4: 5 batches an epoch, so the 12 steps cross two epoch boundaries)."""
+    return {"full": [], "lora": ["--instruct.lora.r", "4", "--instruct.lora.dropout", "0.1"],
+            "mixture": ["--instruct.mixture", f"{tmp_path / 'data.json'}=1.5"]}[variant]
+
+
 @pytest.fixture(scope="module")
 def reference(backbones, tmp_path_factory):
-    """The uninterrupted run's per-step losses (with and without LoRA dropout, which consumes the RNG)."""
+    """The uninterrupted run's per-step losses for each variant."""
     out = {}
-    for name, extra in {"full": [], "lora": ["--instruct.lora.r", "4", "--instruct.lora.dropout", "0.1"]}.items():
+    for name in ("full", "lora", "mixture"):
         tmp_path = tmp_path_factory.mktemp(f"reference-{name}")
         make_images(tmp_path)
-        finish(argv(backbones, tmp_path, tmp_path / "run", *extra))
+        finish(argv(backbones, tmp_path, tmp_path / "run", *variant_args(name, tmp_path)))
         out[name] = losses(tmp_path / "run")
     return out
 
 
-@pytest.mark.parametrize("variant", ["full", "lora"])
+@pytest.mark.parametrize("variant", ["full", "lora", "mixture"])
 def test_sigkill_mid_stage_then_resume_repeats_the_losses(backbones, tmp_path, reference, variant):
     make_images(tmp_path)
-    extra = ["--instruct.lora.r", "4", "--instruct.lora.dropout", "0.1"] if variant == "lora" else []
+    extra = variant_args(variant, tmp_path)
     run = tmp_path / "run"
     process = start(argv(backbones, tmp_path, run, *extra))
     wait_for(lambda: logged_steps(run) >= 8, process)

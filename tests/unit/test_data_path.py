@@ -24,6 +24,15 @@ def write_records(tmp_path, image_files, name: str, count: int, answers=ANSWERS)
     return path
 
 
+def train_log(backbones, tmp_path, run_name: str, data, *extra) -> list[dict]:
+    """`vlmkit train` of the instruct stage on `data` with the test backbones; the per-step log."""
+    run = tmp_path / run_name
+    assert main(["train", "--preset", "llava-1.5", "--run-dir", str(run), "--data", str(data), "--image-folder",
+                 str(tmp_path), "--stages", "instruct", "--vision-tower", backbones["clip"], "--llm", backbones["llm"],
+                 *extra]) == 0
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
 def test_parse_mixture_inline_and_file(tmp_path):
     assert parse_mixture("easy-vqa:instructions=1,data/a.json=0.5, b.jsonl") == [
         Source("easy-vqa:instructions", 1.0), Source("data/a.json", 0.5), Source("b.jsonl", 1.0)]
@@ -70,14 +79,9 @@ def test_loss_is_normalised_over_the_whole_step(backbones, tmp_path, image_files
     same loss and the same gradient (its norm before clipping), though the micro-batches' token counts
     differ (answers of 1 to 6 words)."""
     data = write_records(tmp_path, image_files, "d", 32)
-    logs = []
-    for batch, accum in ((32, 1), (16, 2)):
-        run = tmp_path / f"run{batch}"
-        assert main(["train", "--preset", "llava-1.5", "--run-dir", str(run), "--data", str(data), "--image-folder",
-                     str(tmp_path), "--stages", "instruct", "--instruct.max-steps", "1",
-                     "--instruct.batch-size", str(batch), "--instruct.grad-accum", str(accum),
-                     "--vision-tower", backbones["clip"], "--llm", backbones["llm"], "--workers", "0"]) == 0
-        logs.append(json.loads((run / "train_log.jsonl").read_text().splitlines()[0]))
+    logs = [train_log(backbones, tmp_path, f"run{batch}", data, "--instruct.max-steps", "1", "--instruct.batch-size",
+                      str(batch), "--instruct.grad-accum", str(accum), "--workers", "0")[0]
+            for batch, accum in ((32, 1), (16, 2))]
     assert logs[0]["tokens"] == logs[1]["tokens"]
     assert logs[0]["loss"] == pytest.approx(logs[1]["loss"], rel=1e-5)
     assert logs[0]["grad_norm"] == pytest.approx(logs[1]["grad_norm"], rel=1e-4)
@@ -120,14 +124,10 @@ def test_an_image_broken_after_validation_names_its_record(dataset, tmp_path):
 def test_feature_cache_budget_falls_back_to_encoding_each_batch(backbones, tmp_path, image_files, capsys):
     """With no room for the frozen encoder's features, each batch's pixels are encoded: same losses."""
     data = write_records(tmp_path, image_files, "f", 12)
-    losses = []
-    for budget in ("4", "0"):
-        run = tmp_path / f"run{budget}"
-        assert main(["train", "--preset", "llava-1.5", "--run-dir", str(run), "--data", str(data), "--image-folder",
-                     str(tmp_path), "--stages", "instruct", "--instruct.max-steps", "4", "--instruct.batch-size", "4",
-                     "--vision-tower", backbones["clip"], "--llm", backbones["llm"], "--feature-cache-gb", budget,
-                     "--workers", "1"]) == 0
-        losses.append([json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()])
+    losses = [[entry["loss"] for entry in train_log(backbones, tmp_path, f"run{budget}", data, "--instruct.max-steps",
+                                                    "4", "--instruct.batch-size", "4", "--feature-cache-gb", budget,
+                                                    "--workers", "1")]
+              for budget in ("4", "0")]
     assert "more than the cache budget (--feature-cache-gb 0)" in capsys.readouterr().out
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
@@ -145,14 +145,8 @@ def test_a_packed_stage_trains_like_the_padded_one(backbones, tmp_path, image_fi
     """--STAGE.pack-to packs each micro-batch's samples into rows: the same samples, the same per-token loss
     and gradients as padded rows, in fewer, longer rows."""
     data = write_records(tmp_path, image_files, "p", 16)
-    logs = []
-    for pack in ("0", "256"):
-        run = tmp_path / f"run{pack}"
-        assert main(["train", "--preset", "llava-1.5", "--run-dir", str(run), "--data", str(data), "--image-folder",
-                     str(tmp_path), "--stages", "instruct", "--instruct.max-steps", "3", "--instruct.batch-size", "8",
-                     "--instruct.pack-to", pack, "--vision-tower", backbones["clip"], "--llm", backbones["llm"],
-                     "--workers", "0"]) == 0
-        logs.append([json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()])
+    logs = [train_log(backbones, tmp_path, f"run{pack}", data, "--instruct.max-steps", "3", "--instruct.batch-size",
+                      "8", "--instruct.pack-to", pack, "--workers", "0") for pack in ("0", "256")]
     for padded, packed in zip(*logs):
         assert padded["tokens"] == packed["tokens"] and padded["rows"] == 8 and packed["rows"] < 8
         assert padded["loss"] == pytest.approx(packed["loss"], rel=1e-5)

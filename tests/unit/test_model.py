@@ -139,3 +139,23 @@ def test_vision_encoder_skips_unused_blocks_exactly(layer):
     torch.testing.assert_close(ours, torch.cat([hidden[i][:, 1:] for i in layers], dim=-1), rtol=0, atol=0)
     assert len(calls) == max(1, max(i % 4 for i in layers))
     assert len(encoder._encoder().layers) == 3  # the tower is whole again (saving and export see every block)
+
+
+def test_initialisation_does_not_depend_on_a_cold_backbone_cache(backbones, monkeypatch):
+    """Building tiny backbones on a cold cache consumes the RNG; the connector must start the same anyway."""
+    import vlmkit.tiny
+    from vlmkit.config import from_name
+    from vlmkit.model.vlm import VisionLanguageModel
+
+    config = from_name("llava-1.5", vision={"name_or_path": backbones["clip"]}, llm={"name_or_path": backbones["llm"]})
+    warm = VisionLanguageModel.from_config(config, verbose=False)
+    resolve = vlmkit.tiny.resolve
+
+    def cold(name, verbose=True):  # what a build does to the global RNG
+        torch.randn(1000)
+        return resolve(name, verbose)
+
+    monkeypatch.setattr(vlmkit.tiny, "resolve", cold)
+    built = VisionLanguageModel.from_config(config, verbose=False)
+    for (name, a), (_, b) in zip(warm.connector.state_dict().items(), built.connector.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -1,4 +1,5 @@
 import pytest
+from families import supervised_spans
 
 from vlmkit.data.render import IGNORE_INDEX, render_conversation
 from vlmkit.data.templates import Template, get_template
@@ -18,20 +19,6 @@ CONVERSATION = [
     {"from": "human", "value": "is there a circle?"},
     {"from": "gpt", "value": "no, it is a rectangle."},
 ]
-
-
-def supervised_spans(rendered):
-    spans, current = [], []
-    for token, label in zip(rendered.input_ids, rendered.labels):
-        if label != IGNORE_INDEX:
-            assert label == token
-            current.append(token)
-        elif current:
-            spans.append(current)
-            current = []
-    if current:
-        spans.append(current)
-    return spans
 
 
 def test_labels_are_exactly_the_assistant_turns_and_stop(tokenizer):

@@ -7,7 +7,7 @@ the rendered text.
 """
 import pytest
 
-from families import FAMILIES, build_tokenizer
+from families import FAMILIES, build_tokenizer, supervised_spans
 from vlmkit.data.render import IGNORE_INDEX, conversation_pieces, normalise_messages, render_conversation
 from vlmkit.data.templates import TEMPLATES, get_template, resolve_stop
 from vlmkit.errors import BadRecord
@@ -31,18 +31,6 @@ def family_tokenizer(request):
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<|im_start|>", "<|im_end|>"]},
                                  replace_extra_special_tokens=False)
     return request.param, tokenizer
-
-
-def supervised_spans(rendered):
-    spans, current = [], []
-    for token, label in zip(rendered.input_ids, rendered.labels):
-        if label != IGNORE_INDEX:
-            assert label == token
-            current.append(token)
-        elif current:
-            spans.append(current)
-            current = []
-    return spans + ([current] if current else [])
 
 
 @pytest.mark.parametrize("template_name", ["vicuna_v1", "llama2", "chatml", "minigpt4"])
@@ -137,3 +125,28 @@ def test_glued_turns_are_refused_not_mislabelled():
     with pytest.raises(BadRecord, match="covers both"):
         render_conversation([{"role": "user", "content": "what is the sha"}, {"role": "assistant", "content": "pe?"}],
                             glued, tokenizer, num_image_tokens=1)
+
+
+@pytest.mark.parametrize("template_name", ["vicuna_v1", "llama2", "chatml", "minigpt4"])
+def test_exported_chat_template_renders_like_the_renderer(family_tokenizer, template_name):
+    """`convert to-hf` writes a Jinja chat template; transformers' apply_chat_template must give the same text."""
+    from vlmkit.convert.hf_llava import chat_template_jinja
+
+    _, tokenizer = family_tokenizer
+    template = get_template(template_name)
+    ours = CONVERSATION[:5] + [{"role": "user", "content": "<image>\nand now?"}]
+    parts = []
+    for message in ours:
+        content = message["content"]
+        if message["role"] == "user" and "<image>" in content:
+            text = content.replace("<image>\n", "").replace(" <image>", "")
+            content = [{"type": "image"}, {"type": "text", "text": text}]
+        parts.append({"role": message["role"], "content": content})
+    hf_text = tokenizer.apply_chat_template(parts, chat_template=chat_template_jinja(template, tokenizer),
+                                            tokenize=False)
+    # the renderer's text for the same turns (images first in each user turn, as the parts put them)
+    flat = [{**m, "content": "<image>\n" + p["content"][1]["text"]} if isinstance(p["content"], list) else m
+            for m, p in zip(ours, parts)]
+    pieces, _ = conversation_pieces(normalise_messages(flat), template, tokenizer)
+    bos = tokenizer.bos_token if template.add_bos and tokenizer.bos_token_id is not None else ""
+    assert hf_text == bos + "".join(piece for piece, _ in pieces)

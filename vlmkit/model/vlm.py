@@ -75,13 +75,15 @@ class VisionLanguageModel(nn.Module):
 
         from vlmkit.tiny import resolve
 
-        torch.manual_seed(config.seed)
         from vlmkit.io import check_local_path
 
         vision_path = resolve(config.vision.name_or_path, verbose=verbose)
         llm_path = resolve(config.llm.name_or_path, verbose=verbose)
         check_local_path(vision_path, "--vision.name-or-path")
         check_local_path(llm_path, "--llm.name-or-path")
+        # seeded after the tiny backbones are resolved: building them on a cold cache consumes the RNG, and the
+        # connector's initialisation must not depend on whether the cache was empty
+        torch.manual_seed(config.seed)
         transform = ImageTransform.from_pretrained(vision_path, pad_to_square=config.vision.pad_to_square)
         qlora = next((s.lora for s in config.stages if s.lora.quantize), None)
         llm_kwargs = dict(load_kwargs, quantization_config=quantization_config(qlora)) if qlora else load_kwargs
