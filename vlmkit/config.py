@@ -105,7 +105,8 @@ class ArchConfig:
     keep_last: int = _help("How many of those step checkpoints to keep (stage-end checkpoints are all kept).",
                            default=2)
     workers: int = _help("DataLoader worker processes that decode images for training batches and feature "
-                         "encoding (0 = in the main process).", default=2)
+                         "encoding (0 = in the main process; -1 = auto: half the CPU cores up to 8, none on a "
+                         "machine with 2 cores or fewer, where they take the cores training needs).", default=-1)
     feature_cache_gb: float = _help("Memory budget for a frozen encoder's cached features; larger data sets encode "
                                     "each batch as it is read instead.", default=4.0)
     distributed: str = _help("Under torchrun: 'ddp' (every process holds the whole model) or 'fsdp' (parameters, "

@@ -8,6 +8,7 @@ fails to decode in a worker comes back to the main process as the BadRecord nami
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -15,6 +16,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlmkit.data.dataset import Batch, ConversationDataset, collate
 from vlmkit.errors import BadRecord
+
+
+def resolve_workers(workers: int) -> int:
+    """`workers`, or for -1 half the CPU cores (at most 8), and none on 2 cores or fewer: measured on 2 cores,
+    2 decoding workers beside 2 training threads lowered a trained-tower stage from 211 to 146 samples/s."""
+    if workers >= 0:
+        return workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if cores <= 2 else min(8, cores // 2)
 
 
 class _Failed:
@@ -62,7 +72,7 @@ def batch_loader(dataset: ConversationDataset, batches: Sequence[list[int]], pad
     if not batches:
         return iter(())
     # without pixels a batch is a few lists of ints: worker processes would cost more than they save
-    workers = workers if pixels else 0
+    workers = resolve_workers(workers) if pixels else 0
     loader = DataLoader(_Examples(dataset), batch_sampler=list(batches), num_workers=workers,
                         collate_fn=_Collate(dataset, collate_fn, pad_token_id, pixels),
                         prefetch_factor=4 if workers else None, persistent_workers=False)
@@ -95,6 +105,7 @@ def image_loader(dataset: ConversationDataset, batch_size: int = 256, workers: i
     """The dataset's images, decoded and transformed, in index order, `batch_size` at a time."""
     if not dataset.images:
         return iter(())
+    workers = resolve_workers(workers)
     loader = DataLoader(_Images(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=_Decode(dataset), prefetch_factor=2 if workers else None)
     return map(_unwrap, loader)
