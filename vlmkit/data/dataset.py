@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -61,8 +62,8 @@ def record_images(record: dict, image_folder: str | os.PathLike | None, record_i
 @dataclass
 class Example:
     record_id: str
-    input_ids: list[int]
-    labels: list[int]
+    input_ids: list[int] | np.ndarray  # a dataset's examples hold int32 arrays
+    labels: list[int] | np.ndarray
     image_indices: list[int]
     answer: str | None = None  # reference answer, for evaluation examples
 
@@ -193,7 +194,9 @@ class ConversationDataset(Dataset):
         rendered = render_conversation(messages, template, tokenizer, num_image_tokens=num_image_tokens,
                                        max_length=max_length, record_id=record_id,
                                        add_generation_prompt=mode == "prompt")
-        return Example(str(record_id), rendered.input_ids, rendered.labels, [], answer), images
+        # int32 arrays, not lists of Python ints: about 7x less memory per token for the index of a large set
+        return Example(str(record_id), np.asarray(rendered.input_ids, dtype=np.int32),
+                       np.asarray(rendered.labels, dtype=np.int32), [], answer), images
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -239,8 +242,8 @@ def collate(examples: list[Example], pad_token_id: int, padding_side: str = "rig
     for row, example in enumerate(examples):
         n = len(example.input_ids)
         span = slice(0, n) if padding_side == "right" else slice(length - n, length)
-        input_ids[row, span] = torch.tensor(example.input_ids)
-        labels[row, span] = torch.tensor(example.labels)
+        input_ids[row, span] = torch.as_tensor(example.input_ids)
+        labels[row, span] = torch.as_tensor(example.labels)
         attention_mask[row, span] = 1
     image_indices = torch.tensor([i for e in examples for i in e.image_indices], dtype=torch.long)
     return Batch(input_ids, attention_mask, labels, image_indices, [len(e.image_indices) for e in examples],

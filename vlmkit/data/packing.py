@@ -75,8 +75,8 @@ def collate_packed(rows: list[list[Example]], pad_token_id: int) -> PackedBatch:
         for s, example in enumerate(row):
             n = len(example.input_ids)
             span = slice(start, start + n)
-            input_ids[r, span] = torch.tensor(example.input_ids)
-            labels[r, span] = torch.tensor(example.labels)
+            input_ids[r, span] = torch.as_tensor(example.input_ids)
+            labels[r, span] = torch.as_tensor(example.labels)
             # the model's next-token shift pairs this label with the previous sample's last token
             labels[r, start] = IGNORE_INDEX
             attention_mask[r, span] = 1
