@@ -75,7 +75,8 @@ def run_family(family: str, template: str, work: Path, seed: int, eval_limit: in
             "refused": result["skipped"], "train_seconds": round(train_seconds, 1),
             "stage_losses": {s["stage"]: [round(s["first_loss"], 4), round(s["final_loss"], 4)]
                              for s in result["stages"]},
-            "accuracy": report["accuracy"], "questions": report["total"], "eval_seconds": round(report["seconds"], 1),
+            "accuracy": report["accuracy"], "questions": report["total"],
+            "per_answer": {a: round(v["accuracy"], 4) for a, v in report["per_answer"].items()}, "eval_seconds": round(report["seconds"], 1),
             "answers_showing_stop_text": shown, "answers_at_token_budget": long}
 
 
@@ -93,14 +94,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-limit", type=int, default=0, help="first N test questions (0 = all 9,673)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tokenizer_families.json"))
+    parser.add_argument("--keep", default="", help="keep the runs (models, eval reports) in this directory")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(2)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for family in args.families.split(","):
-            rows.append(run_family(family, args.template, Path(tmp), args.seed, args.eval_limit))
+            rows.append(run_family(family, args.template, work, args.seed, args.eval_limit))
             print(json.dumps(rows[-1]), flush=True)
     print("\n| family | tokenizer | template | refused | accuracy | stop text shown | at budget | train s |")
     print("|---|---|---|---|---|---|---|---|")
