@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vlmkit.data import easyvqa
+from vlmkit.data.dataset import Example, collate
 from vlmkit.data.images import ImageTransform, load_image
 from vlmkit.data.templates import TEMPLATES
 from vlmkit.io import atomic_dir
@@ -108,6 +109,7 @@ def build_llama(path: Path, tokenizer_dir: Path, verbose: bool = True, seed: int
     model = LlamaForCausalLM(config)
     documents = _lm_documents(tokenizer, seed)
     encoded = [[tokenizer.bos_token_id] + tokenizer.encode(d, add_special_tokens=False) for d in documents]
+    encoded = [Example(str(i), ids, ids, []) for i, ids in enumerate(encoded)]  # every token is a target
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LM_LR, weight_decay=0.01, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -116,16 +118,8 @@ def build_llama(path: Path, tokenizer_dir: Path, verbose: bool = True, seed: int
     losses = []
     bar = tqdm(range(LM_STEPS), desc="[tiny] pretraining LM", disable=not verbose)
     for _ in bar:
-        batch = rng.sample(encoded, LM_BATCH)
-        length = max(map(len, batch))
-        ids = torch.full((LM_BATCH, length), tokenizer.pad_token_id)
-        labels = torch.full((LM_BATCH, length), -100)
-        mask = torch.zeros((LM_BATCH, length), dtype=torch.long)
-        for row, seq in enumerate(batch):
-            ids[row, :len(seq)] = torch.tensor(seq)
-            labels[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        batch = collate(rng.sample(encoded, LM_BATCH), tokenizer.pad_token_id)
+        loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -206,13 +200,8 @@ def build_vision(path: Path, tokenizer_dir: Path, verbose: bool = True, seed: in
                    + [tokenizer.eos_token_id] for c in unique}
 
     def encode_texts(texts: list[str]) -> torch.Tensor:
-        length = max(len(caption_ids[t]) for t in texts)
-        ids = torch.full((len(texts), length), tokenizer.pad_token_id)
-        mask = torch.zeros((len(texts), length), dtype=torch.long)
-        for row, caption in enumerate(texts):
-            ids[row, :len(caption_ids[caption])] = torch.tensor(caption_ids[caption])
-            mask[row, :len(caption_ids[caption])] = 1
-        return model.text_embeds(ids, mask)
+        batch = collate([Example(t, caption_ids[t], caption_ids[t], []) for t in texts], tokenizer.pad_token_id)
+        return model.text_embeds(batch.input_ids, batch.attention_mask)
 
     steps_per_epoch = math.ceil(len(train_images) / CLIP_BATCH)
     total = CLIP_EPOCHS * steps_per_epoch
