@@ -33,6 +33,10 @@ def corpus() -> list[str]:
 
 
 def build_tokenizer(family: str, vocab_size: int = 600, texts: list[str] | None = None):
+    """A tokenizer of `family` trained on `texts` (default: `corpus()`). Every printable character is added to
+    the texts, as a real Llama vocabulary has byte tokens for all: a SentencePiece-style BPE with byte fallback
+    but no byte token for a character drops it silently, and tokenizers' offsets after it are then shifted."""
+    texts = list(texts or corpus()) + [string.printable] * 5
     from tokenizers import pre_tokenizers
     from transformers import GPT2Tokenizer, LlamaTokenizer, Qwen2Tokenizer
 
@@ -42,14 +46,14 @@ def build_tokenizer(family: str, vocab_size: int = 600, texts: list[str] | None 
         scheme = "always" if family == "llama-legacy" else "first"
         base.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme,
                                                                         split=True)
-        tokenizer = base.train_new_from_iterator(texts or corpus(), vocab_size=vocab_size)
+        tokenizer = base.train_new_from_iterator(texts, vocab_size=vocab_size)
         tokenizer.backend_tokenizer.pre_tokenizer = runtime
     elif family == "qwen2":
         base = Qwen2Tokenizer()
-        tokenizer = base.train_new_from_iterator(texts or corpus(), vocab_size=vocab_size,
+        tokenizer = base.train_new_from_iterator(texts, vocab_size=vocab_size,
                                                  new_special_tokens=["<|im_start|>", "<|im_end|>"])
     elif family == "gpt2":
-        tokenizer = GPT2Tokenizer().train_new_from_iterator(texts or corpus(), vocab_size=vocab_size)
+        tokenizer = GPT2Tokenizer().train_new_from_iterator(texts, vocab_size=vocab_size)
     else:
         raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
     return tokenizer

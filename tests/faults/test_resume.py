@@ -8,7 +8,6 @@ float noise, and the measured difference is printed).
 from __future__ import annotations
 
 import errno
-import json
 import signal
 import time
 from pathlib import Path

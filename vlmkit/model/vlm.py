@@ -71,7 +71,6 @@ class VisionLanguageModel(nn.Module):
     @classmethod
     def from_config(cls, config: ArchConfig, verbose: bool = True, **load_kwargs) -> "VisionLanguageModel":
         """Build from the backbones a config names (hub ids, local directories or 'tiny:…')."""
-        from transformers import AutoTokenizer
 
         from vlmkit.tiny import resolve
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.config import ArchConfig, StageConfig
+from vlmkit.config import ArchConfig
 from vlmkit.data.sources import DataSpec, build_dataset, stage_dataset  # noqa: F401 (build_dataset: public here too)
 from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.model.vlm import VisionLanguageModel
@@ -89,7 +89,7 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
         log(f"stage {index + 1}/{len(config.stages)} {stage.name!r}: {len(dataset)} records from {source}, "
             f"{len(dataset.images)} images, trains {stage.train}")
         if len(per_source) > 1:
-            log(f"  mixture, samples per epoch: " + ", ".join(f"{n} {name}" for name, n in per_source.items()))
+            log("  mixture, samples per epoch: " + ", ".join(f"{n} {name}" for name, n in per_source.items()))
         summary.setdefault("samples_per_epoch", {})[stage.name] = per_source
         stage_resume = resume_from if resume_from is not None and resume_from.state.stage_index == index else None
         result = train_stage(model, stage, dataset, seed=config.seed + index,
