@@ -55,6 +55,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vs_transformers import _busy_cpu_seconds  # the same quiet-machine accounting as the other benchmarks
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 IMAGE_SIZE, PATCH_SIZE = 336, 56
@@ -171,27 +173,19 @@ def build_backbones(root: Path) -> dict[str, str]:
 
 
 # -- measurements, each in its own process ----------------------------------------------------------------
-def busy_cpu_seconds() -> float:
-    """CPU time all processes of the machine have used (busy and stolen), from /proc/stat."""
-    with open("/proc/stat") as stat:
-        fields = [int(v) for v in stat.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 class CpuShare:
     """`foreign`: the CPU other processes used during a block, as a fraction of all cores. With 2 torch threads
     on 2 cores a busy neighbour slows a step many times over (the threads of a parallel region wait for the one
     that was descheduled), so a run measured while it is high is repeated, or flagged."""
 
     def __enter__(self) -> "CpuShare":
-        self._start = (time.perf_counter(), busy_cpu_seconds(), sum(os.times()[:4]))
+        self._start = (time.perf_counter(), _busy_cpu_seconds(), sum(os.times()[:4]))
         return self
 
     def __exit__(self, *exc) -> None:
         # own CPU counts reaped children too: the workers have been joined when the stage ends
         wall, busy, own = (now - then for now, then in zip(
-            (time.perf_counter(), busy_cpu_seconds(), sum(os.times()[:4])), self._start))
+            (time.perf_counter(), _busy_cpu_seconds(), sum(os.times()[:4])), self._start))
         self.foreign = max(0.0, (busy - own) / (wall * os.cpu_count()))
 
 
@@ -199,9 +193,9 @@ def wait_for_quiet(limit_s: float) -> float:
     """Wait up to `limit_s` for other processes to leave the CPU (almost) idle; returns their last share."""
     deadline = time.perf_counter() + limit_s
     while True:
-        start = busy_cpu_seconds()
+        start = _busy_cpu_seconds()
         time.sleep(1.0)
-        share = (busy_cpu_seconds() - start) / os.cpu_count()
+        share = (_busy_cpu_seconds() - start) / os.cpu_count()
         if share <= BUSY or time.perf_counter() > deadline:
             return share
 
