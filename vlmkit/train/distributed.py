@@ -61,6 +61,9 @@ def current() -> DistInfo:
 
 
 def all_reduce_sum(values: list[float], device=None) -> list[float]:
+    """Sum `values` over the ranks. NCCL reduces only CUDA tensors, so under it they go to this rank's GPU."""
+    if device is None and dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
@@ -86,7 +89,11 @@ def prepare(model, info: DistInfo, strategy: str):
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [info.local_rank] if torch.cuda.is_available() else None
-        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        # a step may leave trainable parameters without gradients: a text-only micro-batch never runs the
+        # connector (LLaVA-1.5's mix665k has text-only ShareGPT records), and a trained tower whose features
+        # come from layer -2 never runs its last block
+        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
+                                       find_unused_parameters=True)
     if not getattr(model, "_fsdp_sharded", False):
         from torch.distributed.fsdp import fully_shard
 
