@@ -133,7 +133,8 @@ def cmd_train(args) -> int:
 
     config = from_name(args.preset, scale=args.scale, **config_overrides(args))
     stages = args.stages.split(",") if args.stages else None
-    result = train_run(config, args.run_dir, _data_spec(args), stages=stages, resume=args.resume)
+    result = train_run(config, args.run_dir, _data_spec(args), stages=stages, resume=args.resume,
+                       overwrite=args.overwrite)
     print(f"done in {result['seconds']:.0f}s; model in {Path(args.run_dir) / 'model'}; "
           f"loss curve {Path(args.run_dir) / 'loss.png'}")
     return 0
@@ -251,7 +252,7 @@ def cmd_demo(args) -> int:
         ensure(name)
         phases[f"backbone {name}"] = time.time() - phase
     config = from_name(args.preset, scale="tiny", **config_overrides(args))
-    result = train_run(config, run_dir, DataSpec(), resume=args.resume)
+    result = train_run(config, run_dir, DataSpec(), resume=args.resume, overwrite=True)  # a re-run starts over
     phases["model build"] = result["build_seconds"]
     for stage in result["stages"]:
         phases[f"stage {stage['stage']}"] = stage["seconds"]
@@ -335,7 +336,11 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="skip bad records and count them instead of stopping")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in --run-dir: a step checkpoint (--save-every) "
-                        "continues mid-stage exactly; a stage checkpoint continues with the next stage")
+                        "continues mid-stage exactly; a stage checkpoint continues with the next stage. It is "
+                        "refused if the checkpoint's data, batch size, seed or process count differ from this run's")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a --run-dir that holds another run's checkpoints (they are deleted); without "
+                        "it such a directory is refused")
     if config is not None and command == "train":
         add_config_arguments(p, config)
     p.set_defaults(func=cmd_train)

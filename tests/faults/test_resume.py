@@ -133,3 +133,26 @@ def test_failed_checkpoint_write_keeps_the_previous_one(backbones, tmp_path, mon
            f"the previous checkpoint {first} is intact" in out
     assert not list((run / "checkpoints").glob(".*"))  # the failed write left no temporary directory
     assert (run / "checkpoints" / "2-instruct" / "model.safetensors").exists()
+
+
+def test_a_fresh_run_refuses_old_checkpoints_and_resume_refuses_other_settings(backbones, tmp_path, capsys):
+    from vlmkit.cli import main
+
+    make_images(tmp_path)
+    run = tmp_path / "run"
+    assert main(argv(backbones, tmp_path, run, "--instruct.max-steps", "4")) == 0
+    assert main(argv(backbones, tmp_path, run, "--instruct.max-steps", "4")) == 2  # not --resume, not --overwrite
+    err = capsys.readouterr().err
+    assert "holds another run's checkpoints" in err and "--overwrite" in err and "Traceback" not in err
+    # a run stopped mid-stage, resumed with another batch size: refused, naming the field
+    process = start(argv(backbones, tmp_path, run, "--overwrite"))
+    wait_for(lambda: logged_steps(run) >= 5, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert main(argv(backbones, tmp_path, run, "--resume", "--instruct.batch-size", "2")) == 2
+    err = capsys.readouterr().err
+    assert "batch_size: checkpoint 4, now 2" in err and "Traceback" not in err
+    assert main(argv(backbones, tmp_path, run, "--resume", "--seed", "7")) == 2
+    assert "seed: checkpoint 0, now 7" in capsys.readouterr().err
+    finish(argv(backbones, tmp_path, run, "--resume"))  # the same settings resume
+    assert len(losses(run)) == STEPS

@@ -37,6 +37,7 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     losses: list[float] = field(default_factory=list)
+    fingerprint: dict = field(default_factory=dict)  # what decides the data order (see run.stage_fingerprint)
 
 
 @dataclass

@@ -91,7 +91,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
                 bf16: bool = False, verbose: bool = True, log=print, stage_index: int = 0, save_every: int = 0,
                 strategy: str = "ddp", workers: int = 0, feature_cache_gb: float = 4.0,
                 save: Callable[[object, object, TrainState], Path | None] | None = None,
-                resume: Resume | None = None) -> dict:
+                resume: Resume | None = None, fingerprint: dict | None = None) -> dict:
     """Train `model` in place for one stage; returns a summary (steps, losses, seconds).
 
     `save(optimizer, scheduler, state)` is called every `save_every` steps and when a stop signal arrives;
@@ -127,7 +127,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
         packing = {"collate_fn": PackingCollate(stage.pack_to)}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    state = TrainState(stage_index, stage.name)
+    state = TrainState(stage_index, stage.name, fingerprint=dict(fingerprint or {}))
     if resume is not None:
         restore(resume, optimizer, schedule)
         state = resume.state

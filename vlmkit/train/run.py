@@ -25,14 +25,55 @@ from vlmkit.train import checkpoint, distributed
 from vlmkit.train.loop import train_stage
 from vlmkit.train.plot import plot_loss
 
+def stage_fingerprint(config: ArchConfig, stage, data: DataSpec, world_size: int) -> dict:
+    """What decides a stage's data order and its steps: a step checkpoint records it, and --resume with any of
+    it changed would silently read other data in another order."""
+    from vlmkit.data.sources import stage_sources
+
+    return {"preset": config.name, "stage": stage.name, "seed": config.seed,
+            "data": [f"{s.source}={s.weight:g}" for s in stage_sources(config, stage, data)],
+            "image_folder": data.image_folder or "", "batch_size": stage.batch_size, "grad_accum": stage.grad_accum,
+            "pack_to": stage.pack_to, "world_size": world_size}
+
+
+def _check_fingerprint(saved: dict, current: dict, found: Path) -> None:
+    changed = [f"{key}: checkpoint {saved[key]!r}, now {current.get(key)!r}" for key in saved
+               if saved[key] != current.get(key)]
+    if changed:
+        raise ConfigError(f"--resume: {found} was written by a run with other settings ({'; '.join(changed)}); "
+                          "resuming would read other data in another order. Resume with the same settings, or "
+                          "start over with --overwrite")
+
+
+def _clear_or_refuse(run_dir: Path, overwrite: bool, log) -> None:
+    """A fresh run must not mix with an older run's checkpoints (a later --resume would pick them up)."""
+    held = sorted(p.name for p in (run_dir / "checkpoints").iterdir()) if (run_dir / "checkpoints").is_dir() else []
+    if not held:
+        return
+    if not overwrite:
+        raise ConfigError(f"{run_dir} holds another run's checkpoints ({', '.join(held[:3])}"
+                          f"{', …' if len(held) > 3 else ''}): continue it with --resume, or start over with "
+                          "--overwrite (which deletes them), or pick another --run-dir")
+    import shutil
+
+    for name in ("checkpoints", "model"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for name in ("train_log.jsonl", "summary.json", "loss.png"):
+        (run_dir / name).unlink(missing_ok=True)
+    log(f"--overwrite: removed the previous run's checkpoints and logs in {run_dir}")
+
+
 def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = None, stages: list[str] | None = None,
-              resume: bool = False, verbose: bool = True, log=print) -> dict:
+              resume: bool = False, verbose: bool = True, log=print, overwrite: bool = False) -> dict:
     data = data or DataSpec()
     info = distributed.setup()  # torchrun: join the process group; rank 0 alone writes
     if not info.is_main:
         verbose, log = False, _silent
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume and info.is_main:
+        _clear_or_refuse(run_dir, overwrite, log)
+    distributed.barrier()
     if info.is_main:
         (run_dir / "config.json").write_text(config.to_json())
     log_file = run_dir / "train_log.jsonl"
@@ -53,6 +94,10 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
     if found is not None:
         if checkpoint.is_step_checkpoint(found):
             resume_from = checkpoint.load_resume(found)
+            if resume_from.state.fingerprint:  # checkpoints older than fingerprints carry none
+                stage = config.stages[resume_from.state.stage_index]
+                _check_fingerprint(resume_from.state.fingerprint,
+                                   stage_fingerprint(config, stage, data, info.world_size), found)
             model = VisionLanguageModel.from_pretrained(found / checkpoint.MODEL_DIR)
             first = resume_from.state.stage_index
             log(f"resuming stage {resume_from.state.stage!r} at step {resume_from.state.step} from {found}")
@@ -97,7 +142,7 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
                              stage_index=index, save_every=config.save_every, strategy=config.distributed,
                              workers=config.workers, feature_cache_gb=config.feature_cache_gb,
                              save=_step_saver(model, run_dir, config.keep_last, log) if info.is_main else None,
-                             resume=stage_resume)
+                             resume=stage_resume, fingerprint=stage_fingerprint(config, stage, data, info.world_size))
         state = distributed.full_state_dict(model) if distributed.is_sharded(model) else None  # all ranks gather
         if info.is_main:
             _write_or_explain(model, run_dir / "checkpoints" / f"{index + 1}-{stage.name}", run_dir, state)
