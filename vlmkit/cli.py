@@ -140,7 +140,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-def load_run(run: str, allow_pickle: bool = False):
+def load_run(run: str, allow_pickle: bool = False, device: str = "auto"):
+    from vlmkit.io import resolve_device
     from vlmkit.model.vlm import VisionLanguageModel
 
     path = Path(run)
@@ -148,13 +149,14 @@ def load_run(run: str, allow_pickle: bool = False):
         path = path / "model"
     if not (path / "config.json").exists():
         raise VlmkitError(f"{run}: not a run directory or a vlmkit checkpoint (no config.json)")
-    return VisionLanguageModel.from_pretrained(path, allow_pickle=allow_pickle), path
+    target = resolve_device(device)  # checked before the weights are read
+    return VisionLanguageModel.from_pretrained(path, allow_pickle=allow_pickle, device=target), path
 
 
 def cmd_eval(args) -> int:
     from vlmkit.eval.vqa import run_eval
 
-    model, path = load_run(args.run, args.allow_pickle)
+    model, path = load_run(args.run, args.allow_pickle, args.device)
     out_dir = Path(args.run) if (Path(args.run) / "model").exists() else path
     run_eval(model, args.data, args.split, args.image_folder, args.skip_bad, out_dir, args.limit, args.batch_size)
     return 0
@@ -164,7 +166,7 @@ def cmd_chat(args) -> int:
     from vlmkit.infer.chat import answer, first_user_turn, interactive
     from vlmkit.infer.generate import GenerationConfig
 
-    model, _ = load_run(args.run, args.allow_pickle)
+    model, _ = load_run(args.run, args.allow_pickle, args.device)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed)
     if args.question:
@@ -184,7 +186,7 @@ def cmd_serve(args) -> int:
     from vlmkit.serve import ServeSettings
     from vlmkit.serve.app import serve
 
-    model, path = load_run(args.run, args.allow_pickle)
+    model, path = load_run(args.run, args.allow_pickle, args.device)
     name = args.model_name or (Path(args.run).resolve().name if path.name == "model" else path.resolve().name)
     settings = ServeSettings(max_body_bytes=args.max_body_bytes, max_images=args.max_images,
                              max_image_pixels=args.max_image_pixels, max_tokens=args.max_tokens,
@@ -279,6 +281,11 @@ def cmd_demo(args) -> int:
 
 
 # -- parser ---------------------------------------------------------------------------------------
+def _add_device(parser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="auto (a CUDA GPU when one is visible, else the CPU), cpu, cuda or cuda:N")
+
+
 def _add_allow_pickle(parser) -> None:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="read pickled .bin/.pt weights (with torch.load(weights_only=True)); only for files you "
@@ -366,6 +373,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="only the first N records (0 = all)")
     p.add_argument("--batch-size", type=int, default=128, help="prompts per generation batch")
     _add_allow_pickle(p)
+    _add_device(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("chat", help="ask about an image (one answer) or chat interactively (no question)")
@@ -379,6 +387,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     _add_allow_pickle(p)
+    _add_device(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="serve a run over an OpenAI-compatible API, with a web chat page at /",
@@ -410,6 +419,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--allow-image-urls", action="store_true", help="also fetch http(s) image URLs")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_allow_pickle(p)
+    _add_device(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="import a Hugging Face or original-LLaVA checkpoint, or export to Hugging Face",

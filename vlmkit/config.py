@@ -98,6 +98,8 @@ class ArchConfig:
     caption_prompt: str = _help("The human turn of stage-1 caption records.", default="Describe the image briefly.")
     max_length: int = _help("Longest token sequence a record may render to.", default=1024)
     seed: int = _help("Seed for initialisation, data order and sampling.", default=0)
+    device: str = _help("Where to train: auto (a CUDA GPU when one is visible, else the CPU), cpu, cuda, cuda:N. "
+                        "Under torchrun each process takes its own GPU.", default="auto")
     bf16: bool = _help("bf16 autocast during training (measure first: slower than fp32 for tiny models on CPU).",
                        default=False)
     save_every: int = _help("Write a resumable checkpoint (model, optimizer, schedule, RNG, data position) every N "

@@ -13,6 +13,30 @@ def cache_home() -> Path:
     return Path(os.environ.get("VLMKIT_HOME") or Path.home() / ".cache" / "vlmkit")
 
 
+def resolve_device(name: str = "auto"):
+    """'auto' -> the first CUDA GPU when one is visible, else the CPU; 'cpu', 'cuda', 'cuda:N' as given, checked."""
+    import torch
+
+    from vlmkit.errors import ConfigError
+
+    text = (name or "auto").strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA GPU is visible to torch here (torch "
+                              f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {name!r}: vlmkit runs on cpu or cuda")
+    return device
+
+
 def check_local_path(name_or_path: str, what: str) -> None:
     """A name that can only be a local path (absolute, ./, ../, ~, more than one '/', or under an existing
     directory) must exist; otherwise it would be taken for a hub id and fail after retries. Hub ids

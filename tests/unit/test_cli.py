@@ -113,3 +113,23 @@ def test_lora_run_resumes_and_exports(backbones, tmp_path, image_files, capsys):
     assert "resuming after stage 'instruct'" in capsys.readouterr().out
     assert main(["convert", "to-hf", str(run), str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "config.json").exists()
+
+
+def test_device_is_resolved_and_checked(backbones, tmp_path, image_files, capsys):
+    import torch
+
+    from vlmkit.io import resolve_device
+
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    data = write_data(tmp_path, image_files)
+    assert main(train_argv(backbones, tmp_path, data, "--device", "cpu")) == 0
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["chat", str(run), "--device", "cpu", "--image", image_files[0], "--max-new-tokens", "2", "hi"]) == 0
+    if not torch.cuda.is_available():
+        assert main(["chat", str(run), "--device", "cuda", "hi"]) == 2
+        err = capsys.readouterr().err
+        assert "--device cuda: no CUDA GPU is visible" in err and "Traceback" not in err
+    assert main(["eval", str(run), "--device", "tpu", "--data", str(data), "--image-folder", str(tmp_path)]) == 2
+    assert "--device 'tpu': not a device (auto, cpu, cuda, cuda:N)" in capsys.readouterr().err

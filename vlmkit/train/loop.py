@@ -125,7 +125,8 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
             raise ConfigError(f"stage {stage.name!r}: record {dataset[longest].record_id!r} has "
                               f"{len(dataset[longest].input_ids)} tokens, more than pack_to={stage.pack_to}")
         packing = {"collate_fn": PackingCollate(stage.pack_to)}
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    # bf16 autocast where the model is (CUDA or CPU); the optimizer keeps the fp32 master weights
+    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     state = TrainState(stage_index, stage.name, fingerprint=dict(fingerprint or {}))
     if resume is not None:

@@ -20,6 +20,7 @@ import torch
 from vlmkit.config import ArchConfig
 from vlmkit.data.sources import DataSpec, build_dataset, stage_dataset  # noqa: F401 (build_dataset: public here too)
 from vlmkit.errors import ConfigError, VlmkitError
+from vlmkit.io import resolve_device
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.train import checkpoint, distributed
 from vlmkit.train.loop import train_stage
@@ -116,6 +117,8 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
         model = VisionLanguageModel.from_config(config, verbose=verbose)
     if info.enabled and torch.cuda.is_available():
         model.to(f"cuda:{info.local_rank}")
+    elif not info.enabled:
+        model.to(resolve_device(config.device))
     distributed.barrier()
     summary["build_seconds"] = time.time() - start
     log(f"model: {config.name} ({config.scale}); {model.num_image_tokens} image tokens per image; "
