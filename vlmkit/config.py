@@ -102,6 +102,9 @@ class ArchConfig:
                         "Under torchrun each process takes its own GPU.", default="auto")
     bf16: bool = _help("bf16 autocast during training (measure first: slower than fp32 for tiny models on CPU).",
                        default=False)
+    gradient_checkpointing: bool = _help("Recompute the LLM's layer activations in the backward pass instead of "
+                                         "keeping them (less memory, ~30% more compute; LLaVA trains with it).",
+                                         default=False)
     save_every: int = _help("Write a resumable checkpoint (model, optimizer, schedule, RNG, data position) every N "
                             "optimiser steps; 0 = only at the end of each stage.", default=0)
     keep_last: int = _help("How many of those step checkpoints to keep (stage-end checkpoints are all kept).",

@@ -155,3 +155,19 @@ def test_a_packed_stage_trains_like_the_padded_one(backbones, tmp_path, image_fi
                  "--stages", "instruct", "--instruct.pack-to", "8", "--vision-tower", backbones["clip"],
                  "--llm", backbones["llm"]]
     assert main(too_short) == 2
+
+
+def test_gradient_checkpointing_trains_the_same(backbones, tmp_path, image_files, monkeypatch):
+    """--gradient-checkpointing recomputes the LLM's activations in the backward pass: same losses and gradients."""
+    import transformers.modeling_utils
+
+    calls = []  # transformers binds torch's checkpoint function when checkpointing is enabled
+    real = transformers.modeling_utils.checkpoint
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    data = write_records(tmp_path, image_files, "g", 8)
+    logs = [train_log(backbones, tmp_path, f"run-{flag}", data, "--instruct.max-steps", "3", "--instruct.batch-size",
+                      "4", "--workers", "0", flag) for flag in ("--no-gradient-checkpointing", "--gradient-checkpointing")]
+    assert len(calls) == 3 * 2  # 3 steps x the test LLM's 2 layers, in the checkpointed run only
+    for plain, checkpointed in zip(*logs):
+        assert plain["loss"] == pytest.approx(checkpointed["loss"], rel=1e-6)
+        assert plain["grad_norm"] == pytest.approx(checkpointed["grad_norm"], rel=1e-5)

@@ -119,6 +119,9 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
         model.to(f"cuda:{info.local_rank}")
     elif not info.enabled:
         model.to(resolve_device(config.device))
+    if model.device.type == "cuda":  # TF32 matmuls on Ampere and later, as LLaVA's scripts set (--tf32 True)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     distributed.barrier()
     summary["build_seconds"] = time.time() - start
     log(f"model: {config.name} ({config.scale}); {model.num_image_tokens} image tokens per image; "
@@ -144,6 +147,7 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
                              log_file=log_file if info.is_main else None, bf16=config.bf16, verbose=verbose, log=log,
                              stage_index=index, save_every=config.save_every, strategy=config.distributed,
                              workers=config.workers, feature_cache_gb=config.feature_cache_gb,
+                             gradient_checkpointing=config.gradient_checkpointing,
                              save=_step_saver(model, run_dir, config.keep_last, log) if info.is_main else None,
                              resume=stage_resume, fingerprint=stage_fingerprint(config, stage, data, info.world_size))
         state = distributed.full_state_dict(model) if distributed.is_sharded(model) else None  # all ranks gather
