@@ -103,7 +103,7 @@ class ArchConfig:
     bf16: bool = _help("bf16 autocast during training (measure first: slower than fp32 for tiny models on CPU).",
                        default=False)
     gradient_checkpointing: bool = _help("Recompute the LLM's layer activations in the backward pass instead of "
-                                         "keeping them (less memory, ~30% more compute; LLaVA trains with it).",
+                                         "keeping them (less memory, about a third more compute; LLaVA trains with it).",
                                          default=False)
     save_every: int = _help("Write a resumable checkpoint (model, optimizer, schedule, RNG, data position) every N "
                             "optimiser steps; 0 = only at the end of each stage.", default=0)
