@@ -71,3 +71,15 @@ def test_text_only_and_image_batches_mixed_under_ddp(backbones, tmp_path):
     worst = max(abs(a - b) / abs(a) for a, b in zip(one, two))
     print(f"largest relative loss difference, 2 processes vs 1 (text-only batches mixed in): {worst:.3g}")
     assert len(one) == len(two) == 6 and worst <= 1e-4, (one, two)
+
+
+def test_every_rank_refuses_a_run_dir_with_old_checkpoints(backbones, tmp_path):
+    """Under torchrun all ranks refuse together (rank 0 alone refusing would leave the others at a barrier)."""
+    from runs import start
+
+    make_images(tmp_path)
+    run = tmp_path / "run"
+    finish(argv(backbones, tmp_path, run, "--instruct.max-steps", "2"))
+    process = start(argv(backbones, tmp_path, run, "--instruct.max-steps", "2"), processes=2)
+    out, _ = process.communicate(timeout=180)
+    assert process.returncode != 0 and out.count("holds another run's checkpoints") >= 2, out

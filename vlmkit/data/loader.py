@@ -40,12 +40,14 @@ def _unwrap(item):
     return item
 
 
-class _Examples(Dataset):
-    def __init__(self, dataset: ConversationDataset):
-        self.dataset = dataset
+class _Indices(Dataset):
+    """0..size-1: the samplers hand out indices, and the collate functions read the dataset by them."""
+
+    def __init__(self, size: int):
+        self.size = size
 
     def __len__(self):
-        return len(self.dataset)
+        return self.size
 
     def __getitem__(self, index):
         return index
@@ -73,21 +75,10 @@ def batch_loader(dataset: ConversationDataset, batches: Sequence[list[int]], pad
         return iter(())
     # without pixels a batch is a few lists of ints: worker processes would cost more than they save
     workers = resolve_workers(workers) if pixels else 0
-    loader = DataLoader(_Examples(dataset), batch_sampler=list(batches), num_workers=workers,
+    loader = DataLoader(_Indices(len(dataset)), batch_sampler=list(batches), num_workers=workers,
                         collate_fn=_Collate(dataset, collate_fn, pad_token_id, pixels),
                         prefetch_factor=4 if workers else None, persistent_workers=False)
     return map(_unwrap, loader)
-
-
-class _Images(Dataset):
-    def __init__(self, dataset: ConversationDataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset.images)
-
-    def __getitem__(self, index):
-        return index
 
 
 class _Decode:
@@ -106,6 +97,6 @@ def image_loader(dataset: ConversationDataset, batch_size: int = 256, workers: i
     if not dataset.images:
         return iter(())
     workers = resolve_workers(workers)
-    loader = DataLoader(_Images(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
+    loader = DataLoader(_Indices(len(dataset.images)), batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=_Decode(dataset), prefetch_factor=2 if workers else None)
     return map(_unwrap, loader)

@@ -3,9 +3,10 @@
 AdamW with a learning rate per module, linear warm-up then cosine decay, gradient clipping and
 accumulation, seeded data order, a tqdm bar, the loss per step appended to a JSONL log. Batches are read
 through DataLoader workers (`vlmkit.data.loader`); while the vision encoder is frozen its features are
-computed once per image and reused for every epoch, if they fit the cache budget (`vlmkit.model.features`). Every `save_every`
-steps, and on SIGINT/SIGTERM, the caller's `save` writes a step checkpoint (vlmkit.train.checkpoint);
-`resume` restarts from one at the same data position with the same optimizer, schedule and RNG.
+computed once per image and reused for every epoch, if they fit the cache budget (`vlmkit.model.features`).
+The loss comes from the stage's objective (`vlmkit.train.objectives`). Every `save_every` steps, and on
+SIGINT/SIGTERM, the caller's `save` writes a step checkpoint (vlmkit.train.checkpoint); `resume` restarts
+from one at the same data position with the same optimizer, schedule and RNG.
 """
 from __future__ import annotations
 
@@ -189,7 +190,8 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
                 if log_handle:
                     log_handle.write(json.dumps({
                         "stage": stage.name, "step": step + 1, "epoch": epoch, "loss": step_loss,
-                        "lr": {g["name"]: g["lr"] for g in optimizer.param_groups if not g["name"].endswith(".no_decay")},
+                        "lr": {g["name"]: g["lr"] for g in optimizer.param_groups
+                               if not g["name"].endswith(".no_decay")},
                         "grad_norm": None if norm is None else float(norm), "tokens": total_units,
                         "rows": sum(int(batch.input_ids.shape[0]) for *_, batch in micro),
                         "seconds": round(time.time() - start, 3)}) + "\n")

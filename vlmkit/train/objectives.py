@@ -4,7 +4,8 @@
 and the metrics to log; `objective.units(batch)` counts those units (supervised tokens for `lm`). The loop
 weights every micro-batch by its share of the units of the whole optimiser step — all micro-batches, all
 ranks — so the gradient is the same for batch 32 x accumulation 1 as for batch 16 x accumulation 2, however
-the supervised tokens fall (and a single micro-batch on one process is left exactly as it is). BLIP-2's contrastive, matching and generation losses register here next, as further names.
+the supervised tokens fall (and a single micro-batch on one process is left exactly as it is). BLIP-2's
+contrastive, matching and generation losses register here next, as further names.
 """
 from __future__ import annotations
 

@@ -46,8 +46,9 @@ def _check_fingerprint(saved: dict, current: dict, found: Path) -> None:
                           "start over with --overwrite")
 
 
-def _clear_or_refuse(run_dir: Path, overwrite: bool, log) -> None:
-    """A fresh run must not mix with an older run's checkpoints (a later --resume would pick them up)."""
+def _clear_or_refuse(run_dir: Path, overwrite: bool, log, delete: bool = True) -> None:
+    """A fresh run must not mix with an older run's checkpoints (a later --resume would pick them up). Every
+    rank checks (so all refuse together instead of waiting at a barrier for rank 0); `delete` on rank 0 only."""
     held = sorted(p.name for p in (run_dir / "checkpoints").iterdir()) if (run_dir / "checkpoints").is_dir() else []
     if not held:
         return
@@ -55,6 +56,8 @@ def _clear_or_refuse(run_dir: Path, overwrite: bool, log) -> None:
         raise ConfigError(f"{run_dir} holds another run's checkpoints ({', '.join(held[:3])}"
                           f"{', …' if len(held) > 3 else ''}): continue it with --resume, or start over with "
                           "--overwrite (which deletes them), or pick another --run-dir")
+    if not delete:
+        return
     import shutil
 
     for name in ("checkpoints", "model"):
@@ -72,8 +75,8 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
         verbose, log = False, _silent
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume and info.is_main:
-        _clear_or_refuse(run_dir, overwrite, log)
+    if not resume:
+        _clear_or_refuse(run_dir, overwrite, log, delete=info.is_main)
     distributed.barrier()
     if info.is_main:
         (run_dir / "config.json").write_text(config.to_json())
