@@ -140,7 +140,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def load_run(run: str, allow_pickle: bool = False, device: str = "auto"):
+def load_run(run: str, allow_pickle: bool = False, device: str = "auto", dtype: str | None = None):
     from vlmkit.io import resolve_device
     from vlmkit.model.vlm import VisionLanguageModel
 
@@ -150,13 +150,16 @@ def load_run(run: str, allow_pickle: bool = False, device: str = "auto"):
     if not (path / "config.json").exists():
         raise VlmkitError(f"{run}: not a run directory or a vlmkit checkpoint (no config.json)")
     target = resolve_device(device)  # checked before the weights are read
-    return VisionLanguageModel.from_pretrained(path, allow_pickle=allow_pickle, device=target), path
+    import torch
+
+    return VisionLanguageModel.from_pretrained(path, allow_pickle=allow_pickle, device=target,
+                                               dtype=getattr(torch, dtype) if dtype else None), path
 
 
 def cmd_eval(args) -> int:
     from vlmkit.eval.vqa import run_eval
 
-    model, path = load_run(args.run, args.allow_pickle, args.device)
+    model, path = load_run(args.run, args.allow_pickle, args.device, args.dtype)
     out_dir = Path(args.run) if (Path(args.run) / "model").exists() else path
     run_eval(model, args.data, args.split, args.image_folder, args.skip_bad, out_dir, args.limit, args.batch_size)
     return 0
@@ -166,7 +169,7 @@ def cmd_chat(args) -> int:
     from vlmkit.infer.chat import answer, first_user_turn, interactive
     from vlmkit.infer.generate import GenerationConfig
 
-    model, _ = load_run(args.run, args.allow_pickle, args.device)
+    model, _ = load_run(args.run, args.allow_pickle, args.device, args.dtype)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed)
     if args.question:
@@ -186,7 +189,7 @@ def cmd_serve(args) -> int:
     from vlmkit.serve import ServeSettings
     from vlmkit.serve.app import serve
 
-    model, path = load_run(args.run, args.allow_pickle, args.device)
+    model, path = load_run(args.run, args.allow_pickle, args.device, args.dtype)
     name = args.model_name or (Path(args.run).resolve().name if path.name == "model" else path.resolve().name)
     settings = ServeSettings(max_body_bytes=args.max_body_bytes, max_images=args.max_images,
                              max_image_pixels=args.max_image_pixels, max_tokens=args.max_tokens,
@@ -209,9 +212,7 @@ def cmd_convert(args) -> int:
 
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     if args.direction == "to-hf":
-        model, _ = load_run(args.src, args.allow_pickle)
-        if dtype is not None:
-            model.to(dtype)
+        model, _ = load_run(args.src, args.allow_pickle, device="cpu", dtype=args.dtype)  # read in that dtype
         out = convert.to_hf(model, args.out)
         print(f"wrote {out}: loads with LlavaForConditionalGeneration.from_pretrained and "
               "AutoProcessor.from_pretrained")
@@ -284,6 +285,9 @@ def cmd_demo(args) -> int:
 def _add_device(parser) -> None:
     parser.add_argument("--device", default="auto",
                         help="auto (a CUDA GPU when one is visible, else the CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=_DTYPES, default=None,
+                        help="load the weights in this dtype, straight onto --device one tensor at a time (bfloat16 "
+                             "halves the memory; default: as saved, float32)")
 
 
 def _add_allow_pickle(parser) -> None:

@@ -53,3 +53,86 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # weights_only refuses anything that is not plain tensors
             error = exc
     raise ConfigError(f"{path}: cannot be read as plain tensors ({str(error).splitlines()[0]})")
+
+
+# -- low-memory loading ---------------------------------------------------------------------------
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def stream_safetensors(path: str | Path, dtype: torch.dtype | None = None, device=None):
+    """Yield (name, tensor) from a safetensors file one tensor at a time, each read with plain file reads,
+    cast to `dtype` (floating tensors only) and moved to `device` before the next is read.
+
+    The whole file is never in memory at once (neither as a copy nor as mapped pages, which count towards the
+    process's resident memory): loading an fp32 checkpoint in bf16 peaks at the bf16 model plus the largest
+    single tensor. That is how a 7B LLM goes onto a GPU without materialising in fp32 in CPU memory."""
+    import struct
+
+    path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) != 8:
+            raise ConfigError(f"{path}: not a safetensors file (shorter than its header)")
+        (length,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            raise ConfigError(f"{path}: not a safetensors file (its header is not JSON)") from None
+        header.pop("__metadata__", None)
+        base = 8 + length
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            if info["dtype"] not in _ST_DTYPES:
+                raise ConfigError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which vlmkit does not read")
+            start, end = info["data_offsets"]
+            raw = torch.empty(end - start, dtype=torch.uint8)
+            handle.seek(base + start)
+            if handle.readinto(raw.numpy()) != end - start:
+                raise ConfigError(f"{path}: truncated (tensor {name!r} ends past the end of the file)")
+            tensor = raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"]) if end > start else \
+                torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            if device is not None:
+                tensor = tensor.to(device)
+            del raw
+            yield name, tensor
+
+
+def load_into(module: torch.nn.Module, tensors, source: str = "the checkpoint") -> None:
+    """Put (name, tensor) pairs into `module` in place of its parameters and buffers, as they come.
+
+    The module may have been built on the meta device (nothing allocated): each parameter becomes the loaded
+    tensor itself, with its requires_grad kept. A parameter shared by several modules (tied embeddings, which
+    safetensors files store once) is replaced everywhere it appears. Shape mismatches, unknown names and
+    parameters left unloaded are errors naming them."""
+    params = dict(module.named_parameters(remove_duplicate=False))
+    buffers = dict(module.named_buffers(remove_duplicate=False))
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        for attr, param in sub._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append((sub, attr))
+    loaded, unexpected = set(), []
+    for name, value in tensors:
+        if name in params:
+            old = params[name]
+            if tuple(old.shape) != tuple(value.shape):
+                raise ConfigError(f"{source}: {name} has shape {tuple(value.shape)}, the model expects "
+                                  f"{tuple(old.shape)}")
+            new = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+            for owner, attr in owners[id(old)]:
+                owner._parameters[attr] = new
+            loaded.add(id(old))
+        elif name in buffers:
+            path, _, attr = name.rpartition(".")
+            owner = module.get_submodule(path) if path else module
+            owner._buffers[attr] = value
+        else:
+            unexpected.append(name)
+    missing = [name for name, param in params.items() if id(param) not in loaded]
+    if missing or unexpected:
+        raise ConfigError(f"{source} does not match the model its config describes (missing {missing[:5]}"
+                          f"{'…' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                          f"{'…' if len(unexpected) > 5 else ''})")

@@ -9,6 +9,7 @@ which are flattened to H*W tokens. Later encoders (EVA, a Q-Former's input) impl
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from torch import nn
@@ -69,8 +70,15 @@ class VisionEncoder(nn.Module):
             side = hf.image_size // hf.patch_size
             return (side * side + (1 if self.has_cls and self.config.select == "cls_patch" else 0),
                     hf.hidden_size * len(self.feature_layers))
+        channels = getattr(hf, "num_channels", 3)
+        if any(p.is_meta for p in self.tower.parameters()):  # built empty, to be loaded: measure shapes on meta
+            probe = VisionEncoder.__new__(VisionEncoder)
+            nn.Module.__init__(probe)
+            probe.tower, probe.config, probe._image_size, probe.has_cls = (copy.deepcopy(self.tower).to("meta"),
+                                                                            self.config, self._image_size, self.has_cls)
+            features = probe.forward(torch.zeros(1, channels, self.image_size, self.image_size, device="meta"))
+            return features.shape[1], features.shape[2]
         with torch.no_grad():  # convolutional towers: measure once on a blank image
-            channels = getattr(hf, "num_channels", 3)
             features = self.forward(torch.zeros(1, channels, self.image_size, self.image_size))
         return features.shape[1], features.shape[2]
 

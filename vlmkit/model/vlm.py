@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import save_file, save_model
 from torch import nn
 
 from vlmkit.config import ArchConfig, LoRAConfig
 from vlmkit.connectors import build_connector
-from vlmkit.convert.weights import read_state_dict
+from vlmkit.convert.weights import load_into, read_state_dict, stream_safetensors
 from vlmkit.data.images import ImageTransform
 from vlmkit.data.render import IGNORE_INDEX, IMAGE_TOKEN
 from vlmkit.encoders import VisionEncoder, load_vision_tower
@@ -69,8 +69,13 @@ class VisionLanguageModel(nn.Module):
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: ArchConfig, verbose: bool = True, **load_kwargs) -> "VisionLanguageModel":
-        """Build from the backbones a config names (hub ids, local directories or 'tiny:…')."""
+    def from_config(cls, config: ArchConfig, verbose: bool = True, device=None, dtype=None,
+                    **load_kwargs) -> "VisionLanguageModel":
+        """Build from the backbones a config names (hub ids, local directories or 'tiny:…').
+
+        With `device`/`dtype` the backbones load straight there in that dtype (transformers reads their weights
+        onto the meta-initialised model tensor by tensor), so a GPU model never passes through CPU memory in
+        fp32; the new connector follows the LLM's embeddings."""
 
         from vlmkit.tiny import resolve
 
@@ -84,6 +89,10 @@ class VisionLanguageModel(nn.Module):
         # connector's initialisation must not depend on whether the cache was empty
         torch.manual_seed(config.seed)
         transform = ImageTransform.from_pretrained(vision_path, pad_to_square=config.vision.pad_to_square)
+        if dtype is not None:
+            load_kwargs.setdefault("dtype", dtype)
+        if device is not None and torch.device(device).type != "cpu":
+            load_kwargs.setdefault("device_map", torch.device(device))
         qlora = next((s.lora for s in config.stages if s.lora.quantize), None)
         llm_kwargs = dict(load_kwargs, quantization_config=quantization_config(qlora)) if qlora else load_kwargs
         llm = LanguageModel.from_pretrained(llm_path, **llm_kwargs)
@@ -205,29 +214,33 @@ class VisionLanguageModel(nn.Module):
             raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}")
         config = ArchConfig.from_dict(saved["arch"])
         transform = ImageTransform.from_pretrained(directory, pad_to_square=config.vision.pad_to_square)
-        llm = LanguageModel.from_hf_config(saved["llm"])
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = cls._assemble(config, load_vision_tower(None, hf_config=saved["vision_tower"]), llm, tokenizer,
-                              transform)
+        # built on the meta device (no memory, no random initialisation), then each tensor is read, cast and
+        # moved on its own: a checkpoint never materialises in fp32 on the CPU on its way to a bf16 GPU model
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):  # buffers computed at init (rotary tables) stay real
+            llm = LanguageModel.from_hf_config(saved["llm"])
+            model = cls._assemble(config, load_vision_tower(None, hf_config=saved["vision_tower"]), llm, tokenizer,
+                                  transform)
+        model.llm.causal_lm.tie_weights()  # not tied under init_empty_weights (it re-creates assigned parameters)
         if saved.get("lora"):  # kept adapters: the weights file holds them under peft's names
             attach_lora(model.llm, LoRAConfig(**saved["lora"]))
-        try:
-            if weights.exists():
-                load_model(model.as_tensor_module(), str(weights), strict=True)
-            else:
-                _load_state(model.as_tensor_module(), read_state_dict(directory, allow_pickle=allow_pickle))
-        except RuntimeError as exc:  # names differ: a checkpoint from another vlmkit version or a damaged file
-            detail = " ".join(str(exc).split())
-            raise ConfigError(f"{weights} does not match the model its config describes "
-                              f"({detail[:300]}{'…' if len(detail) > 300 else ''})") from None
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        if weights.exists():
+            tensors = stream_safetensors(weights, dtype=dtype, device=target)
+        else:
+            state = read_state_dict(directory, allow_pickle=allow_pickle)
+            tensors = ((k, v.to(device=target, dtype=dtype if dtype is not None and v.is_floating_point() else None))
+                       for k, v in state.items())
+        load_into(model.as_tensor_module(), tensors, source=str(weights if weights.exists() else directory))
+        model.to(target)  # the buffers made at init (parameters are there already)
         model.eval()
-        if dtype is not None or device is not None:
-            model.to(device=device, dtype=dtype)
         return model
 
 
 def _without_shared(state: dict) -> dict:
-    """Tied tensors (embeddings = LM head) stored once, as safetensors requires (load_model re-ties them)."""
+    """Tied tensors (embeddings = LM head) stored once, as safetensors requires (loading re-ties them)."""
     seen, out = set(), {}
     for key, tensor in state.items():
         pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
@@ -235,16 +248,6 @@ def _without_shared(state: dict) -> dict:
             seen.add(pointer)
             out[key] = tensor.contiguous()
     return out
-
-
-def _load_state(module: nn.Module, state: dict) -> None:
-    """load_state_dict that accepts a tied parameter stored once (as safetensors files store it)."""
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    params = dict(module.named_parameters(remove_duplicate=False))
-    loaded = {id(params[k]) for k in state if k in params}
-    missing = [k for k in missing if k not in params or id(params[k]) not in loaded]
-    if missing or unexpected:
-        raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
 
 
 def template_tokens(config: ArchConfig) -> list[str]:

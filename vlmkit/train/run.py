@@ -90,6 +90,11 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
         raise ConfigError("step checkpoints (--save-every) are not supported under FSDP yet: use --save-every 0 "
                           "(each stage still ends with a checkpoint) or --distributed ddp")
     start = time.time()
+    # where the model trains: torchrun's GPU for this rank, else --device; weights are loaded straight there
+    if info.enabled:
+        target = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        target = resolve_device(config.device)
     model, first, resume_from = None, 0, None
     if resume and info.is_main:
         for path in checkpoint.remove_partial(run_dir):
@@ -102,13 +107,13 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
                 stage = config.stages[resume_from.state.stage_index]
                 _check_fingerprint(resume_from.state.fingerprint,
                                    stage_fingerprint(config, stage, data, info.world_size), found)
-            model = VisionLanguageModel.from_pretrained(found / checkpoint.MODEL_DIR)
+            model = VisionLanguageModel.from_pretrained(found / checkpoint.MODEL_DIR, device=target)
             first = resume_from.state.stage_index
             log(f"resuming stage {resume_from.state.stage!r} at step {resume_from.state.step} from {found}")
             if info.is_main:
                 _truncate_log(log_file, config, resume_from.state)
         else:
-            model, first = VisionLanguageModel.from_pretrained(found), int(found.name.split("-")[0])
+            model, first = VisionLanguageModel.from_pretrained(found, device=target), int(found.name.split("-")[0])
             log(f"resuming after stage {config.stages[first - 1].name!r} from {found}")
             if info.is_main:
                 _truncate_log(log_file, config, checkpoint.TrainState(first, "", 0))
@@ -117,11 +122,8 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
     if model is None:
         if log_file.exists() and info.is_main:
             log_file.unlink()
-        model = VisionLanguageModel.from_config(config, verbose=verbose)
-    if info.enabled and torch.cuda.is_available():
-        model.to(f"cuda:{info.local_rank}")
-    elif not info.enabled:
-        model.to(resolve_device(config.device))
+        model = VisionLanguageModel.from_config(config, verbose=verbose, device=target)
+    model.to(target)  # a no-op for what was loaded there; buffers made at init
     if model.device.type == "cuda":  # TF32 matmuls on Ampere and later, as LLaVA's scripts set (--tf32 True)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
