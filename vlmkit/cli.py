@@ -134,7 +134,7 @@ def cmd_train(args) -> int:
     config = from_name(args.preset, scale=args.scale, **config_overrides(args))
     stages = args.stages.split(",") if args.stages else None
     result = train_run(config, args.run_dir, _data_spec(args), stages=stages, resume=args.resume,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, report_to=args.report_to)
     print(f"done in {result['seconds']:.0f}s; model in {Path(args.run_dir) / 'model'}; "
           f"loss curve {Path(args.run_dir) / 'loss.png'}")
     return 0
@@ -352,6 +352,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a --run-dir that holds another run's checkpoints (they are deleted); without "
                         "it such a directory is refused")
+    p.add_argument("--report-to", default=["none"], type=_parse_list, metavar="NAME[,NAME]",
+                   help="also log the per-step loss, learning rates, grad norm and throughput to: none, tensorboard "
+                        "(RUN_DIR/runs: tensorboard --logdir RUN_DIR/runs), wandb (offline unless WANDB_MODE is set "
+                        "or you are logged in). train_log.jsonl and loss.png are always written")
     if config is not None and command == "train":
         add_config_arguments(p, config)
     p.set_defaults(func=cmd_train)

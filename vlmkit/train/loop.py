@@ -93,7 +93,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
                 strategy: str = "ddp", workers: int = 0, feature_cache_gb: float = 4.0,
                 save: Callable[[object, object, TrainState], Path | None] | None = None,
                 resume: Resume | None = None, fingerprint: dict | None = None,
-                gradient_checkpointing: bool = False) -> dict:
+                gradient_checkpointing: bool = False, reporter=None, step_offset: int = 0) -> dict:
     """Train `model` in place for one stage; returns a summary (steps, losses, seconds).
 
     `save(optimizer, scheduler, state)` is called every `save_every` steps and when a stop signal arrives;
@@ -177,7 +177,10 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
                     weight = count * info.world_size / total_units
                     (loss * weight).backward()
                     step_sum += loss.item() * count
-                step_loss = (distributed.all_reduce_sum([step_sum])[0] if info.enabled else step_sum) / total_units
+                rows = sum(int(batch.input_ids.shape[0]) for _, _, real, batch in micro if real)
+                if info.enabled:  # the step's loss and its rows (samples, or packed rows) over every rank
+                    step_sum, rows = distributed.all_reduce_sum([step_sum, rows])
+                step_loss = step_sum / total_units
                 norm = torch.nn.utils.clip_grad_norm_(trainable, stage.max_grad_norm) if stage.max_grad_norm \
                     else None
                 norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a sharded DTensor
@@ -187,15 +190,19 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
                 state.step, state.epoch, state.batch_in_epoch = step + 1, epoch, position + 1
                 state.losses.append(step_loss)
                 bar.set_postfix(loss=f"{step_loss:.4f}", epoch=epoch)
-                if log_handle:
-                    log_handle.write(json.dumps({
+                if log_handle or reporter:  # the writing rank only (float(norm) waits for the GPU)
+                    entry = {
                         "stage": stage.name, "step": step + 1, "epoch": epoch, "loss": step_loss,
                         "lr": {g["name"]: g["lr"] for g in optimizer.param_groups
                                if not g["name"].endswith(".no_decay")},
                         "grad_norm": None if norm is None else float(norm), "tokens": total_units,
-                        "rows": sum(int(batch.input_ids.shape[0]) for *_, batch in micro),
-                        "seconds": round(time.time() - start, 3)}) + "\n")
-                    log_handle.flush()
+                        "rows": int(rows),
+                        "seconds": round(time.time() - start, 3)}
+                    if log_handle:
+                        log_handle.write(json.dumps(entry) + "\n")
+                        log_handle.flush()
+                    if reporter:
+                        reporter.log(entry, step_offset + step + 1)
                 periodic = save_every and state.step % save_every == 0 and state.step < total_steps
                 if save is not None and (stop.signal_name or periodic):
                     save(optimizer, schedule, state)

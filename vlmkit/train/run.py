@@ -8,6 +8,7 @@ Run directory layout:
   checkpoints/step-N-NAME-S/  resumable mid-stage checkpoints (--save-every), the newest --keep-last kept
   model/               the newest completed stage, what `vlmkit chat/eval/serve RUN` load
   summary.json         per-phase seconds, losses, skipped records
+  runs/                TensorBoard events (--report-to tensorboard); wandb/ for --report-to wandb
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from vlmkit.data.sources import DataSpec, build_dataset, stage_dataset  # noqa: 
 from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.io import resolve_device
 from vlmkit.model.vlm import VisionLanguageModel
-from vlmkit.train import checkpoint, distributed
+from vlmkit.train import checkpoint, distributed, report
 from vlmkit.train.loop import train_stage
 from vlmkit.train.plot import plot_loss
 
@@ -60,7 +61,7 @@ def _clear_or_refuse(run_dir: Path, overwrite: bool, log, delete: bool = True) -
         return
     import shutil
 
-    for name in ("checkpoints", "model"):
+    for name in ("checkpoints", "model", "runs"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
     for name in ("train_log.jsonl", "summary.json", "loss.png"):
         (run_dir / name).unlink(missing_ok=True)
@@ -68,9 +69,11 @@ def _clear_or_refuse(run_dir: Path, overwrite: bool, log, delete: bool = True) -
 
 
 def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = None, stages: list[str] | None = None,
-              resume: bool = False, verbose: bool = True, log=print, overwrite: bool = False) -> dict:
+              resume: bool = False, verbose: bool = True, log=print, overwrite: bool = False,
+              report_to: list[str] | None = None) -> dict:
     data = data or DataSpec()
     info = distributed.setup()  # torchrun: join the process group; rank 0 alone writes
+    report.check_reporters(report_to or ["none"])  # every rank: a missing package fails before the model is built
     if not info.is_main:
         verbose, log = False, _silent
     run_dir = Path(run_dir)
@@ -122,6 +125,10 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
     if model is None:
         if log_file.exists() and info.is_main:
             log_file.unlink()
+        if info.is_main:  # a fresh start: the TensorBoard events of an earlier run in this directory go too
+            import shutil
+
+            shutil.rmtree(run_dir / "runs", ignore_errors=True)
         model = VisionLanguageModel.from_config(config, verbose=verbose, device=target)
     model.to(target)  # a no-op for what was loaded there; buffers made at init
     if model.device.type == "cuda":  # TF32 matmuls on Ampere and later, as LLaVA's scripts set (--tf32 True)
@@ -129,6 +136,25 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
         torch.backends.cudnn.allow_tf32 = True
     distributed.barrier()
     summary["build_seconds"] = time.time() - start
+    reporter = report.Reporter()  # rank 0 alone reports (TensorBoard in RUN_DIR/runs, wandb)
+    if info.is_main:
+        purge = report.global_step_offset(log_file) + 1 if found is not None else None
+        reporter = report.open_reporters(report_to or ["none"], run_dir, json.loads(config.to_json()),
+                                         purge_step=purge)
+    try:
+        _run_stages(model, config, run_dir, data, selected, first, resume_from, info, log_file, summary, reporter,
+                    verbose, log)
+    finally:
+        reporter.close()
+    summary["seconds"] = time.time() - start
+    summary["processes"] = info.world_size
+    if info.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return {"model": model, **summary}
+
+
+def _run_stages(model, config, run_dir, data, selected, first, resume_from, info, log_file, summary, reporter,
+                verbose, log) -> None:
     log(f"model: {config.name} ({config.scale}); {model.num_image_tokens} image tokens per image; "
         f"{sum(p.numel() for p in model.parameters()):,} parameters")
 
@@ -154,7 +180,9 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
                              workers=config.workers, feature_cache_gb=config.feature_cache_gb,
                              gradient_checkpointing=config.gradient_checkpointing,
                              save=_step_saver(model, run_dir, config.keep_last, log) if info.is_main else None,
-                             resume=stage_resume, fingerprint=stage_fingerprint(config, stage, data, info.world_size))
+                             resume=stage_resume, fingerprint=stage_fingerprint(config, stage, data, info.world_size),
+                             reporter=reporter if info.is_main else None,
+                             step_offset=report.global_step_offset(log_file, stage.name) if info.is_main else 0)
         state = distributed.full_state_dict(model) if distributed.is_sharded(model) else None  # all ranks gather
         if info.is_main:
             _write_or_explain(model, run_dir / "checkpoints" / f"{index + 1}-{stage.name}", run_dir, state)
@@ -165,11 +193,6 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
         result["train_seconds"] = result.pop("seconds")
         result["seconds"] = time.time() - phase  # data reading + training + checkpoint
         summary["stages"].append(result)
-    summary["seconds"] = time.time() - start
-    summary["processes"] = info.world_size
-    if info.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return {"model": model, **summary}
 
 
 def _silent(*_args, **_kwargs) -> None:
