@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from vlmkit.convert.weights import load_into, stream_safetensors
 from vlmkit.errors import ConfigError

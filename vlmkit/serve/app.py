@@ -47,13 +47,19 @@ async def read_body(request, limit: int) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body is {int(declared):,} bytes, more than this server's limit of "
                             f"{limit:,} (--max-body-bytes)", code="body_too_large")
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"the request body is more than this server's limit of {limit:,} bytes "
-                                "(--max-body-bytes)", code="body_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"the request body is more than this server's limit of {limit:,} bytes "
+                                    "(--max-body-bytes)", code="body_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # an ordinary refusal (and its place in the queue freed), not a server error
+        raise ApiError(400, "the client went away before sending the whole body", code="client_disconnected") \
+            from None
     return b"".join(chunks)
 
 
@@ -139,17 +145,19 @@ def create_app(model, model_name: str, settings: ServeSettings | None = None, ap
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        raw = await read_body(request, settings.max_body_bytes)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        engine.expect()  # the worker may wait a moment for this request to fill its batch
+        # the place in the queue is taken before the body is read: bodies, fetched and decoded images count
+        # against --max-queue too. (A cancelled thread still runs to its end: the place is freed after it.)
+        engine.reserve()
         try:
+            raw = await read_body(request, settings.max_body_bytes)
             chat, job = await run_in_threadpool(_parse_and_prepare, raw, engine.model, model_name, settings)
         except BaseException:
-            engine.expect(-1)
+            engine.release()
             raise
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
         job.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
-        engine.submit(job, expected=True)
+        engine.submit(job, reserved=True)
         cid = completion_id()
         if chat.stream:
             return StreamingResponse(_stream(job, events, cid, model_name, chat.include_usage),

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import time
 import uuid
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from vlmkit.data.render import IMAGE_TOKEN
 
@@ -25,12 +27,21 @@ class ServeSettings:
     max_images: int = 4
     max_image_pixels: int = 4096 * 4096
     max_tokens: int = 512          # cap on a request's max_tokens, and the default when it gives none
-    max_queue: int = 256           # requests waiting or running; more get 429
+    max_queue: int = 256           # requests being read and prepared, waiting or running; more get 429
     max_batch: int = 8             # requests generated together (left-padded)
     batch_wait: float = 0.02       # longest a batch waits to fill (for arriving requests, or last batch's size)
-    allow_image_urls: bool = False  # fetch http(s) image URLs (off: only data: URIs)
-    image_url_timeout: float = 10.0
+    allow_image_urls: bool = False  # fetch http(s) image URLs (off: only data: URIs), from public addresses only
+    image_url_timeout: float = 10.0  # seconds for a whole fetch: name lookup, connects, redirects, every read
+    # networks a fetch may reach although they are not public (loopback, private, link-local, …); empty unless
+    # the image hosts are known ones on the server's own network (the tests allow 127.0.0.1)
+    image_url_allow_networks: tuple = ()
     temperature: float = 0.0       # for requests that give none (0 = greedy, as `vlmkit chat`)
+
+    def __post_init__(self):
+        if isinstance(self.image_url_allow_networks, str):
+            self.image_url_allow_networks = (self.image_url_allow_networks,)
+        self.image_url_allow_networks = tuple(ipaddress.ip_network(network, strict=False)
+                                              for network in self.image_url_allow_networks)
 
 
 class ApiError(Exception):
@@ -116,6 +127,13 @@ def _image_part(part: dict, param: str, settings: ServeSettings) -> ImageRef:
         if not settings.allow_image_urls:
             raise _bad("only data: URIs are accepted; this server does not fetch http(s) images "
                        "(start it with --allow-image-urls to allow that)", param, "image_url_not_allowed")
+        try:
+            parts = urlsplit(url)
+            valid = bool(parts.hostname) and (parts.port or 0) >= 0  # .port raises on one out of range
+        except ValueError:
+            valid = False
+        if not valid:
+            raise _bad("the URL needs a host (and a valid port, if any)", param, "invalid_image_url")
         return ImageRef(param, url=url)
     raise _bad(f"unsupported image URL scheme {url.split(':', 1)[0]!r}; send a data: URI", param,
                "invalid_image_url")
