@@ -194,7 +194,9 @@ def cmd_serve(args) -> int:
     settings = ServeSettings(max_body_bytes=args.max_body_bytes, max_images=args.max_images,
                              max_image_pixels=args.max_image_pixels, max_tokens=args.max_tokens,
                              max_queue=args.max_queue, max_batch=args.max_batch, batch_wait=args.batch_wait,
-                             allow_image_urls=args.allow_image_urls, temperature=args.temperature)
+                             allow_image_urls=args.allow_image_urls, temperature=args.temperature,
+                             image_url_timeout=args.image_url_timeout,
+                             image_url_allow_networks=tuple(args.image_url_allow_network))
     api_key = args.api_key or os.environ.get("VLMKIT_API_KEY") or None
     print(f"vlmkit: serving {name!r} ({model.config.name}) on http://{args.host}:{args.port}/ "
           f"— chat page at /, OpenAI API at /v1" + (", API key required" if api_key else ""), flush=True)
@@ -424,7 +426,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                         "last batch had (a lone client never waits)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="for requests that give no temperature (0 = greedy)")
-    p.add_argument("--allow-image-urls", action="store_true", help="also fetch http(s) image URLs")
+    p.add_argument("--allow-image-urls", action="store_true",
+                   help="also fetch http(s) image URLs (public addresses only, checked after DNS and on every "
+                        "redirect; capped by --max-body-bytes and --image-url-timeout)")
+    p.add_argument("--image-url-timeout", type=float, default=10.0,
+                   help="seconds for a whole image-URL fetch (name lookup, connects, redirects, every read)")
+    p.add_argument("--image-url-allow-network", action="append", default=[], metavar="CIDR",
+                   help="a non-public network that image URLs may reach (repeatable; default: public addresses only)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_allow_pickle(p)
     _add_device(p)

@@ -255,7 +255,7 @@ def image_host():
 def test_api_key_and_image_urls(served_model, image_host):
     from vlmkit.serve import ServeSettings, create_app
 
-    settings = ServeSettings(max_tokens=8, allow_image_urls=True)
+    settings = ServeSettings(max_tokens=8, allow_image_urls=True, image_url_allow_networks=("127.0.0.1/32",))
     with LiveServer(create_app(served_model, "keyed", settings, api_key="sekret")) as live:
         body = {"messages": [{"role": "user", "content": "hi"}]}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
