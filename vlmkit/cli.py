@@ -132,6 +132,10 @@ def cmd_train(args) -> int:
     from vlmkit.train.run import train_run
 
     config = from_name(args.preset, scale=args.scale, **config_overrides(args))
+    if args.dry_run:
+        from vlmkit.train.plan import memory_plan_main
+
+        return memory_plan_main(config, args.gpus, args.gpu_memory_gb)
     stages = args.stages.split(",") if args.stages else None
     result = train_run(config, args.run_dir, _data_spec(args), stages=stages, resume=args.resume,
                        overwrite=args.overwrite, report_to=args.report_to)
@@ -312,6 +316,8 @@ _TRAIN_EXAMPLES = """examples:
   # a long list in a file: [{"source": "mine.json", "weight": 2, "image_folder": "imgs", "template": "chatml"}]
   vlmkit train --instruct.mixture mix.json --instruct.pack-to 1024   # samples packed into 1024-token rows
   vlmkit train ... --workers 4 --feature-cache-gb 16     # image-decoding processes; frozen-feature cache budget
+  vlmkit train --scale paper --dry-run --gpus 8 --gpu-memory-gb 80   # memory per GPU, before anything downloads
+  vlmkit train ... --report-to tensorboard                # then: tensorboard --logdir RUN_DIR/runs
 """
 
 
@@ -354,6 +360,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a --run-dir that holds another run's checkpoints (they are deleted); without "
                         "it such a directory is refused")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build the model on the meta device (configs only, no weights are read) and print, per stage "
+                        "and per GPU, parameter, gradient, optimizer-state and activation memory under DDP, ZeRO-2, "
+                        "FSDP, LoRA and QLoRA, and what fits; exit status 1 when the configured run does not fit")
+    p.add_argument("--gpus", type=int, default=None, help="GPU count for --dry-run (default: the visible GPUs, or 1)")
+    p.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="memory per GPU in GiB for --dry-run (default: the first GPU's, or 80)")
     p.add_argument("--report-to", default=["none"], type=_parse_list, metavar="NAME[,NAME]",
                    help="also log the per-step loss, learning rates, grad norm and throughput to: none, tensorboard "
                         "(RUN_DIR/runs: tensorboard --logdir RUN_DIR/runs), wandb (offline unless WANDB_MODE is set "

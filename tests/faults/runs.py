@@ -35,7 +35,9 @@ def start(args, script=None, processes: int = 1):
     else:
         command = [sys.executable, str(script)] if script else [sys.executable, "-m", "vlmkit"]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.Popen(command + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    # its own process group: a test can kill torchrun and its workers together (os.killpg)
+    return subprocess.Popen(command + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
 
 
 def finish(args, processes: int = 1):

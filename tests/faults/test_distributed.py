@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from runs import argv, finish, losses, make_images
+from runs import STEPS, argv, finish, losses, make_images, start
 
 
 def test_two_processes_match_one(backbones, tmp_path):
@@ -83,3 +83,80 @@ def test_every_rank_refuses_a_run_dir_with_old_checkpoints(backbones, tmp_path):
     process = start(argv(backbones, tmp_path, run, "--instruct.max-steps", "2"), processes=2)
     out, _ = process.communicate(timeout=180)
     assert process.returncode != 0 and out.count("holds another run's checkpoints") >= 2, out
+
+
+def _fsdp_reference(backbones, tmp_path):
+    make_images(tmp_path)
+    reference = tmp_path / "reference"
+    finish(argv(backbones, tmp_path, reference, "--distributed", "fsdp"), processes=2)
+    return losses(reference)
+
+
+def _same(resumed, reference, what):
+    assert len(resumed) == len(reference) == STEPS, (resumed, reference)
+    worst = max(abs(a - b) / abs(b) for a, b in zip(resumed, reference))
+    print(f"largest relative loss difference, FSDP {what} then resumed vs uninterrupted: {worst:.3g}")
+    assert worst <= 1e-6, (resumed, reference)
+
+
+def test_fsdp_sigkill_then_resume_repeats_the_losses(backbones, tmp_path):
+    """FSDP step checkpoints: the optimizer's shards written by each rank through torch.distributed.checkpoint,
+    the model gathered; a run killed (torchrun and its workers, SIGKILL) resumes exactly."""
+    import os
+    import signal
+
+    from test_resume import logged_steps, wait_for
+
+    from vlmkit.train import checkpoint
+
+    reference = _fsdp_reference(backbones, tmp_path)
+    run = tmp_path / "run"
+    process = start(argv(backbones, tmp_path, run, "--distributed", "fsdp"), processes=2)
+    wait_for(lambda: logged_steps(run) >= 7, process)  # after the step-6 checkpoint
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    found = checkpoint.latest(run)
+    assert found is not None and checkpoint.is_step_checkpoint(found)
+    assert (found / checkpoint.SHARDED_OPTIMIZER).is_dir()
+    assert len(list((found / checkpoint.SHARDED_OPTIMIZER).glob("*.distcp"))) == 2  # one file of shards per rank
+    finish(argv(backbones, tmp_path, run, "--distributed", "fsdp", "--resume"), processes=2)
+    _same(losses(run), reference, "SIGKILL")
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if int(fields.get("PPid", "0").strip()) == pid:
+            found.append(int(status.parent.name))
+    return sorted(found)
+
+
+def test_ranks_agree_on_a_stop_signal(backbones, tmp_path):
+    """SIGTERM (preemption) reaches one rank only: both ranks still checkpoint after the same step and stop
+    (a rank checkpointing alone would wait forever in the collective), and the run resumes exactly."""
+    import os
+    import signal
+
+    from test_resume import logged_steps, wait_for
+
+    from vlmkit.train import checkpoint
+
+    reference = _fsdp_reference(backbones, tmp_path)
+    run = tmp_path / "run"
+    process = start(argv(backbones, tmp_path, run, "--distributed", "fsdp", "--save-every", "100"), processes=2)
+    wait_for(lambda: logged_steps(run) >= 4, process)
+    ranks = _children(process.pid)  # torchrun's workers
+    assert len(ranks) == 2, ranks
+    os.kill(max(ranks), signal.SIGTERM)  # one worker (rank 1, started second) is preempted
+    out, _ = process.communicate(timeout=180)
+    assert "a stop signal on another rank" in out or "SIGTERM: stopped stage" in out, out
+    stopped = checkpoint.latest(run)
+    assert stopped is not None and checkpoint.is_step_checkpoint(stopped), out
+    finish(argv(backbones, tmp_path, run, "--distributed", "fsdp", "--resume"), processes=2)
+    _same(losses(run), reference, "SIGTERM on one rank")

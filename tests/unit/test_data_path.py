@@ -157,16 +157,19 @@ def test_a_packed_stage_trains_like_the_padded_one(backbones, tmp_path, image_fi
     assert main(too_short) == 2
 
 
-def test_gradient_checkpointing_trains_the_same(backbones, tmp_path, image_files, monkeypatch):
-    """--gradient-checkpointing recomputes the LLM's activations in the backward pass: same losses and gradients."""
-    import transformers.modeling_utils
+@pytest.mark.parametrize("trains", ["connector,llm", "connector"])
+def test_gradient_checkpointing_trains_the_same(backbones, tmp_path, image_files, monkeypatch, trains):
+    """--gradient-checkpointing recomputes the LLM's activations in the backward pass: same losses and gradients,
+    also when the LLM is frozen (LLaVA's stage 1: the gradient still crosses every layer to the connector)."""
+    import torch.utils.checkpoint
 
-    calls = []  # transformers binds torch's checkpoint function when checkpointing is enabled
-    real = transformers.modeling_utils.checkpoint
-    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = []  # vlmkit runs each decoder layer through torch's checkpoint function
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     data = write_records(tmp_path, image_files, "g", 8)
     logs = [train_log(backbones, tmp_path, f"run-{flag}", data, "--instruct.max-steps", "3", "--instruct.batch-size",
-                      "4", "--workers", "0", flag) for flag in ("--no-gradient-checkpointing", "--gradient-checkpointing")]
+                      "4", "--workers", "0", "--instruct.train", trains, flag)
+            for flag in ("--no-gradient-checkpointing", "--gradient-checkpointing")]
     assert len(calls) == 3 * 2  # 3 steps x the test LLM's 2 layers, in the checkpointed run only
     for plain, checkpointed in zip(*logs):
         assert plain["loss"] == pytest.approx(checkpointed["loss"], rel=1e-6)

@@ -152,3 +152,22 @@ def test_a_100m_model_loads_in_bf16_without_an_fp32_copy(backbones, tmp_path):
     assert results["vlmkit"]["dtype"] == "torch.bfloat16"
     assert results["vlmkit"]["growth"] < fp32_bytes, results
     assert results["vlmkit"]["growth"] < 0.6 * results["usual"]["growth"], results
+
+
+def test_backbones_saved_in_fp16_train_in_fp32(backbones, tmp_path):
+    """Hub LLMs are often saved in fp16 (Vicuna): transformers would load them so; training needs fp32 weights."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from vlmkit.config import from_name
+
+    AutoModelForCausalLM.from_pretrained(backbones["llm"]).half().save_pretrained(tmp_path / "llm16")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{backbones['llm']}/{name}", tmp_path / "llm16" / name)
+    config = from_name("llava-1.5", scale="tiny", vision={"name_or_path": backbones["clip"]},
+                       llm={"name_or_path": str(tmp_path / "llm16")})
+    model = VisionLanguageModel.from_config(config, verbose=False)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    inference = VisionLanguageModel.from_config(config, verbose=False, dtype=torch.bfloat16)
+    assert {p.dtype for p in inference.llm.parameters()} == {torch.bfloat16}

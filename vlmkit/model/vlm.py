@@ -73,7 +73,8 @@ class VisionLanguageModel(nn.Module):
                     **load_kwargs) -> "VisionLanguageModel":
         """Build from the backbones a config names (hub ids, local directories or 'tiny:…').
 
-        With `device`/`dtype` the backbones load straight there in that dtype (transformers reads their weights
+        The backbones load in fp32 (the master weights training needs), or in `dtype`. With `device`/`dtype`
+        they load straight there in that dtype (transformers reads their weights
         onto the meta-initialised model tensor by tensor), so a GPU model never passes through CPU memory in
         fp32; the new connector follows the LLM's embeddings."""
 
@@ -89,8 +90,9 @@ class VisionLanguageModel(nn.Module):
         # connector's initialisation must not depend on whether the cache was empty
         torch.manual_seed(config.seed)
         transform = ImageTransform.from_pretrained(vision_path, pad_to_square=config.vision.pad_to_square)
-        if dtype is not None:
-            load_kwargs.setdefault("dtype", dtype)
+        # fp32 unless asked: transformers 5 loads a checkpoint in the dtype its config names (Vicuna's is fp16),
+        # and training needs fp32 master weights (bf16 compute comes from autocast or FSDP's policy)
+        load_kwargs.setdefault("dtype", dtype if dtype is not None else torch.float32)
         if device is not None and torch.device(device).type != "cpu":
             load_kwargs.setdefault("device_map", torch.device(device))
         qlora = next((s.lora for s in config.stages if s.lora.quantize), None)

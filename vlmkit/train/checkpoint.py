@@ -5,6 +5,9 @@ A step checkpoint `checkpoints/step-N-STAGE-SSSSSSS/` holds
   optimizer.safetensors   the optimizer's tensors (AdamW moments and step counts) and the RNG states
   trainer_state.json      stage, step, data position (epoch, micro-batch within it), losses so far,
                           the optimizer's parameter groups and the scheduler's state
+Under FSDP the optimizer state stays sharded: every rank writes its own shards with
+`torch.distributed.checkpoint` into `optimizer.dcp/` (instead of optimizer.safetensors, which then holds only
+the RNG states), and a resumed run reads them back into its own shards; the model is gathered once into model/.
 It is written into a temporary directory and renamed into place (vlmkit.io.atomic_dir), so a crash or a
 kill at any moment leaves either the previous set of checkpoints or the new one, never a half-written one.
 Checkpoints are taken between optimiser steps, so the gradient-accumulation position is always 0.
@@ -24,6 +27,7 @@ from vlmkit.io import atomic_dir
 
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
+SHARDED_OPTIMIZER = "optimizer.dcp"
 MODEL_DIR = "model"
 STEP_PREFIX = "step-"
 
@@ -54,16 +58,21 @@ def step_dir_name(stage_index: int, stage: str, step: int) -> str:
     return f"{STEP_PREFIX}{stage_index + 1}-{stage}-{step:07d}"
 
 
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = rng
+    return tensors
+
+
 def save_checkpoint(directory: Path, model, optimizer, scheduler, state: TrainState) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     optimizer_state = optimizer.state_dict()
     for index, values in optimizer_state["state"].items():
         for key, value in values.items():
             tensors[f"state.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, rng in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = rng
+    tensors.update(_rng_tensors())
     with atomic_dir(directory) as tmp:
         (tmp / MODEL_DIR).mkdir()
         model._write(tmp / MODEL_DIR)
@@ -71,6 +80,46 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, state: TrainSt
         payload = {"state": asdict(state), "optimizer_param_groups": optimizer_state["param_groups"],
                    "scheduler": scheduler.state_dict()}
         (tmp / STATE_NAME).write_text(json.dumps(payload, indent=1))
+    return directory
+
+
+def save_sharded_checkpoint(directory: Path, model, optimizer, scheduler, state: TrainState) -> Path:
+    """The FSDP step checkpoint; every rank calls it. The optimizer's shards go through
+    torch.distributed.checkpoint (each rank writes its own), the model is gathered and written by rank 0,
+    and rank 0 renames the finished directory into place after every rank's shards are on disk."""
+    import os
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from vlmkit.train import distributed
+
+    info = distributed.current()
+    full = distributed.full_state_dict(model)  # collective: rank 0 receives the gathered model
+    tmp = directory.parent / f".{directory.name}.tmp-sharded"  # one name every rank agrees on
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / MODEL_DIR).mkdir(parents=True)
+    dist.barrier()
+    dcp.save({"optimizer": distributed.sharded_optimizer_state(model, optimizer)},
+             checkpoint_id=str(tmp / SHARDED_OPTIMIZER))
+    if info.is_main:
+        try:
+            model._write(tmp / MODEL_DIR, full)
+            save_file({k: v.contiguous().cpu() for k, v in _rng_tensors().items()}, str(tmp / OPTIMIZER_NAME))
+            payload = {"state": asdict(state), "sharded_optimizer": SHARDED_OPTIMIZER,
+                       "world_size": info.world_size, "scheduler": scheduler.state_dict()}
+            (tmp / STATE_NAME).write_text(json.dumps(payload, indent=1))
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            dist.barrier()
+    else:
+        dist.barrier()
     return directory
 
 
@@ -85,12 +134,24 @@ def load_resume(directory: Path) -> Resume:
         else:
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
-    optimizer = {"state": state, "param_groups": payload["optimizer_param_groups"]}
+    if payload.get("sharded_optimizer"):  # FSDP: the shards are read into the sharded optimizer by restore()
+        optimizer = {"sharded": str(directory / payload["sharded_optimizer"])}
+    else:
+        optimizer = {"state": state, "param_groups": payload["optimizer_param_groups"]}
     return Resume(directory, TrainState(**payload["state"]), optimizer, payload["scheduler"], rng)
 
 
-def restore(resume: Resume, optimizer, scheduler) -> None:
-    optimizer.load_state_dict(resume.optimizer)
+def restore(resume: Resume, optimizer, scheduler, model=None) -> None:
+    if "sharded" in resume.optimizer:
+        from vlmkit.train import distributed
+        from vlmkit.errors import ConfigError
+
+        if model is None or not distributed.is_sharded(model):
+            raise ConfigError(f"{resume.directory} holds a sharded (FSDP) optimizer state: resume it under torchrun "
+                              "with --distributed fsdp")
+        distributed.load_sharded_optimizer_state(model, optimizer, resume.optimizer["sharded"])
+    else:
+        optimizer.load_state_dict(resume.optimizer)
     scheduler.load_state_dict(resume.scheduler)
     torch.set_rng_state(resume.rng["torch"])
     cuda = [resume.rng[k] for k in sorted(resume.rng) if k.startswith("cuda.")]

@@ -77,10 +77,12 @@ def barrier() -> None:
 STRATEGIES = ("ddp", "fsdp")
 
 
-def prepare(model, info: DistInfo, strategy: str):
+def prepare(model, info: DistInfo, strategy: str, bf16: bool = False):
     """The module the training loop calls: `model` itself (one process, or FSDP-sharded in place) or a DDP
     wrapper. FSDP (FSDP2 `fully_shard`) makes each LLM decoder layer a unit and the whole model the root, so
-    everything outside the layers (vision tower, connector, embeddings, head) is gathered for the forward."""
+    everything outside the layers (vision tower, connector, embeddings, head) is gathered for the forward.
+    With `bf16`, FSDP gathers the parameters in bf16 for the forward/backward and reduces gradients in fp32,
+    while the sharded fp32 parameters stay the optimizer's master weights (LLaVA's --bf16 under ZeRO)."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"distributed={strategy!r}; use one of {', '.join(STRATEGIES)}")
     if not info.enabled:
@@ -95,11 +97,13 @@ def prepare(model, info: DistInfo, strategy: str):
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
                                        find_unused_parameters=True)
     if not getattr(model, "_fsdp_sharded", False):
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+            MixedPrecisionPolicy()
         for layer in decoder_layers(model.llm.causal_lm):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         model._fsdp_sharded = True
     return model
 
@@ -123,3 +127,20 @@ def full_state_dict(model) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def sharded_optimizer_state(model, optimizer) -> dict:
+    """This rank's shards of the optimizer state, keyed by parameter name (for torch.distributed.checkpoint)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer)
+
+
+def load_sharded_optimizer_state(model, optimizer, directory) -> None:
+    """Read a sharded optimizer state written by `torch.distributed.checkpoint` into `optimizer` (every rank)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    state = {"optimizer": sharded_optimizer_state(model, optimizer)}  # the layout to fill (zero moments)
+    dcp.load(state, checkpoint_id=str(directory))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])

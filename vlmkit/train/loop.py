@@ -49,6 +49,26 @@ def param_groups(model, stage: StageConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def checkpoint_layers(causal_lm):
+    """Run each decoder layer under torch.utils.checkpoint (non-reentrant: gradients reach the inputs and
+    LoRA adapters whether or not the layer's own weights train), in train or eval mode alike (transformers'
+    own switch acts only in train mode, and a frozen LLM is in eval mode). Returns the function that undoes it."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = distributed.decoder_layers(causal_lm)
+    for layer in layers:
+        original = layer.forward
+
+        def forward(*args, _original=original, **kwargs):
+            return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+        layer.forward = forward
+
+    def undo():
+        for layer in layers:
+            del layer.forward  # back to the class's forward
+    return undo
+
+
 def warmup_cosine(total_steps: int, warmup_ratio: float):
     warmup = max(1, math.ceil(total_steps * warmup_ratio))
 
@@ -107,10 +127,10 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
     if stage.lora.r > 0 and "llm" not in stage.train:
         raise ConfigError(f"stage {stage.name!r} sets lora.r={stage.lora.r} but does not train the llm")
     apply_stage_freezing(model, stage.train, log=log, lora=stage.lora)
-    checkpointing = gradient_checkpointing and "llm" in stage.train
-    if checkpointing:  # non-reentrant: gradients reach LoRA adapters even when the embeddings are frozen
-        model.llm.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    forward = distributed.prepare(model, info, strategy)  # before the optimizer: FSDP replaces the parameters
+    # activations recomputed in the backward pass, layer by layer: in every stage, since even with the LLM frozen
+    # (LLaVA's stage 1) the gradient reaches the connector through all its layers
+    undo_checkpointing = checkpoint_layers(model.llm.causal_lm) if gradient_checkpointing else None
+    forward = distributed.prepare(model, info, strategy, bf16=bf16)  # before the optimizer: FSDP replaces the parameters
     # the fused kernel does the same update in one pass instead of a Python loop over parameters (measured: the
     # optimizer step 272 -> 56 ms on the benchmark's 'small' model); FSDP's sharded DTensors use the default
     optimizer = torch.optim.AdamW(param_groups(model, stage), betas=(0.9, 0.999), eps=1e-8,
@@ -135,7 +155,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     state = TrainState(stage_index, stage.name, fingerprint=dict(fingerprint or {}))
     if resume is not None:
-        restore(resume, optimizer, schedule)
+        restore(resume, optimizer, schedule, model)
         state = resume.state
         log(f"stage {stage.name}: resuming at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
 
@@ -178,8 +198,12 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
                     (loss * weight).backward()
                     step_sum += loss.item() * count
                 rows = sum(int(batch.input_ids.shape[0]) for _, _, real, batch in micro if real)
-                if info.enabled:  # the step's loss and its rows (samples, or packed rows) over every rank
-                    step_sum, rows = distributed.all_reduce_sum([step_sum, rows])
+                stopping = stop.signal_name is not None
+                if info.enabled:  # the step's loss and rows (samples, or packed rows) over every rank, and whether
+                    # any rank got a stop signal: all ranks then checkpoint and stop after the same step (a signal
+                    # arriving after this point is seen at the next step, by everyone)
+                    step_sum, rows, stops = distributed.all_reduce_sum([step_sum, rows, float(stopping)])
+                    stopping = stops > 0
                 step_loss = step_sum / total_units
                 norm = torch.nn.utils.clip_grad_norm_(trainable, stage.max_grad_norm) if stage.max_grad_norm \
                     else None
@@ -204,17 +228,18 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
                     if reporter:
                         reporter.log(entry, step_offset + step + 1)
                 periodic = save_every and state.step % save_every == 0 and state.step < total_steps
-                if save is not None and (stop.signal_name or periodic):
+                if save is not None and (stopping or periodic):
                     save(optimizer, schedule, state)
-                if stop.signal_name:
-                    raise TrainingInterrupted(f"{stop.signal_name}: stopped stage {stage.name!r} after step "
-                                              f"{state.step}" + ("; continue with --resume" if save else ""))
+                if stopping:
+                    raise TrainingInterrupted(f"{stop.signal_name or 'a stop signal on another rank'}: stopped stage "
+                                              f"{stage.name!r} after step {state.step}"
+                                              + ("; continue with --resume" if save or info.enabled else ""))
     finally:
         batches.close()  # ends the epoch's loader and its worker processes
         if log_handle:
             log_handle.close()
-    if checkpointing:
-        model.llm.causal_lm.gradient_checkpointing_disable()
+    if undo_checkpointing:
+        undo_checkpointing()
     finish_stage(model.llm, stage.lora)  # merge LoRA adapters into the weights, or keep them
     model.eval()
     model.requires_grad_(False)

@@ -89,9 +89,6 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
     if stages is not None and len(selected) != len(stages):
         raise ConfigError(f"unknown stage(s) in {stages}; preset {config.name!r} has {[s.name for s in config.stages]}")
 
-    if info.enabled and config.distributed == "fsdp" and config.save_every:
-        raise ConfigError("step checkpoints (--save-every) are not supported under FSDP yet: use --save-every 0 "
-                          "(each stage still ends with a checkpoint) or --distributed ddp")
     start = time.time()
     # where the model trains: torchrun's GPU for this rank, else --device; weights are loaded straight there
     if info.enabled:
@@ -158,6 +155,7 @@ def _run_stages(model, config, run_dir, data, selected, first, resume_from, info
     log(f"model: {config.name} ({config.scale}); {model.num_image_tokens} image tokens per image; "
         f"{sum(p.numel() for p in model.parameters()):,} parameters")
 
+    sharded = info.enabled and config.distributed == "fsdp"  # every rank writes its optimizer shards
     for index, stage in enumerate(config.stages):
         if index < first or stage not in selected:
             continue
@@ -179,7 +177,8 @@ def _run_stages(model, config, run_dir, data, selected, first, resume_from, info
                              stage_index=index, save_every=config.save_every, strategy=config.distributed,
                              workers=config.workers, feature_cache_gb=config.feature_cache_gb,
                              gradient_checkpointing=config.gradient_checkpointing,
-                             save=_step_saver(model, run_dir, config.keep_last, log) if info.is_main else None,
+                             save=_step_saver(model, run_dir, config.keep_last, log, sharded)
+                             if info.is_main or sharded else None,
                              resume=stage_resume, fingerprint=stage_fingerprint(config, stage, data, info.world_size),
                              reporter=reporter if info.is_main else None,
                              step_offset=report.global_step_offset(log_file, stage.name) if info.is_main else 0)
@@ -199,9 +198,15 @@ def _silent(*_args, **_kwargs) -> None:
     pass
 
 
-def _step_saver(model, run_dir: Path, keep_last: int, log):
+def _step_saver(model, run_dir: Path, keep_last: int, log, sharded: bool = False):
     def save(optimizer, scheduler, state: checkpoint.TrainState) -> Path | None:
         target = run_dir / "checkpoints" / checkpoint.step_dir_name(state.stage_index, state.stage, state.step)
+        if sharded:  # a collective: every rank writes, rank 0 renames (a failed write stops the run)
+            checkpoint.save_sharded_checkpoint(target, model, optimizer, scheduler, state)
+            if distributed.current().is_main:
+                checkpoint.prune(run_dir, keep_last)
+                log(f"checkpoint: {target}")
+            return target
         previous = checkpoint.latest(run_dir)
         try:
             checkpoint.save_checkpoint(target, model, optimizer, scheduler, state)
