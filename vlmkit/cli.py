@@ -131,14 +131,22 @@ def _data_spec(args):
 def cmd_train(args) -> int:
     from vlmkit.train.run import train_run
 
-    config = from_name(args.preset, scale=args.scale, **config_overrides(args))
+    stages = args.stages.split(",") if args.stages else None
+    if args.init:  # the model's own config (parts, template, preset), with this command's run and stage settings
+        from vlmkit.train.init import init_config, with_overrides
+
+        config = with_overrides(init_config(args.init), config_overrides(args))
+        if stages is None:  # what LLaVA's finetune_task scripts run: the instruction tuning, not the alignment
+            stages = [config.stages[-1].name]
+        print(f"--init {args.init}: preset {config.name}, template {config.template}; stage(s) {', '.join(stages)}")
+    else:
+        config = from_name(args.preset, scale=args.scale, **config_overrides(args))
     if args.dry_run:
         from vlmkit.train.plan import memory_plan_main
 
         return memory_plan_main(config, args.gpus, args.gpu_memory_gb)
-    stages = args.stages.split(",") if args.stages else None
     result = train_run(config, args.run_dir, _data_spec(args), stages=stages, resume=args.resume,
-                       overwrite=args.overwrite, report_to=args.report_to)
+                       overwrite=args.overwrite, report_to=args.report_to, init=args.init)
     print(f"done in {result['seconds']:.0f}s; model in {Path(args.run_dir) / 'model'}; "
           f"loss curve {Path(args.run_dir) / 'loss.png'}")
     return 0
@@ -317,6 +325,7 @@ _TRAIN_EXAMPLES = """examples:
   vlmkit train --instruct.mixture mix.json --instruct.pack-to 1024   # samples packed into 1024-token rows
   vlmkit train ... --workers 4 --feature-cache-gb 16     # image-decoding processes; frozen-feature cache budget
   vlmkit train --scale paper --dry-run --gpus 8 --gpu-memory-gb 80   # memory per GPU, before anything downloads
+  vlmkit train --init llava-hf/llava-1.5-7b-hf --data task.json --image-folder imgs/ --instruct.lora.r 128
   vlmkit train ... --report-to tensorboard                # then: tensorboard --logdir RUN_DIR/runs
 """
 
@@ -360,6 +369,12 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a --run-dir that holds another run's checkpoints (they are deleted); without "
                         "it such a directory is refused")
+    p.add_argument("--init", default=None, metavar="SOURCE",
+                   help="fine-tune an existing model instead of assembling backbones: a vlmkit run directory or "
+                        "checkpoint, or a Hugging Face LLaVA directory or hub id (llava-hf/llava-1.5-7b-hf). It keeps "
+                        "its parts, weights, tokenizer, template and preset; the flags here change run and stage "
+                        "settings only; --stages defaults to the preset's last stage (instruction tuning), full or "
+                        "LoRA (--instruct.lora.r 128), as LLaVA's finetune_task.sh / finetune_task_lora.sh")
     p.add_argument("--dry-run", action="store_true",
                    help="build the model on the meta device (configs only, no weights are read) and print, per stage "
                         "and per GPU, parameter, gradient, optimizer-state and activation memory under DDP, ZeRO-2, "

@@ -81,16 +81,11 @@ def causal_lm_from_parts(text_config, base_model: torch.nn.Module, lm_head: torc
     return causal
 
 
-def from_hf(src: str | os.PathLike, *, preset: str = "llava-1.5", dtype=None, device_map=None, verbose: bool = True):
-    """A vlmkit `VisionLanguageModel` from a `LlavaForConditionalGeneration` directory or hub id."""
-    from transformers import AutoConfig, AutoTokenizer, LlavaForConditionalGeneration
+def hf_arch(src: str, preset: str = "llava-1.5"):
+    """The vlmkit config of a Hugging Face LLaVA directory or hub id, read from its config files alone (no
+    weights): (ArchConfig, the HF config, the image-processor config)."""
+    from transformers import AutoConfig
 
-    from vlmkit.data.images import ImageTransform
-    from vlmkit.data.render import IMAGE_TOKEN
-    from vlmkit.llm import LanguageModel
-    from vlmkit.model.vlm import VisionLanguageModel, prepare_tokenizer
-
-    src = str(src)
     hf_config = AutoConfig.from_pretrained(src)
     if hf_config.model_type != "llava":
         hint = " (an original LLaVA checkpoint: use `vlmkit convert from-llava`)" \
@@ -103,6 +98,20 @@ def from_hf(src: str | os.PathLike, *, preset: str = "llava-1.5", dtype=None, de
         saved = ArchConfig.from_dict(json.loads(sidecar.read_text()))
         saved.vision, saved.connector, saved.llm = arch.vision, arch.connector, arch.llm
         arch = saved
+    return arch, hf_config, image_processor
+
+
+def from_hf(src: str | os.PathLike, *, preset: str = "llava-1.5", dtype=None, device_map=None, verbose: bool = True):
+    """A vlmkit `VisionLanguageModel` from a `LlavaForConditionalGeneration` directory or hub id."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from vlmkit.data.images import ImageTransform
+    from vlmkit.data.render import IMAGE_TOKEN
+    from vlmkit.llm import LanguageModel
+    from vlmkit.model.vlm import VisionLanguageModel, prepare_tokenizer
+
+    src = str(src)
+    arch, hf_config, image_processor = hf_arch(src, preset)
 
     tokenizer = AutoTokenizer.from_pretrained(src)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if IMAGE_TOKEN in tokenizer.get_vocab() else None

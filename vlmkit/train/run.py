@@ -27,7 +27,7 @@ from vlmkit.train import checkpoint, distributed, report
 from vlmkit.train.loop import train_stage
 from vlmkit.train.plot import plot_loss
 
-def stage_fingerprint(config: ArchConfig, stage, data: DataSpec, world_size: int) -> dict:
+def stage_fingerprint(config: ArchConfig, stage, data: DataSpec, world_size: int, init: str | None = None) -> dict:
     """What decides a stage's data order and its steps: a step checkpoint records it, and --resume with any of
     it changed would silently read other data in another order."""
     from vlmkit.data.sources import stage_sources
@@ -35,7 +35,7 @@ def stage_fingerprint(config: ArchConfig, stage, data: DataSpec, world_size: int
     return {"preset": config.name, "stage": stage.name, "seed": config.seed,
             "data": [f"{s.source}={s.weight:g}" for s in stage_sources(config, stage, data)],
             "image_folder": data.image_folder or "", "batch_size": stage.batch_size, "grad_accum": stage.grad_accum,
-            "pack_to": stage.pack_to, "world_size": world_size}
+            "pack_to": stage.pack_to, "world_size": world_size, "init": str(init or "")}
 
 
 def _check_fingerprint(saved: dict, current: dict, found: Path) -> None:
@@ -70,7 +70,10 @@ def _clear_or_refuse(run_dir: Path, overwrite: bool, log, delete: bool = True) -
 
 def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = None, stages: list[str] | None = None,
               resume: bool = False, verbose: bool = True, log=print, overwrite: bool = False,
-              report_to: list[str] | None = None) -> dict:
+              report_to: list[str] | None = None, init: str | None = None) -> dict:
+    """Train `config`'s stages (or those named) into `run_dir`. `init`: start from that model (a vlmkit run or
+    checkpoint, or a Hugging Face LLaVA directory or hub id; see vlmkit.train.init) instead of the backbones
+    `config` names; `config` is then that model's, with run and stage settings changed."""
     data = data or DataSpec()
     info = distributed.setup()  # torchrun: join the process group; rank 0 alone writes
     report.check_reporters(report_to or ["none"])  # every rank: a missing package fails before the model is built
@@ -106,7 +109,7 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
             if resume_from.state.fingerprint:  # checkpoints older than fingerprints carry none
                 stage = config.stages[resume_from.state.stage_index]
                 _check_fingerprint(resume_from.state.fingerprint,
-                                   stage_fingerprint(config, stage, data, info.world_size), found)
+                                   stage_fingerprint(config, stage, data, info.world_size, init), found)
             model = VisionLanguageModel.from_pretrained(found / checkpoint.MODEL_DIR, device=target)
             first = resume_from.state.stage_index
             log(f"resuming stage {resume_from.state.stage!r} at step {resume_from.state.step} from {found}")
@@ -126,7 +129,14 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
             import shutil
 
             shutil.rmtree(run_dir / "runs", ignore_errors=True)
-        model = VisionLanguageModel.from_config(config, verbose=verbose, device=target)
+        if init:
+            from vlmkit.train.init import load_init
+
+            model = load_init(init, device=target)
+            model.config = config  # its own config, with this run's stage settings
+            log(f"--init: starting from {init} ({config.name}, template {config.template})")
+        else:
+            model = VisionLanguageModel.from_config(config, verbose=verbose, device=target)
     model.to(target)  # a no-op for what was loaded there; buffers made at init
     if model.device.type == "cuda":  # TF32 matmuls on Ampere and later, as LLaVA's scripts set (--tf32 True)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -140,7 +150,7 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
                                          purge_step=purge)
     try:
         _run_stages(model, config, run_dir, data, selected, first, resume_from, info, log_file, summary, reporter,
-                    verbose, log)
+                    verbose, log, init)
     finally:
         reporter.close()
     summary["seconds"] = time.time() - start
@@ -151,7 +161,7 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
 
 
 def _run_stages(model, config, run_dir, data, selected, first, resume_from, info, log_file, summary, reporter,
-                verbose, log) -> None:
+                verbose, log, init) -> None:
     log(f"model: {config.name} ({config.scale}); {model.num_image_tokens} image tokens per image; "
         f"{sum(p.numel() for p in model.parameters()):,} parameters")
 
@@ -179,7 +189,7 @@ def _run_stages(model, config, run_dir, data, selected, first, resume_from, info
                              gradient_checkpointing=config.gradient_checkpointing,
                              save=_step_saver(model, run_dir, config.keep_last, log, sharded)
                              if info.is_main or sharded else None,
-                             resume=stage_resume, fingerprint=stage_fingerprint(config, stage, data, info.world_size),
+                             resume=stage_resume, fingerprint=stage_fingerprint(config, stage, data, info.world_size, init),
                              reporter=reporter if info.is_main else None,
                              step_offset=report.global_step_offset(log_file, stage.name) if info.is_main else 0)
         state = distributed.full_state_dict(model) if distributed.is_sharded(model) else None  # all ranks gather
