@@ -114,9 +114,13 @@ class ArchConfig:
                          "machine with 2 cores or fewer, where they take the cores training needs).", default=-1)
     feature_cache_gb: float = _help("Memory budget for a frozen encoder's cached features; larger data sets encode "
                                     "each batch as it is read instead.", default=4.0)
-    distributed: str = _help("Under torchrun: 'ddp' (every process holds the whole model) or 'fsdp' (parameters, "
-                             "gradients and optimizer state sharded across processes, one unit per LLM layer).",
-                             default="ddp")
+    distributed: str = _help("Under torchrun: 'ddp' (every process holds the whole model), 'fsdp' (parameters, "
+                             "gradients and optimizer state sharded across processes, one unit per LLM layer) or "
+                             "'deepspeed' (DeepSpeed ZeRO with --deepspeed-config, e.g. LLaVA's zero2.json/zero3.json "
+                             "as they are; pip install deepspeed).", default="ddp")
+    deepspeed_config: str = _help("A DeepSpeed JSON config for --distributed deepspeed; its 'auto' values are filled "
+                                  "from the stage (batch size per GPU, accumulation, bf16, clipping, buckets) as the "
+                                  "Hugging Face Trainer fills them.", default="")
     stages: list[StageConfig] = field(default_factory=list)
 
     # -- (de)serialisation -------------------------------------------------------------------

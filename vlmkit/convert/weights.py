@@ -100,13 +100,14 @@ def stream_safetensors(path: str | Path, dtype: torch.dtype | None = None, devic
             yield name, tensor
 
 
-def load_into(module: torch.nn.Module, tensors, source: str = "the checkpoint") -> None:
+def load_into(module: torch.nn.Module, tensors, source: str = "the checkpoint", shape_of=None) -> None:
     """Put (name, tensor) pairs into `module` in place of its parameters and buffers, as they come.
 
     The module may have been built on the meta device (nothing allocated): each parameter becomes the loaded
     tensor itself, with its requires_grad kept. A parameter shared by several modules (tied embeddings, which
     safetensors files store once) is replaced everywhere it appears. Shape mismatches, unknown names and
-    parameters left unloaded are errors naming them."""
+    parameters left unloaded are errors naming them. `shape_of(param)`: a parameter's full shape where it is
+    not its own (DeepSpeed ZeRO-3 leaves empty placeholders that know it)."""
     params = dict(module.named_parameters(remove_duplicate=False))
     buffers = dict(module.named_buffers(remove_duplicate=False))
     owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
@@ -118,9 +119,9 @@ def load_into(module: torch.nn.Module, tensors, source: str = "the checkpoint") 
     for name, value in tensors:
         if name in params:
             old = params[name]
-            if tuple(old.shape) != tuple(value.shape):
-                raise ConfigError(f"{source}: {name} has shape {tuple(value.shape)}, the model expects "
-                                  f"{tuple(old.shape)}")
+            expected = tuple(shape_of(old) if shape_of else old.shape)
+            if expected != tuple(value.shape):
+                raise ConfigError(f"{source}: {name} has shape {tuple(value.shape)}, the model expects {expected}")
             new = torch.nn.Parameter(value, requires_grad=old.requires_grad)
             for owner, attr in owners[id(old)]:
                 owner._parameters[attr] = new

@@ -139,6 +139,13 @@ class VisionLanguageModel(nn.Module):
             weight = next(self.connector.parameters())
             image_embeds = self.connector(vision_features.to(device=weight.device, dtype=weight.dtype))
         inputs_embeds = splice_image_features(inputs_embeds, image_token_mask, image_embeds, image_counts, record_ids)
+        if image_embeds is None and getattr(self, "keep_connector_in_graph", False) and torch.is_grad_enabled():
+            # a text-only batch in training: run the connector on nothing, so its parameters get a (zero) gradient
+            # this step, as LLaVA's forward does with `cur_image_features[0:0]` (vlmkit.train.loop sets the flag)
+            weight = next(self.connector.parameters())
+            empty = self.connector(torch.zeros(1, self.vision.num_tokens, self.vision.hidden_size,
+                                               device=weight.device, dtype=weight.dtype))[:0]
+            inputs_embeds = inputs_embeds + empty.sum().to(inputs_embeds.dtype)
         return inputs_embeds, image_token_mask
 
     @property

@@ -74,7 +74,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("ddp", "fsdp", "deepspeed")
 
 
 def prepare(model, info: DistInfo, strategy: str, bf16: bool = False):
@@ -85,7 +85,7 @@ def prepare(model, info: DistInfo, strategy: str, bf16: bool = False):
     while the sharded fp32 parameters stay the optimizer's master weights (LLaVA's --bf16 under ZeRO)."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"distributed={strategy!r}; use one of {', '.join(STRATEGIES)}")
-    if not info.enabled:
+    if not info.enabled or strategy == "deepspeed":  # DeepSpeed's engine is made with the optimizer (vlmkit.train.zero)
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel

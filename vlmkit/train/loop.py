@@ -113,7 +113,8 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
                 strategy: str = "ddp", workers: int = 0, feature_cache_gb: float = 4.0,
                 save: Callable[[object, object, TrainState], Path | None] | None = None,
                 resume: Resume | None = None, fingerprint: dict | None = None,
-                gradient_checkpointing: bool = False, reporter=None, step_offset: int = 0) -> dict:
+                gradient_checkpointing: bool = False, reporter=None, step_offset: int = 0,
+                deepspeed_config: str = "", scratch: Path | None = None) -> dict:
     """Train `model` in place for one stage; returns a summary (steps, losses, seconds).
 
     `save(optimizer, scheduler, state)` is called every `save_every` steps and when a stop signal arrives;
@@ -124,9 +125,19 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
     info = distributed.current()
     if stage.lora.r > 0 and info.enabled and strategy == "fsdp":
         raise ConfigError(f"stage {stage.name!r}: LoRA under FSDP is not supported yet; use --distributed ddp")
+    zero = strategy == "deepspeed"  # DeepSpeed ZeRO's engine takes backward, clipping and the optimizer step
+    if zero and (not info.enabled or resume is not None or save_every):
+        raise ConfigError("--distributed deepspeed: " + (
+            "launch under torchrun (it needs the process group: torchrun --nproc_per_node N -m vlmkit train …)"
+            if not info.enabled else "step checkpoints and --resume are not supported under DeepSpeed yet: use "
+            "--save-every 0 (each stage still ends with a checkpoint), or --distributed fsdp, which has both"))
     if stage.lora.r > 0 and "llm" not in stage.train:
         raise ConfigError(f"stage {stage.name!r} sets lora.r={stage.lora.r} but does not train the llm")
     apply_stage_freezing(model, stage.train, log=log, lora=stage.lora)
+    # a text-only micro-batch still runs the connector (on nothing), as LLaVA's forward does: its gradient is zero
+    # rather than missing, so every engine updates it alike (ZeRO-3 would otherwise re-apply the previous step's
+    # gradient, and AdamW moves a parameter with a zero gradient but skips one without)
+    model.keep_connector_in_graph = "connector" in stage.train
     # activations recomputed in the backward pass, layer by layer: in every stage, since even with the LLM frozen
     # (LLaVA's stage 1) the gradient reaches the connector through all its layers
     undo_checkpointing = checkpoint_layers(model.llm.causal_lm) if gradient_checkpointing else None
@@ -134,12 +145,22 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
     # the fused kernel does the same update in one pass instead of a Python loop over parameters (measured: the
     # optimizer step 272 -> 56 ms on the benchmark's 'small' model); FSDP's sharded DTensors use the default
     optimizer = torch.optim.AdamW(param_groups(model, stage), betas=(0.9, 0.999), eps=1e-8,
-                                  fused=not distributed.is_sharded(model))
+                                  fused=not distributed.is_sharded(model) and not zero)
     steps_per_epoch = math.ceil(dataset.mixture.epoch_size() / (stage.batch_size * stage.grad_accum))
     total_steps = stage.max_steps or max(1, math.ceil(stage.epochs * steps_per_epoch))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, stage.warmup_ratio))
+    engine = None
+    if zero:
+        from vlmkit.train import zero as deepspeed_zero
+
+        home = model.device
+        buffers = {name: b.detach().clone() for name, b in model.as_tensor_module().named_buffers()}
+        engine = deepspeed_zero.initialize(model, optimizer, schedule, deepspeed_zero.fill_config(
+            deepspeed_config, world_size=info.world_size, batch_size=stage.batch_size, grad_accum=stage.grad_accum,
+            bf16=bf16, hidden=model.llm.hidden_size, max_grad_norm=stage.max_grad_norm))
+        forward = engine
     # frozen-encoder features are cached once per image; a sharded model runs its tower inside the forward
-    cache = "vision" not in stage.train and not distributed.is_sharded(model)
+    cache = "vision" not in stage.train and not distributed.is_sharded(model) and not zero
     cached = cache_features(model, dataset, feature_cache_gb, workers, verbose=verbose, log=log) if cache else None
     pad_id = model.tokenizer.pad_token_id
     objective = get_objective(stage.objective)
@@ -151,7 +172,9 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
                               f"{len(dataset[longest].input_ids)} tokens, more than pack_to={stage.pack_to}")
         packing = {"collate_fn": PackingCollate(stage.pack_to)}
     # bf16 autocast where the model is (CUDA or CPU); the optimizer keeps the fp32 master weights
-    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    # (under DeepSpeed the engine holds the module in bf16 itself)
+    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16) if bf16 and not zero else \
+        contextlib.nullcontext()
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     state = TrainState(stage_index, stage.name, fingerprint=dict(fingerprint or {}))
     if resume is not None:
@@ -195,7 +218,11 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
                     # this micro-batch's share of the step's units; DDP averages gradients over ranks, so the
                     # world size turns that average back into the global sum (a rank without samples: weight 0)
                     weight = count * info.world_size / total_units
-                    (loss * weight).backward()
+                    if engine is not None:  # steps (clip, AdamW, schedule, zero_grad) at the accumulation boundary
+                        engine.backward(loss * weight, scale_wrt_gas=False)  # the loss is normalised already
+                        engine.step()
+                    else:
+                        (loss * weight).backward()
                     step_sum += loss.item() * count
                 rows = sum(int(batch.input_ids.shape[0]) for _, _, real, batch in micro if real)
                 stopping = stop.signal_name is not None
@@ -205,12 +232,15 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
                     step_sum, rows, stops = distributed.all_reduce_sum([step_sum, rows, float(stopping)])
                     stopping = stops > 0
                 step_loss = step_sum / total_units
-                norm = torch.nn.utils.clip_grad_norm_(trainable, stage.max_grad_norm) if stage.max_grad_norm \
-                    else None
-                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a sharded DTensor
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
+                if engine is not None:
+                    norm = engine.get_global_grad_norm() if stage.max_grad_norm else None
+                else:
+                    norm = torch.nn.utils.clip_grad_norm_(trainable, stage.max_grad_norm) if stage.max_grad_norm \
+                        else None
+                    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a sharded DTensor
+                    optimizer.step()
+                    schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
                 state.step, state.epoch, state.batch_in_epoch = step + 1, epoch, position + 1
                 state.losses.append(step_loss)
                 bar.set_postfix(loss=f"{step_loss:.4f}", epoch=epoch)
@@ -238,6 +268,9 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
         batches.close()  # ends the epoch's loader and its worker processes
         if log_handle:
             log_handle.close()
+    if engine is not None:  # the trained fp32 weights back into the plain model, the engine taken apart
+        deepspeed_zero.finish(engine, model, scratch or Path(".vlmkit-deepspeed"), buffers, home)
+    model.keep_connector_in_graph = False
     if undo_checkpointing:
         undo_checkpointing()
     finish_stage(model.llm, stage.lora)  # merge LoRA adapters into the weights, or keep them

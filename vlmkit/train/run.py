@@ -187,8 +187,9 @@ def _run_stages(model, config, run_dir, data, selected, first, resume_from, info
                              stage_index=index, save_every=config.save_every, strategy=config.distributed,
                              workers=config.workers, feature_cache_gb=config.feature_cache_gb,
                              gradient_checkpointing=config.gradient_checkpointing,
+                             deepspeed_config=config.deepspeed_config, scratch=run_dir / ".deepspeed-scratch",
                              save=_step_saver(model, run_dir, config.keep_last, log, sharded)
-                             if info.is_main or sharded else None,
+                             if (info.is_main or sharded) and config.distributed != "deepspeed" else None,
                              resume=stage_resume, fingerprint=stage_fingerprint(config, stage, data, info.world_size, init),
                              reporter=reporter if info.is_main else None,
                              step_offset=report.global_step_offset(log_file, stage.name) if info.is_main else 0)
