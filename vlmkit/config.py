@@ -33,10 +33,20 @@ class VisionConfig:
 
 @dataclass
 class ConnectorConfig:
-    type: str = _help("Connector registered in vlmkit.connectors ('linear', 'mlp2x_gelu').", default="mlp2x_gelu")
+    type: str = _help("Connector registered in vlmkit.connectors ('linear', 'mlp2x_gelu', 'concat4' = MiniGPT-v2's "
+                      "token merge, 'resampler' = Qwen-VL's cross-attention resampler).", default="mlp2x_gelu")
     act: str = _help("Activation between the MLP's layers (a transformers ACT2FN name: gelu, gelu_pytorch_tanh, "
                      "quick_gelu, silu...).", default="gelu")
     bias: bool = _help("Whether the connector's Linear layers have biases.", default=True)
+    merge: int = _help("concat4: how many consecutive vision tokens (row-major, a 1 x merge strip of one row) are "
+                       "concatenated into one before the Linear; the token count must be a multiple of it.",
+                       default=4)
+    num_queries: int = _help("resampler: learned queries, i.e. tokens per image; a square (a side x side grid for "
+                             "the 2-D position table), 256 = 16 x 16 in Qwen-VL.", default=256)
+    num_heads: int = _help("resampler: heads of its cross-attention (0 = Qwen-VL's rule, embed_dim // 128, at "
+                           "least 1; 32 at width 4096); must divide embed_dim.", default=0)
+    embed_dim: int = _help("resampler: width of the queries and the attention (0 = the LLM's width, as in Qwen-VL); "
+                           "a multiple of 4 for the 2-D sin-cos table.", default=0)
 
 
 @dataclass

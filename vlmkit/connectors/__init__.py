@@ -3,6 +3,8 @@
 A connector also says how many tokens it emits for N input tokens (`num_output_tokens`), so the renderer
 can expand each `<image>` into exactly that many placeholders. Token-merging and query-based connectors
 (MiniGPT-v2's 4-to-1 concat, Qwen-VL's resampler, BLIP-2's Q-Former) register here with their own counts.
+
+`concat4` (MiniGPT-v2) lives here; `resampler` (Qwen-VL) in `resampler.py`, registered on import below.
 """
 from __future__ import annotations
 
@@ -71,3 +73,35 @@ class MLPConnector(Connector):
 
     def forward(self, features):
         return self.linear_2(self.act(self.linear_1(features)))
+
+
+@register("concat4")
+class ConcatConnector(Connector):
+    """MiniGPT-v2: every `merge` consecutive tokens concatenated along the channels, then one Linear.
+
+    As the released `encode_img` does with `view(bs, n/4, 4*d)`: output token j is tokens merge*j ..
+    merge*j+merge-1 side by side, in the encoder's row-major order, so a 1 x merge strip of one row (not a 2 x 2
+    block). `llama_proj` is the released Linear's name, so MiniGPT-v2's checkpoint keys map one to one."""
+
+    def __init__(self, config: ConnectorConfig, vision_hidden: int, llm_hidden: int, num_vision_tokens: int):
+        super().__init__(config, vision_hidden, llm_hidden, num_vision_tokens)
+        if config.merge < 1:
+            raise ConfigError(f"connector.merge={config.merge}: concat4 needs at least 1 token per group")
+        self.merge = config.merge
+        self._check_count(num_vision_tokens)
+        self.llama_proj = nn.Linear(vision_hidden * self.merge, llm_hidden, bias=config.bias)
+        self.num_output_tokens = num_vision_tokens // self.merge
+
+    def _check_count(self, num_tokens: int) -> None:
+        if num_tokens % self.merge:
+            raise ConfigError(f"connector concat4 merges {self.merge} tokens into one, but the vision encoder gives "
+                              f"{num_tokens} tokens, not a multiple of {self.merge} (change connector.merge, the "
+                              f"image size, or vision.select: a kept CLS token adds one)")
+
+    def forward(self, features):
+        batch, num_tokens, hidden = features.shape
+        self._check_count(num_tokens)
+        return self.llama_proj(features.reshape(batch, num_tokens // self.merge, hidden * self.merge))
+
+
+from vlmkit.connectors import resampler  # noqa: F401  (registers 'resampler')
