@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import sys
 import time
@@ -295,6 +296,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_data_scenes(args) -> int:
+    from vlmkit.data.scenes import write_scenes
+
+    start = time.time()
+    paths = write_scenes(args.out, args.n, split=args.split, seed=args.seed, kinds=args.kinds, size=args.size,
+                         max_shapes=args.max_shapes)
+    print(f"wrote {args.n} {args.split} scenes ({args.size}x{args.size} px, 1-{args.max_shapes} shapes, seed "
+          f"{args.seed}) in {time.time() - start:.1f}s: images in {paths.pop('images')}/, objects in "
+          f"{paths.pop('scenes')}")
+    for kind, path in paths.items():
+        print(f"  {kind:<17}{path}")
+    print(f"train on them with e.g. --data {next(iter(paths.values()))} --image-folder {args.out}")
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------------
 def _add_device(parser) -> None:
     parser.add_argument("--device", default="auto",
@@ -491,6 +507,29 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     _add_convert_paths(c, "run directory or vlmkit checkpoint", "directory to write", "save in this dtype")
     _add_allow_pickle(c)
     p.set_defaults(func=cmd_convert)
+
+    from vlmkit.data import scenes  # the defaults below are write_scenes' own
+
+    defaults = {name: param.default for name, param in inspect.signature(scenes.write_scenes).parameters.items()}
+    p = sub.add_parser("data", help="generate data sets (scenes of shapes with exact boxes)")
+    datasets = p.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    d = datasets.add_parser("scenes", help="seeded scenes of coloured shapes: captions, grounding, REC/REG, "
+                                           "detection and VQA records",
+                            description="Write N seeded scenes (PNGs in OUT/SPLIT/) and one LLaVA JSON per record "
+                                        "kind (OUT/SPLIT_KIND.json); the same arguments give the same bytes, and "
+                                        "train and test scenes never share a layout. Boxes in the text are "
+                                        "placeholders (<box:i>, <ref>...</ref>) that a preset renders; every "
+                                        "record also holds its pixel boxes, image size and objects.")
+    d.add_argument("--out", required=True, help="directory to write")
+    d.add_argument("--n", type=int, default=10_000, help="number of scenes (default 10000)")
+    d.add_argument("--split", choices=list(scenes.SPLIT_BUCKETS), default=defaults["split"])
+    d.add_argument("--seed", type=int, default=defaults["seed"])
+    d.add_argument("--kinds", type=_parse_list, default=list(defaults["kinds"]),
+                   help=f"comma-separated record kinds (default all: {','.join(scenes.KINDS)})")
+    d.add_argument("--size", type=int, default=defaults["size"], help="image side in pixels (e.g. 64, 224, 448)")
+    d.add_argument("--max-shapes", type=int, default=defaults["max_shapes"],
+                   help="at most this many shapes a scene (the curriculum knob: 1 first, more later)")
+    d.set_defaults(func=cmd_data_scenes)
 
     p = sub.add_parser("build-tiny", help="pretrain the tiny backbones into the cache (normally done on first need)")
     p.set_defaults(func=cmd_build_tiny)

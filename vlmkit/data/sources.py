@@ -75,6 +75,20 @@ def _easyvqa_questions(config, stage, answer_prompt):
     return easyvqa.question_records("train", answer_prompt)
 
 
+SCENES = "scenes"  # generated scenes: `scenes:KIND[:OPTION...]` (vlmkit.data.scenes.parse_source_name)
+
+
+def _scenes_source(name: str):
+    def records(config, stage, answer_prompt):
+        from vlmkit.data import scenes
+        return scenes.builtin_records(name, answer_prompt, config.caption_prompt)
+    return records
+
+
+for _kind in ("caption", "grounded_caption", "rec", "reg", "detection", "vqa", "all"):
+    register_source(f"{SCENES}:{_kind}")(_scenes_source(f"{SCENES}:{_kind}"))
+
+
 def parse_mixture(text: str) -> list[Source]:
     """A mixture from `SOURCE[=WEIGHT],...` or from a .json file holding a list of source objects."""
     text = text.strip()
@@ -138,6 +152,8 @@ def source_records(config, stage, source: Source) -> list[dict]:
     answer_prompt = config.answer_prompt if source.answer_prompt is None else source.answer_prompt
     if source.source in BUILTIN:
         return BUILTIN[source.source](config, stage, answer_prompt)
+    if source.source.startswith(f"{SCENES}:"):  # with options, e.g. scenes:rec:shapes1:n20000
+        return _scenes_source(source.source)(config, stage, answer_prompt)
     if source.source.startswith(f"{EASY_VQA}:") or source.source == EASY_VQA:
         raise ConfigError(f"unknown built-in source {source.source!r}; built-in: {', '.join(sorted(BUILTIN))}")
     return load_llava_json(source.source)
@@ -150,7 +166,7 @@ def build_dataset(model, records: list[dict], source: str, template_name: str,
     from vlmkit.data.dataset import ConversationDataset
     from vlmkit.data.templates import get_template
 
-    builtin = source.startswith(EASY_VQA)
+    builtin = source.startswith((EASY_VQA, f"{SCENES}:"))
     folder = None if builtin else (image_folder or data.image_folder)
     return ConversationDataset(records, model.tokenizer, get_template(template_name), model.image_transform,
                                num_image_tokens=model.num_image_tokens, max_length=model.config.max_length,
