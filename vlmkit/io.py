@@ -79,3 +79,18 @@ def atomic_dir(target: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def loading(what: str, name: str):
+    """Turn a failure to read a backbone (a hub id not in the local cache without network, a missing or broken
+    directory) into one line naming the flag and the name, instead of transformers' traceback."""
+    from vlmkit.errors import ConfigError
+
+    try:
+        yield
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = " (it is not in the local Hugging Face cache, and the Hub cannot be reached: download it first, " \
+               "or point the flag at a local directory)" if "huggingface.co" in str(exc) else ""
+        raise ConfigError(f"{what} {name!r}: could not be loaded: {first}{hint}") from None

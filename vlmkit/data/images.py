@@ -110,6 +110,15 @@ class ImageTransform:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, pad_to_square: bool | None = None) -> ImageTransform:
         """Read `preprocessor_config.json`, or the `image_processor` entry of a processor's `processor_config.json`."""
+        if not Path(path).is_dir():  # a hub id: the file from the Hugging Face cache (downloaded if online)
+            from transformers.utils import cached_file
+
+            from vlmkit.io import loading
+
+            with loading("--vision.name-or-path", str(path)):
+                found = cached_file(str(path), "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+                found = found or cached_file(str(path), "processor_config.json")
+            path = Path(found).parent
         path = Path(path)
         config_file = path / "preprocessor_config.json"
         if config_file.exists():

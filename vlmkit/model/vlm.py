@@ -80,7 +80,7 @@ class VisionLanguageModel(nn.Module):
 
         from vlmkit.tiny import resolve
 
-        from vlmkit.io import check_local_path
+        from vlmkit.io import check_local_path, loading
 
         vision_path = resolve(config.vision.name_or_path, verbose=verbose)
         llm_path = resolve(config.llm.name_or_path, verbose=verbose)
@@ -97,9 +97,12 @@ class VisionLanguageModel(nn.Module):
             load_kwargs.setdefault("device_map", torch.device(device))
         qlora = next((s.lora for s in config.stages if s.lora.quantize), None)
         llm_kwargs = dict(load_kwargs, quantization_config=quantization_config(qlora)) if qlora else load_kwargs
-        llm = LanguageModel.from_pretrained(llm_path, **llm_kwargs)
-        tokenizer = prepare_tokenizer(load_tokenizer(llm_path), llm, template_tokens(config))
-        return cls._assemble(config, load_vision_tower(vision_path, **load_kwargs), llm, tokenizer, transform)
+        with loading("--llm.name-or-path", llm_path):
+            llm = LanguageModel.from_pretrained(llm_path, **llm_kwargs)
+            tokenizer = prepare_tokenizer(load_tokenizer(llm_path), llm, template_tokens(config))
+        with loading("--vision.name-or-path", vision_path):
+            tower = load_vision_tower(vision_path, **load_kwargs)
+        return cls._assemble(config, tower, llm, tokenizer, transform)
 
     @classmethod
     def _assemble(cls, config: ArchConfig, tower, llm: LanguageModel, tokenizer, transform: ImageTransform):

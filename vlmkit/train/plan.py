@@ -153,8 +153,12 @@ def build_meta(config: ArchConfig) -> MetaModel:
     llm_path = resolve(config.llm.name_or_path, verbose=False)
     check_local_path(vision_path, "--vision.name-or-path")
     check_local_path(llm_path, "--llm.name-or-path")
-    vision_hf = AutoConfig.from_pretrained(vision_path)
-    llm_hf = AutoConfig.from_pretrained(llm_path)
+    from vlmkit.io import loading
+
+    with loading("--vision.name-or-path", vision_path):
+        vision_hf = AutoConfig.from_pretrained(vision_path)
+    with loading("--llm.name-or-path", llm_path):
+        llm_hf = AutoConfig.from_pretrained(llm_path)
     with torch.device("meta"):
         if vision_hf.model_type in _VISION_HALF:  # the image half of a dual encoder, as load_vision_tower takes it
             class_name, sub = _VISION_HALF[vision_hf.model_type]
