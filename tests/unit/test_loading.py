@@ -171,3 +171,25 @@ def test_backbones_saved_in_fp16_train_in_fp32(backbones, tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     inference = VisionLanguageModel.from_config(config, verbose=False, dtype=torch.bfloat16)
     assert {p.dtype for p in inference.llm.parameters()} == {torch.bfloat16}
+
+
+def test_a_hub_ids_image_processor_comes_from_the_cache(tmp_path):
+    """A hub id's preprocessor config is read through the Hugging Face cache (offline here), not only from local
+    directories; a hub id that is not cached is one line naming the flag."""
+    from vlmkit.data.images import ImageTransform
+
+    snapshot = tmp_path / "hub" / "models--org--tower" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "hub" / "models--org--tower" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tower" / "refs" / "main").write_text("abc123")
+    ImageTransform(size=40, crop=(32, 32)).save(snapshot)
+    code = ("from vlmkit.data.images import ImageTransform\n"
+            "print(ImageTransform.from_pretrained('org/tower').crop)\n"
+            "try:\n    ImageTransform.from_pretrained('org/missing')\n"
+            "except Exception as exc:\n    print(type(exc).__name__, exc)\n")
+    env = dict(__import__("os").environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == str(ImageTransform(size=40, crop=(32, 32)).crop)
+    assert lines[1].startswith("ConfigError --vision.name-or-path 'org/missing': could not be loaded")
