@@ -117,7 +117,7 @@ def cmd_presets(args) -> int:
             lrs = ", ".join(f"{m} {lr:g}" for m, lr in stage.lr.items())
             lora = (f"; LLM via LoRA r={stage.lora.r} alpha={stage.lora.alpha:g}"
                     + (" (QLoRA 4-bit)" if stage.lora.quantize else "")) if stage.lora.r else ""
-            print(f"  stage {i} {stage.name:<9} trains {'+'.join(stage.train):<16} on {stage.data:<12} "
+            print(f"  stage {i} {stage.name:<9} trains {'+'.join(stage.train):<16} on {stage.mixture or stage.data:<12} "
                   f"lr {lrs}; {stage.epochs:g} epoch(s), batch {stage.batch_size}x{stage.grad_accum}{lora}")
     return 0
 

@@ -124,6 +124,12 @@ class ArchConfig:
                          "machine with 2 cores or fewer, where they take the cores training needs).", default=-1)
     feature_cache_gb: float = _help("Memory budget for a frozen encoder's cached features; larger data sets encode "
                                     "each batch as it is read instead.", default=4.0)
+    box_format: str = _help("How boxes are written in the text of grounding data (generated scenes): 'plain', "
+                            "'minigpt_v2' ({<x1><y1><x2><y2>} on 0-100, <p>phrase</p>), 'qwen_vl' "
+                            "(<ref>phrase</ref><box>(x1,y1),(x2,y2)</box> on [0, 1000)) or 'cogvlm' ([[x0,y0,x1,y1]]).",
+                            default="plain")
+    task_prompts: bool = _help("Start each grounding question with MiniGPT-v2's task token ([vqa] [caption] "
+                               "[grounding] [refer] [identify] [detection]).", default=False)
     distributed: str = _help("Under torchrun: 'ddp' (every process holds the whole model), 'fsdp' (parameters, "
                              "gradients and optimizer state sharded across processes, one unit per LLM layer) or "
                              "'deepspeed' (DeepSpeed ZeRO with --deepspeed-config, e.g. LLaVA's zero2.json/zero3.json "

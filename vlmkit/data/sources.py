@@ -80,8 +80,13 @@ SCENES = "scenes"  # generated scenes: `scenes:KIND[:OPTION...]` (vlmkit.data.sc
 
 def _scenes_source(name: str):
     def records(config, stage, answer_prompt):
-        from vlmkit.data import scenes
-        return scenes.builtin_records(name, answer_prompt, config.caption_prompt)
+        from vlmkit.data import grounding, scenes
+
+        format_boxes, format_ref = grounding.formatters(config.box_format)  # the preset's box format
+        found = scenes.builtin_records(name, answer_prompt, config.caption_prompt, format_boxes, format_ref)
+        if config.box_format == "minigpt_v2":
+            found = [grounding.plain_phrases_in_questions(r) for r in found]
+        return [grounding.with_task_token(r) for r in found] if config.task_prompts else found
     return records
 
 

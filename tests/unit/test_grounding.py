@@ -1,0 +1,64 @@
+"""Grounding data as a preset writes it (vlmkit.data.grounding), and the minigpt-v2 preset through its stages."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlmkit.config import from_name
+from vlmkit.data import boxes
+from vlmkit.data.sources import Source, source_records
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMKIT_HOME", str(tmp_path / "home"))
+
+
+def test_minigpt_v2_writes_task_tokens_and_its_boxes(home):
+    config = from_name("minigpt-v2")
+    rec = source_records(config, config.stages[0], Source("scenes:rec:n30"))[0]
+    question, answer = (turn["value"] for turn in rec["conversations"])
+    assert question.startswith("<image>\n[refer] ") and "<p>" not in question  # plain phrase in the question
+    parsed = boxes.parse_boxes("minigpt_v2", answer, rec["image_size"])
+    assert parsed.ok and len(parsed.boxes) == 1
+    truth = boxes.Box(*rec["boxes"][0])
+    assert boxes.iou(parsed.boxes[0][1], truth) > 0.8  # the 0-100 grid loses at most a cell per side
+    grounded = source_records(config, config.stages[0], Source("scenes:grounded_caption:n30"))[0]
+    assert grounded["conversations"][0]["value"].startswith("<image>\n[grounding] ")
+    assert "<p>" in grounded["conversations"][1]["value"]
+    vqa = source_records(config, config.stages[0], Source("scenes:vqa:n30"))[0]
+    assert vqa["conversations"][0]["value"].startswith("<image>\n[vqa] ")
+
+
+def test_qwen_vl_boxes_and_no_task_tokens(home):
+    config = from_name("llava-1.5", box_format="qwen_vl")
+    rec = source_records(config, config.stages[0], Source("scenes:rec:n30"))[0]
+    question, answer = (turn["value"] for turn in rec["conversations"])
+    assert "[refer]" not in question and "<ref>" in question
+    parsed = boxes.parse_boxes("qwen_vl", answer, rec["image_size"])
+    assert parsed.ok and boxes.iou(parsed.boxes[0][1], boxes.Box(*rec["boxes"][0])) > 0.9
+
+
+def test_minigpt_v2_trains_through_its_three_stages_and_chats(backbones, home, tmp_path, capsys):
+    from vlmkit.cli import main
+    from vlmkit.model.vlm import VisionLanguageModel
+
+    mixture = "scenes:caption:n40=1,scenes:rec:n40=1,scenes:vqa:n40=0.2"
+    run = tmp_path / "run"
+    args = ["train", "--preset", "minigpt-v2", "--run-dir", str(run), "--vision-tower", backbones["clip"],
+            "--vision.feature-layer", "-2", "--llm", backbones["llm"]]
+    for stage in ("pretrain", "multitask", "instruct"):
+        args += [f"--{stage}.mixture", mixture, f"--{stage}.max-steps", "2", f"--{stage}.batch-size", "4"]
+    assert main(args) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1-pretrain", "2-multitask", "3-instruct"]
+    model = VisionLanguageModel.from_pretrained(run / "model")
+    assert model.config.connector.type == "concat4" and model.num_image_tokens == 16 // 4
+    assert model.config.template == "llama2" and model.config.box_format == "minigpt_v2"
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [e["stage"] for e in log] == ["pretrain"] * 2 + ["multitask"] * 2 + ["instruct"] * 2
+    image = next((tmp_path / "home" / "scenes").rglob("*.png"))
+    capsys.readouterr()
+    assert main(["chat", str(run), "--image", str(image), "--max-new-tokens", "6",
+                 "[refer] give me the location of the circle"]) == 0
+    assert capsys.readouterr().out.strip() != ""
