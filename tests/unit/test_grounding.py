@@ -62,3 +62,31 @@ def test_minigpt_v2_trains_through_its_three_stages_and_chats(backbones, home, t
     assert main(["chat", str(run), "--image", str(image), "--max-new-tokens", "6",
                  "[refer] give me the location of the circle"]) == 0
     assert capsys.readouterr().out.strip() != ""
+
+
+def test_qwen_vl_trains_through_its_stages_packed_and_numbers_its_images(backbones, home, tmp_path, capsys):
+    from vlmkit.cli import main
+    from vlmkit.data.render import render_conversation
+    from vlmkit.data.templates import get_template
+    from vlmkit.model.vlm import VisionLanguageModel
+
+    mixture = "scenes:caption:n40=1,scenes:rec:n40=1"
+    run = tmp_path / "run"
+    args = ["train", "--preset", "qwen-vl", "--run-dir", str(run), "--vision-tower", backbones["clip"],
+            "--llm", backbones["llm"], "--multitask.pack-to", "256"]
+    for stage in ("pretrain", "multitask", "instruct"):
+        args += [f"--{stage}.mixture", mixture, f"--{stage}.max-steps", "2", f"--{stage}.batch-size", "4"]
+    assert main(args) == 0
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    packed = [e for e in log if e["stage"] == "multitask"]
+    assert all(e["rows"] < 4 for e in packed)  # 4 samples a micro-batch, packed into fewer rows
+    model = VisionLanguageModel.from_pretrained(run / "model")
+    assert model.config.connector.type == "resampler" and model.num_image_tokens == 9
+    messages = [{"role": "user", "content": "<image>\nfirst <image>\nsecond"}, {"role": "assistant", "content": "ok"}]
+    rendered = render_conversation(messages, get_template("qwen_vl"), model.tokenizer,
+                                   num_image_tokens=model.num_image_tokens)
+    text = model.tokenizer.decode(rendered.input_ids)
+    assert "Picture 1: <img>" in text and "Picture 2: <img>" in text and text.count("</img>") == 2
+    image = next((tmp_path / "home" / "scenes").rglob("*.png"))
+    capsys.readouterr()
+    assert main(["chat", str(run), "--image", str(image), "--max-new-tokens", "6", "where is the circle?"]) == 0

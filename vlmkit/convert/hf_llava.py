@@ -159,6 +159,10 @@ def chat_template_jinja(template, tokenizer) -> str:
     """A Jinja chat template that renders exactly what vlmkit's renderer does, for `apply_chat_template`."""
     from vlmkit.data.templates import fill
 
+    if "{n}" in template.image_format:
+        raise ConfigError(f"template {template.name!r} numbers its images ({template.image_format!r}), which the "
+                          "exported chat template does not do yet")
+
     def lit(text: str) -> str:
         return json.dumps(fill(text, tokenizer))
 

@@ -152,7 +152,13 @@ def conversation_pieces(messages: list[dict], template: Template, tokenizer, rec
             num_images += count
             if not template.keep_user_text:
                 content = IMAGE_TOKEN * count
-            content = content.replace(IMAGE_TOKEN, image_text)
+            if "{n}" in image_text:  # numbered images (Qwen-VL's `Picture 1: <img>…</img>`), counted over the turns
+                first = num_images - count + 1
+                parts = content.split(IMAGE_TOKEN)
+                content = parts[0] + "".join(image_text.replace("{n}", str(first + i)) + part
+                                             for i, part in enumerate(parts[1:]))
+            else:
+                content = content.replace(IMAGE_TOKEN, image_text)
             if index == 0 and system_text and template.system_in_user:
                 content = system_text + content
             pieces.append((fill(template.user_format, tokenizer, content=content)

@@ -28,7 +28,7 @@ class Template:
     assistant_format: str = " {content}"  # assistant content; in the loss
     stop: str = "{eos}"                   # appended after each assistant turn; in the loss
     turn_end: str = ""                    # after the stop, before the next turn; not in the loss
-    image_format: str = IMAGE_TOKEN       # how each image placeholder is written (must contain <image>)
+    image_format: str = IMAGE_TOKEN       # how each image placeholder is written (must contain <image>; {n}: its number)
     add_bos: bool = True                  # the tokenizer's BOS id (if it has one) before everything
     keep_user_text: bool = True           # False: only the images of a user turn are kept (LLaVA 'plain')
     special_tokens: tuple[str, ...] = field(default=())  # tokens the tokenizer must have (added if missing)
@@ -163,6 +163,22 @@ register(Template(
     turn_end="\n",
     add_bos=False,
     special_tokens=("<|im_start|>", "<|im_end|>"),
+))
+
+# Qwen-VL: ChatML with each image written `Picture N: <img>…</img>` and a newline; <img>, </img>, <ref>, </ref>,
+# <box>, </box> are special tokens of its tokenizer, added here when the tokenizer lacks them.
+register(Template(
+    name="qwen_vl",
+    system="You are a helpful assistant.",
+    system_format="<|im_start|>system\n{system}<|im_end|>\n",
+    user_format="<|im_start|>user\n{content}<|im_end|>\n",
+    assistant_prefix="<|im_start|>assistant\n",
+    assistant_format="{content}",
+    stop="<|im_end|>",
+    turn_end="\n",
+    add_bos=False,
+    image_format="Picture {n}: <img><image></img>",
+    special_tokens=("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<ref>", "</ref>", "<box>", "</box>"),
 ))
 
 # MiniGPT-4: `###Human: <Img><ImageHere></Img> q ###Assistant: a###Human: …`: the `###` that ends an answer
