@@ -227,13 +227,16 @@ def cmd_convert(args) -> int:
 
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     if args.direction == "to-hf":
-        model, _ = load_run(args.src, args.allow_pickle, device="cpu", dtype=args.dtype)  # read in that dtype
+        model, _ = load_run(args.src, args.allow_pickle, device=args.device, dtype=args.dtype)  # read in that dtype
         out = convert.to_hf(model, args.out)
         print(f"wrote {out}: loads with LlavaForConditionalGeneration.from_pretrained and "
               "AutoProcessor.from_pretrained")
         return 0
+    from vlmkit.io import resolve_device
+
+    device = resolve_device(args.device)
     if args.direction == "from-hf":
-        model = convert.from_hf(args.src, dtype=dtype)
+        model = convert.from_hf(args.src, dtype=dtype, device_map=device if device.type != "cpu" else None)
     else:
         model = convert.from_llava_original(args.src, vision_tower=args.vision_tower, allow_pickle=args.allow_pickle,
                                             dtype=dtype)
@@ -330,6 +333,9 @@ def _add_convert_paths(parser, src_help: str, out_help: str, dtype_help: str) ->
     parser.add_argument("src", help=src_help)
     parser.add_argument("out", help=out_help)
     parser.add_argument("--dtype", choices=_DTYPES, help=dtype_help)
+    parser.add_argument("--device", default="cpu",
+                        help="where the weights are loaded on their way (default cpu: converting only reads and writes "
+                             "files, tensor by tensor; auto, cuda or cuda:N to load onto a GPU)")
 
 
 _TRAIN_EXAMPLES = """examples:

@@ -160,3 +160,16 @@ def test_ranks_agree_on_a_stop_signal(backbones, tmp_path):
     assert stopped is not None and checkpoint.is_step_checkpoint(stopped), out
     finish(argv(backbones, tmp_path, run, "--distributed", "fsdp", "--resume"), processes=2)
     _same(losses(run), reference, "SIGTERM on one rank")
+
+
+def test_fsdp_bf16_mixed_precision_matches_bf16_autocast(backbones, tmp_path):
+    """--bf16 under FSDP is a MixedPrecisionPolicy (bf16 compute, fp32 reduction and master shards): on gloo it
+    follows one process's bf16 autocast run within bf16's rounding (measured 5e-4)."""
+    make_images(tmp_path)
+    common = ("--instruct.max-steps", "6", "--save-every", "0", "--bf16")
+    finish(argv(backbones, tmp_path, tmp_path / "one", *common))
+    finish(argv(backbones, tmp_path, tmp_path / "fsdp", *common, "--distributed", "fsdp"), processes=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
+    worst = max(abs(a - b) / abs(a) for a, b in zip(one, two))
+    print(f"largest relative loss difference, FSDP bf16 policy (2 processes) vs bf16 autocast (1): {worst:.3g}")
+    assert len(one) == len(two) == 6 and worst <= 5e-3 and two[-1] < two[0], (one, two)
