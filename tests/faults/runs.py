@@ -58,3 +58,18 @@ def make_images(tmp_path):
 
     for i, colour in enumerate([(255, 0, 0), (0, 128, 255), (40, 200, 40)]):
         Image.new("RGB", (40, 30), colour).save(tmp_path / f"img{i}.png")
+
+
+def mixed_data(tmp_path) -> Path:
+    """12 records, every other one text-only: some micro-batches never run the connector."""
+    records = []
+    for i, colour in enumerate(["red", "blue", "green"] * 4):
+        if i % 2:
+            records.append({"id": f"t{i}", "conversations": [
+                {"from": "human", "value": "say a colour"}, {"from": "gpt", "value": colour}]})
+        else:
+            records.append({"id": f"i{i}", "image": f"img{i % 3}.png", "conversations": [
+                {"from": "human", "value": "<image>\nwhat color is the shape?"}, {"from": "gpt", "value": colour}]})
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(records))
+    return path

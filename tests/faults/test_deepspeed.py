@@ -4,29 +4,14 @@ processes reproduce 1 plain process. Half the records are text-only, so some mic
 connector (ZeRO-3 would re-apply a stale gradient to it if the forward did not keep it in the graph)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from runs import argv, finish, losses, make_images
+from runs import argv, finish, losses, make_images, mixed_data
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
 CONFIGS = Path(__file__).parent.parent / "data" / "deepspeed"
-
-
-def mixed_data(tmp_path) -> Path:
-    records = []
-    for i, colour in enumerate(["red", "blue", "green"] * 4):
-        if i % 2:
-            records.append({"id": f"t{i}", "conversations": [
-                {"from": "human", "value": "say a colour"}, {"from": "gpt", "value": colour}]})
-        else:
-            records.append({"id": f"i{i}", "image": f"img{i % 3}.png", "conversations": [
-                {"from": "human", "value": "<image>\nwhat color is the shape?"}, {"from": "gpt", "value": colour}]})
-    path = tmp_path / "mixed.json"
-    path.write_text(json.dumps(records))
-    return path
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from runs import STEPS, argv, finish, losses, make_images, start
+from runs import STEPS, argv, finish, losses, make_images, mixed_data, start
 
 
 def test_two_processes_match_one(backbones, tmp_path):
@@ -52,16 +52,7 @@ def test_text_only_and_image_batches_mixed_under_ddp(backbones, tmp_path):
     """Half the records have no image: some ranks' micro-batches leave the connector without gradients (and a
     trained tower's last block is never run with feature layer -2). 2 processes still match 1."""
     make_images(tmp_path)
-    records = []
-    for i, colour in enumerate(["red", "blue", "green"] * 4):
-        if i % 2:
-            records.append({"id": f"t{i}", "conversations": [
-                {"from": "human", "value": "say a colour"}, {"from": "gpt", "value": colour}]})
-        else:
-            records.append({"id": f"i{i}", "image": f"img{i % 3}.png", "conversations": [
-                {"from": "human", "value": "<image>\nwhat color is the shape?"}, {"from": "gpt", "value": colour}]})
-    data = tmp_path / "mixed.json"
-    data.write_text(json.dumps(records))
+    data = mixed_data(tmp_path)
     extra = ("--instruct.max-steps", "6", "--data", str(data), "--instruct.train", "vision,connector,llm",
              "--instruct.lr.vision", "1e-4", "--save-every", "0")
     single, double = tmp_path / "one", tmp_path / "two"

@@ -9,6 +9,7 @@ what generation watches for: token ids (the EOS, a named special token such as `
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from vlmkit.errors import ConfigError
@@ -167,17 +168,8 @@ register(Template(
 
 # Qwen-VL: ChatML with each image written `Picture N: <img>…</img>` and a newline; <img>, </img>, <ref>, </ref>,
 # <box>, </box> are special tokens of its tokenizer, added here when the tokenizer lacks them.
-register(Template(
-    name="qwen_vl",
-    system="You are a helpful assistant.",
-    system_format="<|im_start|>system\n{system}<|im_end|>\n",
-    user_format="<|im_start|>user\n{content}<|im_end|>\n",
-    assistant_prefix="<|im_start|>assistant\n",
-    assistant_format="{content}",
-    stop="<|im_end|>",
-    turn_end="\n",
-    add_bos=False,
-    image_format="Picture {n}: <img><image></img>",
+register(dataclasses.replace(
+    TEMPLATES["chatml"], name="qwen_vl", image_format="Picture {n}: <img><image></img>",
     special_tokens=("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<ref>", "</ref>", "<box>", "</box>"),
 ))
 
