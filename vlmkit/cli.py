@@ -172,9 +172,19 @@ def load_run(run: str, allow_pickle: bool = False, device: str = "auto", dtype: 
 def cmd_eval(args) -> int:
     from vlmkit.eval.vqa import run_eval
 
+    if args.task is None and args.data is not None and args.data.startswith("scenes:"):
+        raise VlmkitError(f"--data {args.data} is generated scenes: add --task rec|reg|caption|vqa")
     model, path = load_run(args.run, args.allow_pickle, args.device, args.dtype)
     out_dir = Path(args.run) if (Path(args.run) / "model").exists() else path
-    run_eval(model, args.data, args.split, args.image_folder, args.skip_bad, out_dir, args.limit, args.batch_size)
+    if args.task:
+        from vlmkit.eval.grounding import run_grounding_eval
+
+        run_grounding_eval(model, args.task, args.data, out_dir, split=args.split or "test",
+                           image_folder=args.image_folder, skip_bad=args.skip_bad, limit=args.limit,
+                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        return 0
+    run_eval(model, args.data or "easy-vqa", args.split or "test", args.image_folder, args.skip_bad, out_dir,
+             args.limit, args.batch_size, max_new_tokens=args.max_new_tokens or 8)
     return 0
 
 
@@ -182,6 +192,8 @@ def cmd_chat(args) -> int:
     from vlmkit.infer.chat import answer, first_user_turn, interactive
     from vlmkit.infer.generate import GenerationConfig
 
+    if args.draw and not (args.image and args.question):
+        raise VlmkitError("--draw needs --image and a question (it draws the boxes of that one answer)")
     model, _ = load_run(args.run, args.allow_pickle, args.device, args.dtype)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed)
@@ -190,7 +202,19 @@ def cmd_chat(args) -> int:
         if model.config.answer_prompt and args.short:
             question = f"{question}\n{model.config.answer_prompt}"
         messages = [{"role": "user", "content": first_user_turn(question, bool(args.image))}]
-        print(answer(model, messages, [args.image] if args.image else [], config))
+        reply = answer(model, messages, [args.image] if args.image else [], config)
+        print(reply)
+        if args.draw:
+            from vlmkit.eval.grounding import draw_answer_boxes
+
+            drawn, error = draw_answer_boxes(args.image, reply, model.config.box_format, args.draw)
+            fmt = model.config.box_format
+            if drawn:
+                note = f" (also: {error})" if error else ""
+                print(f"drew {drawn} box{'es' if drawn != 1 else ''} ({fmt} format) on {args.draw}{note}",
+                      file=sys.stderr)
+            else:
+                print(f"no box drawn on {args.draw}: {error} ({fmt} format)", file=sys.stderr)
     else:
         interactive(model, args.image, config)
     return 0
@@ -424,14 +448,32 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         add_config_arguments(p, config)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("eval", help="exact-match accuracy on easy-VQA or a LLaVA JSON of short answers")
+    p = sub.add_parser("eval", help="exact-match accuracy on easy-VQA or a LLaVA JSON of short answers; "
+                                    "--task rec|reg|caption|vqa: grounding metrics on held-out scenes",
+                       description="Without --task: normalised exact-match accuracy on easy-VQA or a LLaVA JSON of "
+                                   "short answers (eval_<name>.json, confusion_<name>.png). With --task: the test "
+                                   "split of the generated scenes (never a training layout), written as the run's "
+                                   "preset writes them (box format, task tokens); rec: accuracy at IoU >= 0.5 and "
+                                   "mean IoU, unparseable answers counted by reason; reg: exact / valid-phrase / "
+                                   "colour+shape match and token F1; caption: colour+shape precision and recall; "
+                                   "vqa: accuracy per question type. Writes eval_<task>.json and eval_<task>.png "
+                                   "(16 test images, true boxes green, predicted red) in the run directory.")
     p.add_argument("run", help="run directory or checkpoint")
-    p.add_argument("--data", default="easy-vqa", help="'easy-vqa' or a LLaVA JSON file (last turn = reference)")
-    p.add_argument("--split", default="test", choices=["train", "test"], help="easy-VQA split")
-    p.add_argument("--image-folder", default=None, help="folder the JSON's image paths are relative to")
+    p.add_argument("--task", default=None, choices=["rec", "reg", "caption", "vqa"],
+                   help="grounding evaluation on generated scenes (see above)")
+    p.add_argument("--data", default=None,
+                   help="without --task: 'easy-vqa' (default) or a LLaVA JSON file (last turn = reference); with "
+                        "--task: a scene source (default scenes:TASK:test:n1000 at the size and shape count the run "
+                        "trained on, e.g. scenes:rec:test:n500) or a JSON written by `vlmkit data scenes`")
+    p.add_argument("--split", default=None, choices=["train", "test"],
+                   help="easy-VQA split, or with --task the scenes' split (default test)")
+    p.add_argument("--image-folder", default=None,
+                   help="folder the JSON's image paths are relative to (with --task: default the JSON's folder)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad records and count them")
     p.add_argument("--limit", type=int, default=0, help="only the first N records (0 = all)")
     p.add_argument("--batch-size", type=int, default=128, help="prompts per generation batch")
+    p.add_argument("--max-new-tokens", type=int, default=0,
+                   help="answer token budget (0 = 8 without --task; with it 1.25 x the longest reference + 4)")
     _add_allow_pickle(p)
     _add_device(p)
     p.set_defaults(func=cmd_eval)
@@ -446,6 +488,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--draw", default=None, metavar="OUT.png",
+                   help="draw the boxes the answer holds (read in the run's box format) on the image, into OUT.png")
     _add_allow_pickle(p)
     _add_device(p)
     p.set_defaults(func=cmd_chat)

@@ -30,10 +30,11 @@ def normalise_answer(text: str) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, dataset, batch_size: int = 128, max_new_tokens: int = 8, verbose: bool = True,
-             feature_cache_gb: float = 4.0, workers: int = 0) -> dict:
-    """Answer every example of a prompt-mode ConversationDataset; returns the report dict."""
-    start = time.time()
+def generate_answers(model, dataset, batch_size: int = 128, max_new_tokens: int = 8, verbose: bool = True,
+                     feature_cache_gb: float = 4.0, workers: int = 0) -> list[str]:
+    """Greedy answers to every example of a prompt-mode ConversationDataset (stopped by the template's stop),
+    in dataset order. Frozen-encoder features are computed once per image; prompts are sorted by length and
+    batched with left padding."""
     model.eval()
     features = cache_features(model, dataset, feature_cache_gb, workers, verbose=verbose)
     order = sorted(range(len(dataset)), key=lambda i: len(dataset[i].input_ids))
@@ -51,6 +52,15 @@ def evaluate(model, dataset, batch_size: int = 128, max_new_tokens: int = 8, ver
                            **(images if len(image_indices) else {}))
         for i, tokens in zip(indices, outputs):
             predictions[i] = decode_answer(model, tokens)
+    return predictions
+
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_size: int = 128, max_new_tokens: int = 8, verbose: bool = True,
+             feature_cache_gb: float = 4.0, workers: int = 0) -> dict:
+    """Answer every example of a prompt-mode ConversationDataset; returns the report dict."""
+    start = time.time()
+    predictions = generate_answers(model, dataset, batch_size, max_new_tokens, verbose, feature_cache_gb, workers)
     rows = []
     per_answer = defaultdict(lambda: [0, 0])
     confusion = Counter()
@@ -118,7 +128,7 @@ def plot_confusion(report: dict, out_file: Path, max_labels: int = 20) -> None:
 
 
 def run_eval(model, data: str, split: str, image_folder, skip_bad: bool, out_dir, limit: int = 0,
-             batch_size: int = 128, verbose: bool = True) -> dict:
+             batch_size: int = 128, verbose: bool = True, max_new_tokens: int = 8) -> dict:
     """Evaluate on 'easy-vqa' (a split) or a LLaVA JSON file, print one summary line, write the report."""
     from vlmkit.data import easyvqa
     from vlmkit.data.dataset import load_llava_json
@@ -133,7 +143,7 @@ def run_eval(model, data: str, split: str, image_folder, skip_bad: bool, out_dir
     dataset = build_dataset(model, records, source, model.config.template,
                             DataSpec(instructions=data, image_folder=image_folder, skip_bad=skip_bad),
                             mode="prompt", answer_prompt=model.config.answer_prompt, verbose=verbose)
-    report = evaluate(model, dataset, batch_size=batch_size, verbose=verbose)
+    report = evaluate(model, dataset, batch_size=batch_size, max_new_tokens=max_new_tokens, verbose=verbose)
     report["skipped"] = dict(dataset.skipped.counts)
     json_path, png_path = write_report(report, out_dir, name)
     skipped = f"; {dataset.skipped.summary()}" if dataset.skipped.total else ""
