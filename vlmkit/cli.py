@@ -263,7 +263,7 @@ def cmd_convert(args) -> int:
         model = convert.from_hf(args.src, dtype=dtype, device_map=device if device.type != "cpu" else None)
     else:
         model = convert.from_llava_original(args.src, vision_tower=args.vision_tower, allow_pickle=args.allow_pickle,
-                                            dtype=dtype)
+                                            dtype=dtype).to(device)  # read on the CPU (its weights are assembled)
     model.save_pretrained(args.out)
     counts = {name: sum(p.numel() for p in part.parameters()) for name, part in model.parts().items()}
     print(f"wrote {args.out} (preset {model.config.name}; " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in
