@@ -90,15 +90,3 @@ def test_qwen_vl_trains_through_its_stages_packed_and_numbers_its_images(backbon
     image = next((tmp_path / "home" / "scenes").rglob("*.png"))
     capsys.readouterr()
     assert main(["chat", str(run), "--image", str(image), "--max-new-tokens", "6", "where is the circle?"]) == 0
-
-
-def test_minigpt_v2_coordinates_are_whole_tokens_and_survive_decoding(make_model):
-    from vlmkit.infer.generate import decode_answer
-
-    model = make_model("minigpt-v2")
-    text = "<p>the red circle</p> {<7><0><100><55>}<delim>{<1><2><3><4>}"
-    ids = model.tokenizer(text, add_special_tokens=False).input_ids
-    pieces = model.tokenizer.convert_ids_to_tokens(ids)
-    assert pieces[-13:] == ["{", "<7>", "<0>", "<100>", "<55>", "}", "<delim>", "{", "<1>", "<2>", "<3>", "<4>", "}"]
-    assert decode_answer(model, ids) == text
-    assert "<50>" not in make_model("llava-1.5").tokenizer.get_vocab()  # only the format that needs them

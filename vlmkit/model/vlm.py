@@ -99,7 +99,7 @@ class VisionLanguageModel(nn.Module):
         llm_kwargs = dict(load_kwargs, quantization_config=quantization_config(qlora)) if qlora else load_kwargs
         with loading("--llm.name-or-path", llm_path):
             llm = LanguageModel.from_pretrained(llm_path, **llm_kwargs)
-            tokenizer = prepare_tokenizer(load_tokenizer(llm_path), llm, template_tokens(config), box_tokens(config))
+            tokenizer = prepare_tokenizer(load_tokenizer(llm_path), llm, template_tokens(config))
         with loading("--vision.name-or-path", vision_path):
             tower = load_vision_tower(vision_path, **load_kwargs)
         return cls._assemble(config, tower, llm, tokenizer, transform)
@@ -270,14 +270,6 @@ def template_tokens(config: ArchConfig) -> list[str]:
     return [token for name in dict.fromkeys(names) for token in get_template(name).special_tokens]
 
 
-def box_tokens(config: ArchConfig) -> list[str]:
-    """Whole tokens for the pieces of a box format: MiniGPT-v2's 101 grid coordinates `<0>`…`<100>`, `<p>`, `</p>`
-    and `<delim>` (a coordinate spelled in sub-word pieces is much harder for a small LLM to learn)."""
-    if getattr(config, "box_format", "plain") == "minigpt_v2":
-        return ["<p>", "</p>", "<delim>", *(f"<{i}>" for i in range(101))]
-    return []
-
-
 def load_tokenizer(path):
     """The LLM's own tokenizer class (AutoTokenizer), fast where one exists (character offsets for the mask)."""
     from transformers import AutoTokenizer
@@ -285,17 +277,14 @@ def load_tokenizer(path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def prepare_tokenizer(tokenizer, llm: LanguageModel, extra_tokens: list[str] = (), text_tokens: list[str] = ()):
-    """Make sure the tokenizer has an image placeholder, the templates' special tokens, the box format's text
-    tokens (kept when answers are decoded, unlike special ones) and a pad token; grow the embeddings if needed."""
+def prepare_tokenizer(tokenizer, llm: LanguageModel, extra_tokens: list[str] = ()):
+    """Make sure the tokenizer has an image placeholder, the templates' special tokens and a pad token; grow
+    the embeddings if needed."""
     from vlmkit.data.templates import token_id
 
     missing = [t for t in dict.fromkeys([IMAGE_TOKEN, *extra_tokens]) if token_id(tokenizer, t) is None]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-    missing = [t for t in dict.fromkeys(text_tokens) if token_id(tokenizer, t) is None]
-    if missing:
-        tokenizer.add_tokens(missing)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if len(tokenizer) > llm.model.get_input_embeddings().num_embeddings:
