@@ -10,6 +10,18 @@ from vlmkit.data import boxes
 from vlmkit.data.sources import Source, source_records
 
 
+def staged_train_args(preset: str, run, backbones, mixture: str, *extra: str) -> list[str]:
+    """`vlmkit train` of a grounding preset with the test backbones: every stage on `mixture`, 2 steps of 4."""
+    from vlmkit.config import from_name
+
+    args = ["train", "--preset", preset, "--run-dir", str(run), "--vision-tower", backbones["clip"],
+            "--llm", backbones["llm"], *extra]
+    for stage in from_name(preset).stages:
+        args += [f"--{stage.name}.mixture", mixture, f"--{stage.name}.max-steps", "2", f"--{stage.name}.batch-size",
+                 "4"]
+    return args
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("VLMKIT_HOME", str(tmp_path / "home"))
@@ -46,11 +58,7 @@ def test_minigpt_v2_trains_through_its_three_stages_and_chats(backbones, home, t
 
     mixture = "scenes:caption:n40=1,scenes:rec:n40=1,scenes:vqa:n40=0.2"
     run = tmp_path / "run"
-    args = ["train", "--preset", "minigpt-v2", "--run-dir", str(run), "--vision-tower", backbones["clip"],
-            "--vision.feature-layer", "-2", "--llm", backbones["llm"]]
-    for stage in ("pretrain", "multitask", "instruct"):
-        args += [f"--{stage}.mixture", mixture, f"--{stage}.max-steps", "2", f"--{stage}.batch-size", "4"]
-    assert main(args) == 0
+    assert main(staged_train_args("minigpt-v2", run, backbones, mixture, "--vision.feature-layer", "-2")) == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1-pretrain", "2-multitask", "3-instruct"]
     model = VisionLanguageModel.from_pretrained(run / "model")
     assert model.config.connector.type == "concat4" and model.num_image_tokens == 16 // 4
@@ -72,11 +80,7 @@ def test_qwen_vl_trains_through_its_stages_packed_and_numbers_its_images(backbon
 
     mixture = "scenes:caption:n40=1,scenes:rec:n40=1"
     run = tmp_path / "run"
-    args = ["train", "--preset", "qwen-vl", "--run-dir", str(run), "--vision-tower", backbones["clip"],
-            "--llm", backbones["llm"], "--multitask.pack-to", "256"]
-    for stage in ("pretrain", "multitask", "instruct"):
-        args += [f"--{stage}.mixture", mixture, f"--{stage}.max-steps", "2", f"--{stage}.batch-size", "4"]
-    assert main(args) == 0
+    assert main(staged_train_args("qwen-vl", run, backbones, mixture, "--multitask.pack-to", "256")) == 0
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     packed = [e for e in log if e["stage"] == "multitask"]
     assert all(e["rows"] < 4 for e in packed)  # 4 samples a micro-batch, packed into fewer rows

@@ -158,15 +158,13 @@ def test_grid_png_and_drawn_answer(tmp_path):
 
 
 def test_eval_task_and_chat_draw_on_a_tiny_minigpt_v2(backbones, home, tmp_path, capsys):
+    from test_grounding import staged_train_args
+
     from vlmkit.cli import main
 
     mixture = "scenes:rec:n20=1,scenes:caption:n20=0.5"
     run = tmp_path / "run"
-    args = ["train", "--preset", "minigpt-v2", "--run-dir", str(run), "--vision-tower", backbones["clip"],
-            "--vision.feature-layer", "-2", "--llm", backbones["llm"]]
-    for stage in ("pretrain", "multitask", "instruct"):
-        args += [f"--{stage}.mixture", mixture, f"--{stage}.max-steps", "2", f"--{stage}.batch-size", "4"]
-    assert main(args) == 0
+    assert main(staged_train_args("minigpt-v2", run, backbones, mixture, "--vision.feature-layer", "-2")) == 0
     capsys.readouterr()
     assert main(["eval", str(run), "--task", "rec", "--limit", "8"]) == 0
     out = capsys.readouterr().out
