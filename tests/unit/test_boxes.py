@@ -270,3 +270,15 @@ def test_parse_never_raises_on_random_text(fmt):
         for phrase, box in result.boxes:
             assert phrase is None or isinstance(phrase, str)
             assert 0 <= box.x1 < box.x2 <= 640 and 0 <= box.y1 < box.y2 <= 480
+
+
+def test_plain_format_is_the_scenes_default_and_reads_back():
+    from vlmkit.data import boxes
+    from vlmkit.data.scenes import plain_boxes
+
+    text = boxes.format_boxes("plain", [(16, 32, 48, 64), (0, 0, 8, 8)], (64, 64))
+    assert text == "[25, 50, 75, 100] and [0, 0, 12, 12]" == plain_boxes([[16, 32, 48, 64], [0, 0, 8, 8]], (64, 64))
+    parsed = boxes.parse_boxes("plain", f"it is at {text}", (64, 64))
+    assert parsed.ok and [b.as_tuple() for _, b in parsed.boxes] == [(16, 32, 48, 64), (0, 0, 7.68, 7.68)]
+    assert boxes.parse_boxes("plain", "at [25, 50, 75", (64, 64)).error.endswith("is not closed (was the answer "
+                                                                                   "cut off?)")

@@ -149,12 +149,14 @@ GRIDS = {
     "minigpt_v2": GridFormat("minigpt_v2", scale=100, max_value=100),
     "qwen_vl": GridFormat("qwen_vl", scale=1000, max_value=999),
     "cogvlm": GridFormat("cogvlm", scale=1000, max_value=999, digits=3),
+    # vlmkit's neutral format (generated scenes' default): `[x1, y1, x2, y2]` on 0-100, several joined by ' and '
+    "plain": GridFormat("plain", scale=100, max_value=100),
 }
 
 
 def get_grid(fmt: str) -> GridFormat:
     if fmt not in GRIDS:
-        raise ConfigError(f"unknown box format {fmt!r}; known: {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown box format {fmt!r}; known: {', '.join(GRIDS)}")
     return GRIDS[fmt]
 
 
@@ -203,10 +205,16 @@ def _write_cogvlm(values: list[tuple[int, ...]], phrase: str | None, digits: int
     return text if phrase is None else f"{phrase} {text}"
 
 
-_WRITERS = {"minigpt_v2": _write_minigpt_v2, "qwen_vl": _write_qwen_vl, "cogvlm": _write_cogvlm}
+def _write_plain(values: list[tuple[int, ...]], phrase: str | None, digits: int) -> str:
+    text = " and ".join("[" + ", ".join(str(v) for v in box) + "]" for box in values)
+    return text if phrase is None else f"{phrase} {text}"
+
+
+_WRITERS = {"minigpt_v2": _write_minigpt_v2, "qwen_vl": _write_qwen_vl, "cogvlm": _write_cogvlm,
+            "plain": _write_plain}
 # text a phrase may not hold, or the parser would read the phrase as markup
 _PHRASE_FORBIDDEN = {"minigpt_v2": ("<p>", "</p>", "{", "}"), "qwen_vl": ("<ref>", "</ref>", "<box>"),
-                     "cogvlm": ("[[", "]]")}
+                     "cogvlm": ("[[", "]]"), "plain": ("[", "]")}
 
 
 def format_boxes(fmt: str, boxes, size: tuple[int, int], phrase: str | None = None) -> str:
@@ -286,9 +294,11 @@ _MINIGPT = re.compile(r"(?:<p>(?P<phrase>(?:(?!</?p>).)*)</p>\s*)?"
 _QWEN = re.compile(r"(?:<ref>(?P<phrase>(?:(?!</?ref>).)*)</ref>\s*)?"
                    r"(?P<run>(?:<box>(?:(?!</?box>).)*</box>)(?:\s*<box>(?:(?!</?box>).)*</box>)*)", re.DOTALL)
 _COGVLM = re.compile(r"\[\[(?P<run>[^\[\]]*)\]\]")
-_PATTERNS = {"minigpt_v2": _MINIGPT, "qwen_vl": _QWEN, "cogvlm": _COGVLM}
+_PLAIN = re.compile(r"\[(?P<run>[^\[\]]*)\]")
+_PATTERNS = {"minigpt_v2": _MINIGPT, "qwen_vl": _QWEN, "cogvlm": _COGVLM, "plain": _PLAIN}
 # the start of a box expression; one left after the matches is unclosed (an answer cut off mid-box)
-_OPENERS = {"minigpt_v2": re.compile(r"\{\s*<"), "qwen_vl": re.compile(r"<box>"), "cogvlm": re.compile(r"\[\[")}
+_OPENERS = {"minigpt_v2": re.compile(r"\{\s*<"), "qwen_vl": re.compile(r"<box>"), "cogvlm": re.compile(r"\[\["),
+            "plain": re.compile(r"\[")}
 
 
 def _boxes_minigpt_v2(run: str, grid: GridFormat) -> list[tuple[int, int, int, int]]:
@@ -328,7 +338,12 @@ def _boxes_cogvlm(run: str, grid: GridFormat) -> list[tuple[int, int, int, int]]
     return [_coordinates(part.split(",") if part.strip() else [], expr, grid) for part in run.split(";")]
 
 
-_READERS = {"minigpt_v2": _boxes_minigpt_v2, "qwen_vl": _boxes_qwen_vl, "cogvlm": _boxes_cogvlm}
+def _boxes_plain(run: str, grid: GridFormat) -> list[tuple[int, int, int, int]]:
+    return [_coordinates(run.split(",") if run.strip() else [], f"[{run}]", grid)]
+
+
+_READERS = {"minigpt_v2": _boxes_minigpt_v2, "qwen_vl": _boxes_qwen_vl, "cogvlm": _boxes_cogvlm,
+            "plain": _boxes_plain}
 
 
 def parse_boxes(fmt: str, text, size: tuple[int, int]) -> ParseResult:

@@ -7,7 +7,7 @@ own config), answers greedily with the batch generation of `vlmkit.eval.vqa` (st
 and scores the answers. Metrics, per task:
 
 - **rec** (phrase -> box). The answer is parsed with the run's box format (`parse_answer`: vlmkit.data.boxes
-  for the grid formats, `parse_plain_boxes` for 'plain' `[x1, y1, x2, y2]` on 0-100); its first well-formed
+  including 'plain' `[x1, y1, x2, y2]` on 0-100); its first well-formed
   box is compared with the true pixel box. `accuracy` = share of answers with IoU >= 0.5; `mean_iou` over
   every answer (a miss counts 0), `mean_iou_parsed` over answers with a box. An answer without a well-formed
   box is a miss, counted in `unparsed_by_reason` (no_box, cut_off, coordinate_count, not_integer,
@@ -45,7 +45,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from vlmkit.data import boxes as box_formats
-from vlmkit.data.boxes import Box, GridFormat, ParseResult, check_size, iou
+from vlmkit.data.boxes import ParseResult, iou
 from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.eval.vqa import normalise_answer
 
@@ -55,45 +55,9 @@ DEFAULT_SCENES = 1_000  # test scenes of a default source (about 2,000 REC and 8
 
 # ---- answers -> boxes ------------------------------------------------------------------------------------
 
-PLAIN_GRID = GridFormat("plain", scale=100, max_value=100)  # vlmkit.data.scenes.plain_boxes: int(v / size * 100)
-_PLAIN = re.compile(r"\[(?P<run>[^\[\]]*)\]")
-
-
-def parse_plain_boxes(text, size) -> ParseResult:
-    """Boxes of the 'plain' format (`[x1, y1, x2, y2]` on a 0-100 grid, several joined by ' and '), read back
-    as pixel boxes the way the grid formats are (a value is its cell's lower edge). Never raises on the
-    answer; the error messages are those of vlmkit.data.boxes.parse_boxes."""
-    width, height = check_size(size)
-    if not isinstance(text, str):
-        return ParseResult(error=f"the answer is not text (got {type(text).__name__})")
-    result, errors = ParseResult(), []
-    covered = list(text)
-    for match in _PLAIN.finditer(text):
-        covered[match.start():match.end()] = " " * (match.end() - match.start())
-        run = match.group("run")
-        try:
-            values = box_formats._coordinates(run.split(",") if run.strip() else [], match.group(0), PLAIN_GRID)
-        except box_formats._Malformed as exc:
-            errors.append((match.start(), str(exc)))
-            continue
-        x1, y1, x2, y2 = values
-        result.boxes.append((None, Box(x1 * width / 100, y1 * height / 100, x2 * width / 100, y2 * height / 100)))
-    unclosed = "".join(covered).find("[")
-    if unclosed >= 0:
-        fragment = text[unclosed:].split("\n", 1)[0]
-        errors.append((unclosed, f"{box_formats._show(fragment, 40)} is not closed (was the answer cut off?)"))
-    if errors:
-        result.error = min(errors)[1]
-    elif not result.boxes:
-        result.error = "no box in the answer"
-    return result
-
-
 def parse_answer(box_format: str, text, size) -> ParseResult:
     """The boxes of an answer written in `box_format` ('plain' or one of vlmkit.data.boxes.FORMATS)."""
-    if box_format == "plain":
-        return parse_plain_boxes(text, size)
-    if box_format not in box_formats.FORMATS:
+    if box_format not in box_formats.GRIDS:
         raise ConfigError(f"box_format={box_format!r}; use one of plain, {', '.join(box_formats.FORMATS)}")
     return box_formats.parse_boxes(box_format, text, size)
 
