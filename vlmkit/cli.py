@@ -179,9 +179,13 @@ def cmd_eval(args) -> int:
     if args.task:
         from vlmkit.eval.grounding import run_grounding_eval
 
+        from vlmkit.train import checkpoint
+
+        finished = [c for c in checkpoint.checkpoints(Path(args.run)) if not checkpoint.is_step_checkpoint(c)]
+        stages_ran = {c.name.split("-", 1)[1] for c in finished} or None  # `N-stage` directories
         run_grounding_eval(model, args.task, args.data, out_dir, split=args.split or "test",
                            image_folder=args.image_folder, skip_bad=args.skip_bad, limit=args.limit,
-                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, stages_ran=stages_ran)
         return 0
     run_eval(model, args.data or "easy-vqa", args.split or "test", args.image_folder, args.skip_bad, out_dir,
              args.limit, args.batch_size, max_new_tokens=args.max_new_tokens or 8)

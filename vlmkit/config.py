@@ -82,6 +82,10 @@ class StageConfig:
                            "supervised tokens, normalised per token over the whole optimiser step.", default="lm")
     pack_to: int = _help("Pack samples into rows of this many tokens (0 = one sample per row, padded); attention "
                          "never crosses a sample and positions restart per sample.", default=0)
+    image_size: int = _help("Image side in pixels for this stage (0 = the vision tower's preprocessor size). Qwen-VL "
+                            "trains at 224 px and then at 448 px: a ViT's position embeddings are interpolated to the "
+                            "new grid, a convolutional tower just sees more pixels, and the model is saved at the "
+                            "last stage's size.", default=0)
     lr: dict[str, float] = _help("Peak learning rate per trained module.", default_factory=dict)
     max_turns: int = _help("easy-VQA instructions: questions per record (0 = all of an image's questions in one "
                            "multi-turn record).", default=0)
@@ -130,6 +134,11 @@ class ArchConfig:
                             default="plain")
     task_prompts: bool = _help("Start each grounding question with MiniGPT-v2's task token ([vqa] [caption] "
                                "[grounding] [refer] [identify] [detection]).", default=False)
+    coordinate_tokens: bool = _help("Give each grid value of the box format one whole token (MiniGPT-v2 <0>..<100>, "
+                                    "Qwen-VL 0..999), with embeddings initialised along a smooth curve of the value "
+                                    "that train even under LoRA (peft trainable_token_indices). The released models "
+                                    "spell coordinates in their tokenizer's digits (false); a small LLM learns whole "
+                                    "tokens far more easily.", default=False)
     distributed: str = _help("Under torchrun: 'ddp' (every process holds the whole model), 'fsdp' (parameters, "
                              "gradients and optimizer state sharded across processes, one unit per LLM layer) or "
                              "'deepspeed' (DeepSpeed ZeRO with --deepspeed-config, e.g. LLaVA's zero2.json/zero3.json "

@@ -84,8 +84,12 @@ def test_qwen_vl_trains_through_its_stages_packed_and_numbers_its_images(backbon
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     packed = [e for e in log if e["stage"] == "multitask"]
     assert all(e["rows"] < 4 for e in packed)  # 4 samples a micro-batch, packed into fewer rows
+    out = capsys.readouterr().out  # stage 1 at low resolution, then higher: the CLIP tower's positions interpolated
+    assert "'pretrain': images at 64 px, 64 vision tokens -> 16 image tokens" in out
+    assert "'multitask': images at 128 px, 256 vision tokens -> 16 image tokens" in out
     model = VisionLanguageModel.from_pretrained(run / "model")
-    assert model.config.connector.type == "resampler" and model.num_image_tokens == 9
+    assert model.config.connector.type == "resampler" and model.num_image_tokens == 16
+    assert model.image_transform.crop == (128, 128) and model.vision.interpolates  # saved at the last stage's size
     messages = [{"role": "user", "content": "<image>\nfirst <image>\nsecond"}, {"role": "assistant", "content": "ok"}]
     rendered = render_conversation(messages, get_template("qwen_vl"), model.tokenizer,
                                    num_image_tokens=model.num_image_tokens)

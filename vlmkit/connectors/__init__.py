@@ -43,6 +43,15 @@ class Connector(nn.Module):
         self.vision_hidden, self.llm_hidden = vision_hidden, llm_hidden
         self.num_output_tokens = num_vision_tokens
 
+    def output_tokens_for(self, num_vision_tokens: int) -> int:
+        """How many tokens this connector emits for `num_vision_tokens` input tokens (ConfigError if it can't
+        take that many)."""
+        return num_vision_tokens
+
+    def set_input_tokens(self, num_vision_tokens: int) -> None:
+        """The encoder's grid changed (a stage's image_size): emit as many tokens as the new grid gives."""
+        self.num_output_tokens = self.output_tokens_for(num_vision_tokens)
+
 
 @register("linear")
 class LinearConnector(Connector):
@@ -91,6 +100,10 @@ class ConcatConnector(Connector):
         self._check_count(num_vision_tokens)
         self.llama_proj = nn.Linear(vision_hidden * self.merge, llm_hidden, bias=config.bias)
         self.num_output_tokens = num_vision_tokens // self.merge
+
+    def output_tokens_for(self, num_vision_tokens: int) -> int:
+        self._check_count(num_vision_tokens)
+        return num_vision_tokens // self.merge
 
     def _check_count(self, num_tokens: int) -> None:
         if num_tokens % self.merge:

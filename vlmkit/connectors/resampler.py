@@ -96,6 +96,10 @@ class Resampler(Connector):
         self.proj = nn.Parameter(embed_dim ** -0.5 * torch.randn(embed_dim, llm_hidden))
         self.num_output_tokens = config.num_queries
 
+    def output_tokens_for(self, num_vision_tokens: int) -> int:
+        _square_side(num_vision_tokens, "the number of vision tokens")
+        return self.config.num_queries  # whatever the grid: the key positions are resized to it
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):

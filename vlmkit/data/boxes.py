@@ -154,6 +154,17 @@ GRIDS = {
 }
 
 
+def coordinate_tokens(fmt: str) -> list[str]:
+    """Each grid value of a format as the text one whole token would cover, in value order: MiniGPT-v2's
+    `<0>`..`<100>` (the brackets are part of its syntax), Qwen-VL's `0`..`999`, CogVLM's `000`..`999`
+    (vlmkit.model.vlm adds them to the tokenizer when `coordinate_tokens` is on)."""
+    grid = get_grid(fmt)
+    values = range(grid.max_value + 1)
+    if fmt == "minigpt_v2":
+        return [f"<{v}>" for v in values]
+    return [str(v).zfill(grid.digits) for v in values]
+
+
 def get_grid(fmt: str) -> GridFormat:
     if fmt not in GRIDS:
         raise ConfigError(f"unknown box format {fmt!r}; known: {', '.join(GRIDS)}")

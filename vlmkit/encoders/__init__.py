@@ -60,6 +60,19 @@ class VisionEncoder(nn.Module):
         return self._image_size or getattr(self.tower.config, "image_size", 224)
 
     @property
+    def interpolates(self) -> bool:
+        """A ViT run at another size than it was trained at: its position embeddings are interpolated."""
+        hf = self.tower.config
+        return hasattr(hf, "patch_size") and self._image_size is not None and self._image_size != hf.image_size
+
+    def set_image_size(self, size: int) -> None:
+        patch = getattr(self.tower.config, "patch_size", None)
+        if patch and size % patch:
+            raise ConfigError(f"image_size {size} is not a multiple of the vision tower's patch size {patch}")
+        self._image_size = size
+        self.num_tokens, self.hidden_size = self._probe()
+
+    @property
     def feature_layers(self) -> list[int]:
         layer = self.config.feature_layer
         return list(layer) if isinstance(layer, (list, tuple)) else [layer]
@@ -67,7 +80,7 @@ class VisionEncoder(nn.Module):
     def _probe(self) -> tuple[int, int]:
         hf = self.tower.config
         if hasattr(hf, "patch_size") and hasattr(hf, "image_size") and hasattr(hf, "hidden_size"):
-            side = hf.image_size // hf.patch_size
+            side = (self._image_size or hf.image_size) // hf.patch_size
             return (side * side + (1 if self.has_cls and self.config.select == "cls_patch" else 0),
                     hf.hidden_size * len(self.feature_layers))
         channels = getattr(hf, "num_channels", 3)
@@ -122,8 +135,9 @@ class VisionEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         param = next(self.tower.parameters())
         with self._only_needed_layers() as feature_layers:
+            extra = {"interpolate_pos_encoding": True} if self.interpolates else {}
             outputs = self.tower(pixel_values=pixel_values.to(device=param.device, dtype=param.dtype),
-                                 output_hidden_states=True)
+                                 output_hidden_states=True, **extra)
         hidden_states = outputs.hidden_states
         selected = []
         for layer in feature_layers:

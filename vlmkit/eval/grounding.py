@@ -318,12 +318,15 @@ def summary_line(task: str, report: dict) -> str:
 
 # ---- data ------------------------------------------------------------------------------------------------
 
-def _trained_scene_options(config, task: str) -> dict:
-    """size / max_shapes / seed of the scenes the run trained this task on (its last stage that read them)."""
+def _trained_scene_options(config, task: str, stages_ran=None) -> dict:
+    """size / max_shapes / seed of the scenes the run trained this task on (its last stage that read them; of
+    the stages that ran, when `stages_ran` names them)."""
     from vlmkit.data import scenes
     from vlmkit.data.sources import SCENES, parse_mixture
 
     for stage in reversed(getattr(config, "stages", []) or []):
+        if stages_ran is not None and stage.name not in stages_ran:
+            continue
         try:
             sources = parse_mixture(stage.mixture) if stage.mixture else []
         except ConfigError:
@@ -339,9 +342,9 @@ def _trained_scene_options(config, task: str) -> dict:
     return {"size": 64, "max_shapes": 3, "seed": 0}
 
 
-def default_source(config, task: str, split: str = "test", n: int = DEFAULT_SCENES) -> str:
+def default_source(config, task: str, split: str = "test", n: int = DEFAULT_SCENES, stages_ran=None) -> str:
     """`scenes:<task>:<split>:n<N>` with the image size, shape count and seed of the run's training scenes."""
-    options = _trained_scene_options(config, task)
+    options = _trained_scene_options(config, task, stages_ran)
     return f"scenes:{task}:{split}:n{n}:size{options['size']}:shapes{options['max_shapes']}:seed{options['seed']}"
 
 
@@ -366,7 +369,7 @@ def _render_scene_json(config, records: list[dict]) -> list[dict]:
 
 
 def task_records(config, task: str, data: str | None, split: str = "test",
-                 image_folder: str | None = None) -> tuple[list[dict], str]:
+                 image_folder: str | None = None, stages_ran=None) -> tuple[list[dict], str]:
     """(records of `task`, source name): a built-in scenes source (default: the test split) or a JSON file
     (image paths relative to `image_folder`, default the file's folder; placeholders rendered per preset)."""
     from vlmkit.data import scenes
@@ -376,7 +379,7 @@ def task_records(config, task: str, data: str | None, split: str = "test",
     if task not in TASKS:
         raise ConfigError(f"unknown evaluation task {task!r}; tasks: {', '.join(TASKS)}")
     if data is None:
-        data = default_source(config, task, split)
+        data = default_source(config, task, split, stages_ran=stages_ran)
     if data.startswith(f"{SCENES}:"):
         options = scenes.parse_source_name(data)
         if task not in options["kinds"]:
@@ -572,15 +575,17 @@ def draw_answer_boxes(image_path: str, answer: str, box_format: str, out_file, m
 
 def run_grounding_eval(model, task: str, data: str | None, out_dir, split: str = "test",
                        image_folder: str | None = None, skip_bad: bool = False, limit: int = 0,
-                       batch_size: int = 128, max_new_tokens: int = 0, verbose: bool = True) -> dict:
+                       batch_size: int = 128, max_new_tokens: int = 0, verbose: bool = True,
+                       stages_ran=None) -> dict:
     """Evaluate `task` on held-out scenes (or a JSON), write eval_<task>.json and eval_<task>.png under
-    `out_dir`, print one summary line; returns the report."""
+    `out_dir`, print one summary line; returns the report. `stages_ran` (the stage names of the run's
+    checkpoints) picks the scenes the default test data mirrors when a run trained only some stages."""
     from vlmkit.data.sources import DataSpec, build_dataset
     from vlmkit.eval.vqa import generate_answers
 
     start = time.time()
     config = model.config
-    records, source = task_records(config, task, data, split, image_folder)
+    records, source = task_records(config, task, data, split, image_folder, stages_ran)
     records, missing = _check_fields(task, _unique_ids(records), source, skip_bad)
     if limit:
         records = records[:limit]

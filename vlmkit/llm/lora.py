@@ -46,8 +46,10 @@ def quantization_config(lora: LoRAConfig):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def attach_lora(llm, lora: LoRAConfig) -> int:
-    """Wrap `llm.model` with fresh adapters; only they train. Returns the number of trainable parameters."""
+def attach_lora(llm, lora: LoRAConfig, token_ids=()) -> int:
+    """Wrap `llm.model` with fresh adapters; only they train, with the embedding (and tied LM-head) rows of
+    `token_ids` (peft's trainable_token_indices: tokens a base model lacks, such as coordinate tokens). Returns
+    the number of trainable parameters."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if has_lora(llm):
@@ -63,12 +65,25 @@ def attach_lora(llm, lora: LoRAConfig) -> int:
     if getattr(llm.model, "is_loaded_in_4bit", False):
         llm.model = prepare_model_for_kbit_training(llm.model)
     try:
+        extra = {"trainable_token_indices": _token_rows(llm.model, list(token_ids))} if token_ids else {}
         llm.model = get_peft_model(llm.model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                         target_modules=targets, task_type="CAUSAL_LM"))
+                                                         target_modules=targets, task_type="CAUSAL_LM", **extra))
     except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
         raise ConfigError(f"lora.target_modules={lora.target_modules}: {exc}") from None
     llm.lora = lora
+    llm.lora_token_ids = list(token_ids)
     return sum(p.numel() for p in llm.model.parameters() if p.requires_grad)
+
+
+def _token_rows(model, token_ids: list[int]):
+    """peft's trainable_token_indices: the ids alone when the LM head is tied to the embeddings (peft trains the
+    shared rows), else the same rows of both, by module name (an untied head's new rows must train too, or the
+    model can read the new tokens but never write them)."""
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight.data_ptr() == embeddings.weight.data_ptr():
+        return token_ids
+    names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    return {names[id(embeddings)]: token_ids, names[id(head)]: token_ids}
 
 
 def merge_lora(llm) -> None:
@@ -85,4 +100,7 @@ def finish_stage(llm, lora: LoRAConfig) -> None:
 
 def lora_record(llm) -> dict | None:
     """What a checkpoint's config.json says about kept adapters."""
-    return dataclasses.asdict(llm.lora) if has_lora(llm) else None
+    if not has_lora(llm):
+        return None
+    token_ids = getattr(llm, "lora_token_ids", [])
+    return dict(dataclasses.asdict(llm.lora), **({"trainable_token_indices": token_ids} if token_ids else {}))

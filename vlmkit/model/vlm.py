@@ -100,6 +100,8 @@ class VisionLanguageModel(nn.Module):
         with loading("--llm.name-or-path", llm_path):
             llm = LanguageModel.from_pretrained(llm_path, **llm_kwargs)
             tokenizer = prepare_tokenizer(load_tokenizer(llm_path), llm, template_tokens(config))
+            if config.coordinate_tokens:
+                add_coordinate_tokens(tokenizer, llm, config.box_format)
         with loading("--vision.name-or-path", vision_path):
             tower = load_vision_tower(vision_path, **load_kwargs)
         return cls._assemble(config, tower, llm, tokenizer, transform)
@@ -112,6 +114,19 @@ class VisionLanguageModel(nn.Module):
         embeddings = llm.causal_lm.get_input_embeddings().weight  # a new connector joins the LLM's device/dtype
         connector.to(device=embeddings.device, dtype=embeddings.dtype if embeddings.is_floating_point() else None)
         return cls(config, vision, connector, llm, tokenizer, transform)
+
+    def set_image_size(self, size: int) -> None:
+        """Preprocess images to `size` x `size` from now on (a stage's `image_size`): the tower's grid follows (a
+        ViT interpolates its position embeddings), and the connector must give a fixed number of tokens
+        whatever the grid (the resampler), or the image token count changes with it."""
+        import dataclasses
+
+        transform = self.image_transform
+        if transform.crop == (size, size) and (transform.size == size or transform.resize_exact):
+            return
+        self.image_transform = dataclasses.replace(transform, size=size, crop=(size, size))
+        self.vision.set_image_size(size)
+        self.connector.set_input_tokens(self.vision.num_tokens)
 
     @property
     def num_image_tokens(self) -> int:
@@ -237,7 +252,9 @@ class VisionLanguageModel(nn.Module):
                                   transform)
         model.llm.causal_lm.tie_weights()  # not tied under init_empty_weights (it re-creates assigned parameters)
         if saved.get("lora"):  # kept adapters: the weights file holds them under peft's names
-            attach_lora(model.llm, LoRAConfig(**saved["lora"]))
+            record = dict(saved["lora"])
+            token_ids = record.pop("trainable_token_indices", [])
+            attach_lora(model.llm, LoRAConfig(**record), token_ids)
         target = torch.device(device) if device is not None else torch.device("cpu")
         if weights.exists():
             tensors = stream_safetensors(weights, dtype=dtype, device=target)
@@ -268,6 +285,57 @@ def template_tokens(config: ArchConfig) -> list[str]:
 
     names = [config.template] + [stage.template for stage in config.stages if stage.template]
     return [token for name in dict.fromkeys(names) for token in get_template(name).special_tokens]
+
+
+def coordinate_token_ids(model) -> list[int]:
+    """The token ids of the box format's grid values when the model writes coordinates as whole tokens (the
+    rows LoRA stages train besides the adapters), else []."""
+    if not getattr(model.config, "coordinate_tokens", False):
+        return []
+    from vlmkit.data.boxes import coordinate_tokens
+
+    vocab = model.tokenizer.get_vocab()
+    return [vocab[t] for t in coordinate_tokens(model.config.box_format) if t in vocab]
+
+
+def add_coordinate_tokens(tokenizer, llm: LanguageModel, box_format: str) -> list[int]:
+    """Add each grid value of `box_format` as one whole text token (kept when answers are decoded) and grow the
+    embeddings. The new rows lie on a smooth curve of the value (sin-cos of the value at 8 frequencies, through
+    a fixed random orthonormal map, at the norm of the existing rows around their mean), so neighbouring
+    coordinates start out similar and the LM head can read a position off a direction; tokens the tokenizer
+    already has (Qwen-VL's single digits) keep their rows."""
+    from vlmkit.data.boxes import coordinate_tokens
+
+    tokens = coordinate_tokens(box_format)
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    if not missing:
+        return []
+    before = len(tokenizer)
+    tokenizer.add_tokens(missing)
+    model = llm.model
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    vocab = tokenizer.get_vocab()
+    new_ids = [vocab[t] for t in missing]
+    values = torch.tensor([tokens.index(t) for t in missing], dtype=torch.float64) / max(1, len(tokens) - 1)
+    tables = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() != tables[0].data_ptr():
+        tables.append(output.weight)
+    with torch.no_grad():
+        for weight in tables:
+            old = weight[:before].double()
+            dim = weight.shape[1]
+            freqs = torch.arange(1, min(8, max(1, dim // 4)) + 1, dtype=torch.float64)
+            angles = torch.pi * values[:, None] * freqs[None]
+            code = torch.cat([angles.cos(), angles.sin()], dim=1)  # (new, 2F), each row of norm sqrt(F)
+            generator = torch.Generator().manual_seed(0)
+            basis = torch.linalg.qr(torch.randn(dim, code.shape[1], generator=generator, dtype=torch.float64))[0]
+            mean = old.mean(0)
+            norm = (old - mean).norm(dim=1).mean()
+            rows = mean + code @ basis.T * (norm / freqs.numel() ** 0.5)
+            weight[new_ids] = rows.to(weight.dtype)
+    return new_ids
 
 
 def load_tokenizer(path):

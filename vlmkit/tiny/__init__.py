@@ -3,7 +3,8 @@
 `resolve("tiny:vision")` / `resolve("tiny:llama")` return a local directory that the presets then load with
 `from_pretrained`, exactly as they would a hub checkpoint. The first call builds what the cache lacks
 (tokenizer -> language model -> vision tower), with progress bars; later calls only look the directory up.
-The data is easy-VQA's **training** split only; no test image or question is ever seen.
+The data is easy-VQA's **training** split only (tiny:scenes-vision, the grounding presets' tower: generated
+scenes of the training split); no test image or question is ever seen.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from vlmkit.io import cache_home
 
 VERSION = "v2"  # v2: the LM corpus is rendered by the shared renderer (vlmkit.data.render)
 PREFIX = "tiny:"
-NAMES = ("tokenizer", "llama", "vision")
+NAMES = ("tokenizer", "llama", "vision", "scenes-vision")
 
 
 def tiny_dir(name: str) -> Path:
@@ -43,5 +44,5 @@ def ensure(name: str, verbose: bool = True) -> Path:
         return path
     if name != "tokenizer":
         ensure("tokenizer", verbose)
-    getattr(build, f"build_{name}")(path, tokenizer_dir=tiny_dir("tokenizer"), verbose=verbose)
+    getattr(build, f"build_{name.replace('-', '_')}")(path, tokenizer_dir=tiny_dir("tokenizer"), verbose=verbose)
     return path

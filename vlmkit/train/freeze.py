@@ -33,9 +33,11 @@ def apply_stage_freezing(model, train: list[str], log=print, lora: LoRAConfig | 
         if name == "llm" and trains and lora is not None and lora.r > 0:
             if has_lora(model.llm):  # resumed mid-stage: the checkpoint carried the adapters
                 for pname, param in module.named_parameters():
-                    param.requires_grad_("lora_" in pname)
+                    param.requires_grad_("lora_" in pname or "trainable_tokens_delta" in pname)
             else:
-                attach_lora(model.llm, lora)
+                from vlmkit.model.vlm import coordinate_token_ids
+
+                attach_lora(model.llm, lora, coordinate_token_ids(model))
             model.llm.train(True)
         counts[name] = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

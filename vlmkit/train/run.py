@@ -166,10 +166,15 @@ def _run_stages(model, config, run_dir, data, selected, first, resume_from, info
         f"{sum(p.numel() for p in model.parameters()):,} parameters")
 
     sharded = info.enabled and config.distributed == "fsdp"  # every rank writes its optimizer shards
+    base_size = model.image_transform.crop[0]  # the preprocessor's: stages without an image_size use it
     for index, stage in enumerate(config.stages):
         if index < first or stage not in selected:
             continue
         phase = time.time()
+        if stage.image_size or base_size != model.image_transform.crop[0]:
+            model.set_image_size(stage.image_size or base_size)
+            log(f"stage {stage.name!r}: images at {model.image_transform.crop[0]} px, {model.vision.num_tokens} vision "
+                f"tokens -> {model.num_image_tokens} image tokens")
         dataset = stage_dataset(model, config, stage, data, verbose=verbose)
         source = dataset.source
         if dataset.skipped.total:
