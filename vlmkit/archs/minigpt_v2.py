@@ -14,6 +14,14 @@ _PRETRAIN = "scenes:caption=2,scenes:grounded_caption=1,scenes:rec=0.5,scenes:re
 _MULTITASK = "scenes:rec=1,scenes:reg=1,scenes:detection=0.5,scenes:vqa=0.25,scenes:grounded_caption=0.5"
 _INSTRUCT = "scenes:vqa=0.25,scenes:rec=0.5,scenes:reg=0.25,scenes:grounded_caption=0.25"
 
+
+
+def at_size(mixture: str, size: int) -> str:
+    """The mixture with every generated-scenes source drawn at `size` pixels (`scenes:rec` -> `scenes:rec:size128`)."""
+    return ",".join(f"{name}:size{size}={weight}" for name, weight in
+                    (item.split("=") for item in mixture.split(",")))
+
+
 PRESET = {
     "name": "minigpt-v2",
     "vision": {"feature_layer": -2, "select": "patch", "pad_to_square": False},

@@ -5,13 +5,20 @@ scale; 2-D sin-cos positions on the queries and, resized to the ViT's grid, on t
 `<ref>phrase</ref><box>(x1,y1),(x2,y2)</box>` on [0, 1000). Three stages: (1) the LLM frozen, the ViT and the
 adapter train on image-text pairs at low resolution; (2) multi-task pretraining, everything trains,
 sequences packed; (3) instruction tuning with the ViT frozen. The paper also raises the ViT's resolution from
-stage 2 on (224 -> 448 px, position embeddings interpolated): not modelled yet, every stage uses the
-preprocessor's size. At the tiny scale the data are generated scenes (vlmkit.data.scenes).
+stage 2 on (224 -> 448 px, position embeddings interpolated): each stage's `image_size`. At the tiny scale the
+data are generated scenes (vlmkit.data.scenes) at 128 px, seen at 64 px in stage 1, and coordinates are whole
+tokens (`coordinate_tokens`).
 """
+from vlmkit.archs.minigpt_v2 import at_size
+
 _PRETRAIN = "scenes:caption=1,scenes:grounded_caption=1"
 _MULTITASK = "scenes:caption=0.25,scenes:grounded_caption=0.5,scenes:rec=1,scenes:reg=1,scenes:detection=0.5," \
              "scenes:vqa=0.25"
 _INSTRUCT = "scenes:vqa=0.25,scenes:rec=0.5,scenes:reg=0.25,scenes:grounded_caption=0.25"
+
+# tiny: REC sampled most (the skill measured), with the rest kept in the mix
+_MULTITASK_TINY = "scenes:caption=0.1,scenes:grounded_caption=0.25,scenes:rec=2,scenes:reg=0.5," \
+                  "scenes:detection=0.25,scenes:vqa=0.5"
 
 PRESET = {
     "name": "qwen-vl",
@@ -21,13 +28,14 @@ PRESET = {
     "box_format": "qwen_vl",
     "answer_prompt": "",
     "stages": [
-        {"name": "pretrain", "train": ["vision", "connector"], "mixture": _PRETRAIN,
+        {"name": "pretrain", "train": ["vision", "connector"], "mixture": _PRETRAIN, "image_size": 224,
          "lr": {"vision": 2e-4, "connector": 2e-4}, "epochs": 1, "batch_size": 256, "warmup_ratio": 0.03,
          "weight_decay": 0.05},
         {"name": "multitask", "train": ["vision", "connector", "llm"], "mixture": _MULTITASK, "pack_to": 2048,
+         "image_size": 448,
          "lr": {"vision": 5e-5, "connector": 5e-5, "llm": 5e-5}, "epochs": 1, "batch_size": 64,
          "warmup_ratio": 0.03, "weight_decay": 0.05},
-        {"name": "instruct", "train": ["connector", "llm"], "mixture": _INSTRUCT,
+        {"name": "instruct", "train": ["connector", "llm"], "mixture": _INSTRUCT, "image_size": 448,
          "lr": {"connector": 1e-5, "llm": 1e-5}, "epochs": 1, "batch_size": 64, "warmup_ratio": 0.03,
          "weight_decay": 0.1},
     ],
@@ -37,16 +45,20 @@ PRESET = {
             "llm": {"name_or_path": "Qwen/Qwen-7B"},
             "max_length": 2048,
         },
-        "tiny": {  # 16 vision tokens (a 4 x 4 grid) resampled to 9 queries (3 x 3)
-            "vision": {"name_or_path": "tiny:vision"},
+        "tiny": {  # the scenes tower: 64 px (4 x 4 grid) in stage 1, then 128 px (8 x 8), resampled to 16 queries
+            "vision": {"name_or_path": "tiny:scenes-vision"},
             "llm": {"name_or_path": "tiny:llama"},
-            "connector": {"num_queries": 9},
+            "connector": {"num_queries": 16},
+            "coordinate_tokens": True,  # 0..999 as whole tokens: the tiny LLM cannot learn to spell them
             "max_length": 512,
             "stages": [
-                {"lr": {"vision": 1e-3, "connector": 2e-3}, "batch_size": 16, "max_steps": 400},
-                {"lr": {"vision": 2e-4, "connector": 1e-3, "llm": 1e-3}, "batch_size": 16, "max_steps": 600,
+                {"mixture": at_size(_PRETRAIN, 128), "image_size": 64, "lr": {"vision": 5e-4, "connector": 2e-3},
+                 "batch_size": 16, "max_steps": 300},
+                {"mixture": at_size(_MULTITASK_TINY, 128), "image_size": 128,
+                 "lr": {"vision": 1e-4, "connector": 2e-3, "llm": 2e-3}, "batch_size": 8, "max_steps": 1500,
                  "pack_to": 512},
-                {"lr": {"connector": 5e-4, "llm": 5e-4}, "batch_size": 16, "max_steps": 300},
+                {"mixture": at_size(_INSTRUCT, 128), "image_size": 128, "lr": {"connector": 5e-4, "llm": 5e-4},
+                 "batch_size": 16, "max_steps": 1000},
             ],
         },
     },
