@@ -26,13 +26,13 @@ def test_coordinates_are_whole_tokens_with_smooth_rows_and_survive_decoding(make
     assert pieces[-6:] == ["{", "<1>", "<2>", "<3>", "<4>", "}"]
     assert decode_answer(model, ids) == text
     coords = coordinate_token_ids(model)
-    assert len(coords) == 101 and make_model("minigpt-v2").tokenizer.get_vocab().get("<50>") is None
+    assert len(coords) == 101 and make_model("minigpt-v2", coordinate_tokens=False).tokenizer.get_vocab().get("<50>") is None
     rows = torch.nn.functional.normalize(model.llm.causal_lm.get_input_embeddings().weight[coords].detach(), dim=-1)
     similarity = rows @ rows.T
     near = torch.diagonal(similarity, 1).mean()  # value v against v + 1
     far = similarity[torch.arange(50), torch.arange(50) + 50].mean()  # v against v + 50
     assert near > 0.9 and far < near - 0.3
-    assert coordinate_token_ids(make_model("minigpt-v2")) == []
+    assert coordinate_token_ids(make_model("minigpt-v2", coordinate_tokens=False)) == []
 
 
 def test_qwen_vl_numbers_become_coordinate_tokens(make_model):
@@ -110,3 +110,26 @@ def test_scenes_vision_tower_is_built_and_loads(tmp_path, monkeypatch):
     assert ImageTransform.from_pretrained(tmp_path / "tower").crop == (128, 128)
     tower = load_vision_tower(str(tmp_path / "tower"))
     assert tower(pixel_values=torch.zeros(1, 3, 128, 128)).last_hidden_state.shape[-2:] == (8, 8)
+
+
+def test_kept_adapters_with_trained_coordinate_rows_reload_the_same(make_model, tmp_path):
+    from vlmkit.config import LoRAConfig
+    from vlmkit.llm.lora import attach_lora, has_lora
+    from vlmkit.model.vlm import VisionLanguageModel, coordinate_token_ids
+
+    torch.manual_seed(3)
+    model = make_model("minigpt-v2", coordinate_tokens=True)
+    coords = coordinate_token_ids(model)
+    attach_lora(model.llm, LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], save="adapter"),
+                coords)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                parameter.normal_(std=0.5)  # adapters and rows that change the logits
+    model.save_pretrained(tmp_path / "model")
+    loaded = VisionLanguageModel.from_pretrained(tmp_path / "model")
+    assert has_lora(loaded.llm) and loaded.llm.lora_token_ids == coords
+    ids = torch.tensor([[model.tokenizer.bos_token_id, coords[5], coords[60], 7]])
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids)[1], loaded(input_ids=ids)[1], atol=1e-5)

@@ -58,10 +58,15 @@ def test_minigpt_v2_trains_through_its_three_stages_and_chats(backbones, home, t
 
     mixture = "scenes:caption:n40=1,scenes:rec:n40=1,scenes:vqa:n40=0.2"
     run = tmp_path / "run"
-    assert main(staged_train_args("minigpt-v2", run, backbones, mixture, "--vision.feature-layer", "-2")) == 0
+    # the paper's LoRA (q_proj, v_proj) in the middle stage, the tiny scale's full training around it
+    assert main(staged_train_args("minigpt-v2", run, backbones, mixture, "--vision.feature-layer", "-2",
+                                  "--multitask.lora.r", "4", "--multitask.lora.alpha", "8")) == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1-pretrain", "2-multitask", "3-instruct"]
+    out = capsys.readouterr().out
+    assert out.count("(LoRA r=4)") == 1
     model = VisionLanguageModel.from_pretrained(run / "model")
     assert model.config.connector.type == "concat4" and model.num_image_tokens == 16 // 4
+    assert model.config.coordinate_tokens and "<100>" in model.tokenizer.get_vocab()
     assert model.config.template == "llama2" and model.config.box_format == "minigpt_v2"
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [e["stage"] for e in log] == ["pretrain"] * 2 + ["multitask"] * 2 + ["instruct"] * 2

@@ -80,10 +80,24 @@ def _token_rows(model, token_ids: list[int]):
     shared rows), else the same rows of both, by module name (an untied head's new rows must train too, or the
     model can read the new tokens but never write them)."""
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head is None or head.weight.data_ptr() == embeddings.weight.data_ptr():
+    if head is None or head.weight is embeddings.weight:  # identity, not storage: meta tensors have none
         return token_ids
     names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
     return {names[id(embeddings)]: token_ids, names[id(head)]: token_ids}
+
+
+def restore_token_originals(model) -> None:
+    """peft keeps a copy of each trainable-token row's original value (`trainable_tokens_original`, used to unmerge)
+    in a non-persistent buffer: a model built on the meta device and then loaded has none, so take it again
+    from the loaded base rows."""
+    for module in model.modules():
+        originals, indices = getattr(module, "trainable_tokens_original", None), getattr(module, "token_indices", None)
+        base = getattr(module, "base_layer", None)
+        if originals is None or not indices or base is None or getattr(module, "tied_adapter", None) is not None:
+            continue
+        for adapter, ids in indices.items():
+            if adapter in originals and originals[adapter].is_meta:
+                originals[adapter] = base.weight.detach()[torch.tensor(ids, device=base.weight.device)].clone()
 
 
 def merge_lora(llm) -> None:

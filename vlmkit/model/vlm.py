@@ -24,7 +24,8 @@ from vlmkit.encoders import VisionEncoder, load_vision_tower
 from vlmkit.errors import BadRecord, ConfigError
 from vlmkit.io import atomic_dir
 from vlmkit.llm import LanguageModel
-from vlmkit.llm.lora import ADAPTER_DIR, attach_lora, has_lora, lora_record, quantization_config
+from vlmkit.llm.lora import (ADAPTER_DIR, attach_lora, has_lora, lora_record, quantization_config,
+                              restore_token_originals)
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -263,6 +264,8 @@ class VisionLanguageModel(nn.Module):
             tensors = ((k, v.to(device=target, dtype=dtype if dtype is not None and v.is_floating_point() else None))
                        for k, v in state.items())
         load_into(model.as_tensor_module(), tensors, source=str(weights if weights.exists() else directory))
+        if has_lora(model.llm):
+            restore_token_originals(model.llm.model)
         model.to(target)  # the buffers made at init (parameters are there already)
         model.eval()
         return model
@@ -320,7 +323,7 @@ def add_coordinate_tokens(tokenizer, llm: LanguageModel, box_format: str) -> lis
     values = torch.tensor([tokens.index(t) for t in missing], dtype=torch.float64) / max(1, len(tokens) - 1)
     tables = [model.get_input_embeddings().weight]
     output = model.get_output_embeddings()
-    if output is not None and output.weight.data_ptr() != tables[0].data_ptr():
+    if output is not None and output.weight is not tables[0]:
         tables.append(output.weight)
     with torch.no_grad():
         for weight in tables:
