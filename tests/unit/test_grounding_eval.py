@@ -122,7 +122,7 @@ def test_default_source_follows_the_training_scenes_and_json_renders_like_the_so
     from vlmkit.data.sources import Source, source_records
 
     config = from_name("minigpt-v2")
-    assert G.default_source(config, "rec") == "scenes:rec:test:n1000:size64:shapes3:seed0"
+    assert G.default_source(config, "rec") == "scenes:rec:test:n1000:size128:shapes3:seed0"  # the tiny mixtures' size
     small = from_name("minigpt-v2", stages=[{"mixture": "scenes:rec:shapes1:size96=1"}] * 3)
     assert G.default_source(small, "rec") == "scenes:rec:test:n1000:size96:shapes1:seed0"
     assert G.default_source(small, "vqa") == "scenes:vqa:test:n1000:size64:shapes3:seed0"  # never trained: defaults
@@ -191,6 +191,7 @@ def test_eval_task_and_chat_draw_on_a_tiny_minigpt_v2(backbones, home, tmp_path,
     assert main(["chat", str(run), "--image", image, "--max-new-tokens", "8", "--draw", str(tmp_path / "a.png"),
                  "[refer] give me the location of the circle"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.strip() != "" and (tmp_path / "a.png").exists()
-    assert "box" in captured.err and str(tmp_path / "a.png") in captured.err
+    assert (tmp_path / "a.png").exists() and str(tmp_path / "a.png") in captured.err
+    # an untrained model may answer with no box (or nothing): the message says which, the image is written either way
+    assert ("drew " in captured.err) != ("no box drawn" in captured.err)
     assert main(["chat", str(run), "--draw", str(tmp_path / "b.png"), "where?"]) == 2  # --draw needs --image
