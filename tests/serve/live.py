@@ -66,7 +66,7 @@ def reference(model, question: str, uri: str, max_new_tokens: int = 24):
     """What the library itself answers (tokens, text, prompt length) for one image and question."""
     from vlmkit.data.render import render_conversation
     from vlmkit.data.templates import get_template
-    from vlmkit.infer.generate import GenerationConfig, generate
+    from vlmkit.infer.generate import GenerationConfig, decode_text, generate
 
     image = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB")
     ids = render_conversation([{"role": "user", "content": f"<image>\n{question}"}], get_template(model.config.template),
@@ -74,4 +74,4 @@ def reference(model, question: str, uri: str, max_new_tokens: int = 24):
                               add_generation_prompt=True).input_ids
     tokens = generate(model, [ids], [1], pixel_values=model.image_transform(image)[None],
                       config=GenerationConfig(max_new_tokens=max_new_tokens))[0]
-    return tokens, model.tokenizer.decode(tokens, skip_special_tokens=True).strip(), len(ids)
+    return tokens, decode_text(model.tokenizer, tokens).strip(), len(ids)

@@ -100,6 +100,14 @@ def test_qwen_vl_trains_through_its_stages_packed_and_numbers_its_images(backbon
                                    num_image_tokens=model.num_image_tokens)
     text = model.tokenizer.decode(rendered.input_ids)
     assert "Picture 1: <img>" in text and "Picture 2: <img>" in text and text.count("</img>") == 2
+    # the answer's <ref>/<box> are special tokens of this tokenizer: decoding keeps them, drops the turn's end
+    from vlmkit.infer.generate import decode_answer
+
+    answer = "<ref>the red circle</ref><box>(100,200),(300,400)</box>"
+    ids = model.tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
+    assert model.tokenizer.convert_tokens_to_ids("<box>") in ids and model.tokenizer.eos_token_id is not None
+    assert decode_answer(model, [*ids, model.tokenizer.eos_token_id]) == answer
+    assert boxes.parse_boxes("qwen_vl", decode_answer(model, ids), (128, 128)).ok
     image = next((tmp_path / "home" / "scenes").rglob("*.png"))
     capsys.readouterr()
     assert main(["chat", str(run), "--image", str(image), "--max-new-tokens", "6", "where is the circle?"]) == 0

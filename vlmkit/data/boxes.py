@@ -39,6 +39,9 @@ from numbers import Integral, Real
 from vlmkit.errors import ConfigError, VlmkitError
 
 FORMATS = ("minigpt_v2", "qwen_vl", "cogvlm")
+# what the formats write around phrases and boxes: where a tokenizer holds one as a special token (Qwen-VL's
+# <ref> and <box> are), decoding an answer keeps it (vlmkit.infer.generate.decode_text)
+MARKUP_TOKENS = ("<p>", "</p>", "<delim>", "<ref>", "</ref>", "<box>", "</box>")
 
 
 class BoxError(VlmkitError, ValueError):

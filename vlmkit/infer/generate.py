@@ -41,9 +41,32 @@ def model_stop(model):
     return cached[1]
 
 
+def _control_ids(tokenizer) -> frozenset[int]:
+    """Ids of the tokenizer's special tokens that are not answer text: all of them but the box markup."""
+    cached = getattr(tokenizer, "_vlmkit_control_ids", None)
+    if cached is not None and cached[0] == len(tokenizer):
+        return cached[1]
+    from vlmkit.data.boxes import MARKUP_TOKENS
+
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
+    vocab = tokenizer.get_vocab()
+    ids = frozenset(special - {vocab[t] for t in MARKUP_TOKENS if t in vocab})
+    tokenizer._vlmkit_control_ids = (len(tokenizer), ids)
+    return ids
+
+
+def decode_text(tokenizer, tokens: list[int]) -> str:
+    """Generated tokens as text: the control tokens (BOS, EOS, padding, the image placeholder, a template's turn
+    markers) dropped, the special tokens an answer is made of kept (Qwen-VL's <ref>…</ref><box>…</box>: with
+    `skip_special_tokens=True` its boxes would lose their tags and parse as nothing)."""
+    control = _control_ids(tokenizer)
+    return tokenizer.decode([t for t in tokens if t not in control], skip_special_tokens=False)
+
+
 def decode_answer(model, tokens: list[int]) -> str:
-    """The text of generated tokens, without special tokens, a stop string or what follows it."""
-    return model_stop(model).cut(model.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
+    """The text of generated tokens (decode_text), without a stop string or what follows it."""
+    return model_stop(model).cut(decode_text(model.tokenizer, tokens)).strip()
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +254,7 @@ class Decoder:
             if (row.on_token is not None and row.on_token(token)) or len(row.tokens) >= row.config.max_new_tokens:
                 row.finished = True
             elif self.stop_strings:
-                tail = self.model.tokenizer.decode(row.tokens[-self._tail:], skip_special_tokens=True)
+                tail = decode_text(self.model.tokenizer, row.tokens[-self._tail:])
                 row.finished = any(stop in tail for stop in self.stop_strings)
 
 

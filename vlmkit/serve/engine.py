@@ -30,7 +30,7 @@ import torch
 from vlmkit.data.images import decode_image
 from vlmkit.errors import BadRecord
 from vlmkit.infer.chat import render_prompt
-from vlmkit.infer.generate import Decoder, GenerationConfig, Row, model_stop
+from vlmkit.infer.generate import Decoder, GenerationConfig, Row, decode_text, model_stop
 from vlmkit.serve.protocol import ApiError, ChatRequest, ImageRef, ServeSettings
 
 log = logging.getLogger("vlmkit.serve")
@@ -310,7 +310,7 @@ class Job:
         return len(self.input_ids)
 
     def _text(self) -> str:
-        return self._tokenizer.decode(self.tokens, skip_special_tokens=True)
+        return decode_text(self._tokenizer, self.tokens)
 
     def push(self, token: int) -> bool:
         """Take one generated token, emit the text that is now certain; True when the job needs no more."""
