@@ -133,3 +133,13 @@ def test_kept_adapters_with_trained_coordinate_rows_reload_the_same(make_model, 
     model.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids)[1], loaded(input_ids=ids)[1], atol=1e-5)
+
+
+def test_the_demo_builds_only_the_tiny_backbones_its_preset_names():
+    from vlmkit.config import from_name
+    from vlmkit.tiny import used_by
+
+    assert used_by(from_name("llava-1.5")) == ["tokenizer", "llama", "vision"]  # not the scenes tower
+    assert used_by(from_name("minigpt-v2")) == ["tokenizer", "llama", "scenes-vision"]
+    assert used_by(from_name("llava-1.5", llm={"name_or_path": "/some/hf/llm"})) == ["tokenizer", "vision"]
+    assert used_by(from_name("llava-1.5", scale="paper")) == []

@@ -36,6 +36,12 @@ def resolve(name_or_path: str, verbose: bool = True) -> str:
     return str(tiny_dir(name))
 
 
+def used_by(config) -> list[str]:
+    """The tiny backbones a config names (LLM, then vision tower), after the tokenizer they share; [] if none."""
+    used = [n[len(PREFIX):] for n in (config.llm.name_or_path, config.vision.name_or_path) if is_tiny(n)]
+    return list(dict.fromkeys(["tokenizer", *used])) if used else []
+
+
 def ensure(name: str, verbose: bool = True) -> Path:
     from vlmkit.tiny import build
 
