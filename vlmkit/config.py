@@ -26,7 +26,9 @@ class VisionConfig:
                               "(CLIPModel/CLIPVisionModel, SigLIP, ConvNeXt, ResNet).", default="tiny:vision")
     feature_layer: int | list[int] = _help("Which hidden state the features come from (-2 = penultimate layer); a "
                                            "list of layers concatenates their features.", default=-2)
-    select: str = _help("'patch' drops the CLS token, 'cls_patch' keeps it.", default="patch")
+    select: str = _help("'patch' drops the CLS token, 'cls_patch' keeps it, 'patch_mean' adds one token after the "
+                        "patches: their mean (a whole-image summary that a small LLM finds in one place).",
+                        default="patch")
     pad_to_square: bool = _help("Pad images to a square with the mean colour before resizing "
                                 "(LLaVA-1.5's 'pad' aspect mode).", default=False)
 

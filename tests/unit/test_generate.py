@@ -77,3 +77,43 @@ def test_rows_joining_and_leaving_mid_generation_get_their_solo_tokens(make_mode
             assert all(layer.keys.shape[2] == width for layer in decoder.cache.layers)
     assert [row.tokens for row in rows] == alone
     assert left == [rows[1], rows[2], rows[0]]  # they left in order of their budgets
+
+
+def test_shared_prefix_prefill_equals_whole_prompts(make_model):
+    """Decoder.add_with_prefix (the prompt up to the image run once per image, each question continuing from
+    it) gives the same first-step logits' argmax chain as prefilling every whole prompt; random weights, so
+    the 12 tokens each depend on everything before them."""
+    from vlmkit.eval.vqa import _prefix_end
+
+    torch.manual_seed(0)
+    model = make_model().eval()
+    questions = ["what color is the shape?", "is there not a blue shape in the image?", "what?", "circle?"]
+    ids = prompts(model, questions)
+    cut = _prefix_end(ids[0], model.image_token_id)
+    assert all(i[:cut] == ids[0][:cut] for i in ids) and cut < min(map(len, ids))
+    pixels = torch.randn(2, 3, 32, 32)
+    owners = [0, 1, 1, 0]  # two images, questions interleaved
+    config = GenerationConfig(max_new_tokens=12)
+    whole = generate(model, ids, [1] * 4, pixel_values=pixels[owners], config=config, stop_ids=set())
+    shared = generate(model, [i[cut:] for i in ids], pixel_values=pixels, config=config, stop_ids=set(),
+                      prefix=(torch.tensor([ids[0][:cut]] * 2), owners))
+    assert shared == whole
+    assert len({tuple(t) for t in whole}) > 1
+
+
+def test_eval_batches_questions_by_image_and_answers_as_without_sharing(make_model, image_files):
+    from vlmkit.data.sources import DataSpec, build_dataset
+    from vlmkit.eval.vqa import _shared_prefix_batches, generate_answers
+
+    model = make_model().eval()
+    records = [{"id": f"q{i}", "image": image_files[i % 3], "conversations": [
+        {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": "x"}]}
+        for i, q in enumerate(["what color?", "is it red?", "a shape?", "is there not a circle?", "which?", "why"])]
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "x"}]})
+    dataset = build_dataset(model, records, "mem", model.config.template, DataSpec(instructions="mem"), mode="prompt",
+                            verbose=False)
+    batches, rest = _shared_prefix_batches(dataset, model.image_token_id, batch_size=4)
+    assert rest == [6]  # the text-only record takes the plain path
+    assert [[members for _, members in images] for _, images in batches] == [[[0, 3], [1, 4]], [[2, 5]]]
+    assert generate_answers(model, dataset, batch_size=4, verbose=False) == \
+        generate_answers(model, dataset, batch_size=4, verbose=False, share_prefix=False)

@@ -67,6 +67,23 @@ def test_vision_features_follow_the_feature_layer(make_model):
     torch.testing.assert_close(model.encode_images(pixels), hidden[-2])
 
 
+@pytest.mark.parametrize("vision", ["clip", "resnet"])
+def test_patch_mean_adds_the_mean_of_the_patches_as_a_last_token(backbones, vision):
+    from vlmkit.config import from_name
+
+    def build(select):
+        config = from_name("llava-1.5", scale="tiny", vision={"name_or_path": backbones[vision], "select": select},
+                           llm={"name_or_path": backbones["llm"]})
+        return VisionLanguageModel.from_config(config, verbose=False)
+    plain, pooled = build("patch"), build("patch_mean")
+    pixels = torch.randn(2, 3, 32, 32)
+    patches, features = plain.encode_images(pixels), pooled.encode_images(pixels)
+    assert features.shape == (2, patches.shape[1] + 1, patches.shape[2])
+    assert pooled.num_image_tokens == plain.num_image_tokens + 1 == features.shape[1]
+    torch.testing.assert_close(features[:, :-1], patches)
+    torch.testing.assert_close(features[:, -1], patches.mean(1))
+
+
 def test_save_load_round_trip_is_bit_exact(make_model, tmp_path):
     model = make_model()
     with torch.no_grad():

@@ -152,6 +152,9 @@ def check_exportable(model) -> str:
         raise ConfigError(f"vision tower {tower_type!r} cannot be written in Hugging Face's LLaVA format: it selects "
                           "ViT hidden states (B, tokens, dim); a convolutional tower's (B, C, H, W) maps would need "
                           "vlmkit's flattening")
+    if model.config.vision.select == "patch_mean":
+        raise ConfigError("vision.select='patch_mean' adds a mean-pooled image token that Hugging Face's LLaVA "
+                          "format has no field for (its strategies are 'default' and 'full')")
     return "default" if model.vision.has_cls and model.config.vision.select == "patch" else "full"
 
 

@@ -41,6 +41,9 @@ def load_vision_tower(path: str | None, hf_config: dict | None = None, **kwargs)
     return model
 
 
+SELECTIONS = ("patch", "cls_patch", "patch_mean")
+
+
 class VisionEncoder(nn.Module):
     def __init__(self, tower: nn.Module, config: VisionConfig, image_size: int | None = None):
         super().__init__()
@@ -49,8 +52,8 @@ class VisionEncoder(nn.Module):
         self._image_size = image_size  # the preprocessor's crop size; towers without a fixed size need it
         hf = tower.config
         self.has_cls = hf.model_type in ("clip_vision_model", "vit", "dinov2")
-        if config.select not in ("patch", "cls_patch"):
-            raise ConfigError(f"vision.select must be 'patch' or 'cls_patch', not {config.select!r}")
+        if config.select not in SELECTIONS:
+            raise ConfigError(f"vision.select must be one of {', '.join(map(repr, SELECTIONS))}, not {config.select!r}")
         if config.select == "cls_patch" and not self.has_cls:
             raise ConfigError(f"{hf.model_type} has no CLS token; use vision.select='patch'")
         self.num_tokens, self.hidden_size = self._probe()
@@ -81,7 +84,8 @@ class VisionEncoder(nn.Module):
         hf = self.tower.config
         if hasattr(hf, "patch_size") and hasattr(hf, "image_size") and hasattr(hf, "hidden_size"):
             side = (self._image_size or hf.image_size) // hf.patch_size
-            return (side * side + (1 if self.has_cls and self.config.select == "cls_patch" else 0),
+            extra = (self.has_cls and self.config.select == "cls_patch") + (self.config.select == "patch_mean")
+            return (side * side + extra,
                     hf.hidden_size * len(self.feature_layers))
         channels = getattr(hf, "num_channels", 3)
         if any(p.is_meta for p in self.tower.parameters()):  # built empty, to be loaded: measure shapes on meta
@@ -147,7 +151,9 @@ class VisionEncoder(nn.Module):
             features = hidden_states[layer]
             if features.dim() == 4:  # (B, C, H, W) -> (B, H*W, C)
                 features = features.flatten(2).transpose(1, 2)
-            elif self.has_cls and self.config.select == "patch":
+            elif self.has_cls and self.config.select in ("patch", "patch_mean"):
                 features = features[:, 1:]
+            if self.config.select == "patch_mean":  # one more token: the mean of the patch tokens, last
+                features = torch.cat([features, features.mean(dim=1, keepdim=True)], dim=1)
             selected.append(features)
         return selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)

@@ -29,20 +29,65 @@ def normalise_answer(text: str) -> str:
     return " ".join(words)
 
 
+def _prefix_end(input_ids: list[int], image_token_id: int) -> int:
+    """Where a one-image prompt's shared start ends: just after its image's last placeholder token."""
+    ids = list(input_ids)
+    return len(ids) - ids[::-1].index(image_token_id) if image_token_id in ids else 0
+
+
+def _shared_prefix_batches(dataset, image_token_id: int, batch_size: int) -> tuple[list, list[int]]:
+    """Batches of the one-image examples, whole images at a time: (prefix ids, [(image index, [example indices])])
+    per batch, where every example of the batch starts with those ids; and the examples left for plain batches."""
+    groups: dict[tuple, list[int]] = {}
+    rest = []
+    for i in range(len(dataset)):
+        example = dataset[i]
+        cut = _prefix_end(example.input_ids, image_token_id) if len(example.image_indices) == 1 else 0
+        if not 0 < cut < len(example.input_ids):
+            rest.append(i)
+            continue
+        groups.setdefault((tuple(int(t) for t in example.input_ids[:cut]), int(example.image_indices[0])),
+                          []).append(i)
+    batches, current, rows = [], None, 0
+    for (prefix, image), members in sorted(groups.items(), key=lambda item: (len(item[0][0]), item[0])):
+        if current is None or current[0] != prefix or rows + len(members) > batch_size and rows:
+            current, rows = (prefix, []), 0
+            batches.append(current)
+        current[1].append((image, members))
+        rows += len(members)
+    return batches, rest
+
+
 @torch.no_grad()
 def generate_answers(model, dataset, batch_size: int = 128, max_new_tokens: int = 8, verbose: bool = True,
-                     feature_cache_gb: float = 4.0, workers: int = 0) -> list[str]:
+                     feature_cache_gb: float = 4.0, workers: int = 0, share_prefix: bool = True) -> list[str]:
     """Greedy answers to every example of a prompt-mode ConversationDataset (stopped by the template's stop),
-    in dataset order. Frozen-encoder features are computed once per image; prompts are sorted by length and
-    batched with left padding."""
+    in dataset order. Frozen-encoder features are computed once per image. With `share_prefix` (and cached
+    features), the questions about one image are batched together and the prompt up to the image's last token
+    (system text, image) runs once per image (`Decoder.add_with_prefix`); other prompts are sorted by length
+    and batched with left padding."""
     model.eval()
     features = cache_features(model, dataset, feature_cache_gb, workers, verbose=verbose)
-    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i].input_ids))
     predictions = [None] * len(dataset)
     config = GenerationConfig(max_new_tokens=max_new_tokens)
-    for start_index in tqdm(range(0, len(order), batch_size), desc="evaluating", disable=not verbose,
-                            mininterval=1.0):
-        indices = order[start_index:start_index + batch_size]
+    shared, rest = (_shared_prefix_batches(dataset, model.image_token_id, batch_size)
+                    if share_prefix and features is not None else ([], list(range(len(dataset)))))
+    order = sorted(rest, key=lambda i: len(dataset[i].input_ids))
+    plain = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    bar = tqdm(total=len(shared) + len(plain), desc="evaluating", disable=not verbose, mininterval=1.0)
+    for prefix, images in shared:
+        owners, indices = [], []
+        for owner, (_, members) in enumerate(images):
+            owners += [owner] * len(members)
+            indices += members
+        cut = len(prefix)
+        outputs = generate(model, [list(dataset[i].input_ids[cut:]) for i in indices], config=config,
+                           vision_features=features[torch.tensor([image for image, _ in images])],
+                           prefix=(torch.tensor([prefix] * len(images), dtype=torch.long), owners))
+        for i, tokens in zip(indices, outputs):
+            predictions[i] = decode_answer(model, tokens)
+        bar.update(1)
+    for indices in plain:
         examples = [dataset[i] for i in indices]
         image_indices = torch.tensor([j for e in examples for j in e.image_indices], dtype=torch.long)
         images = dict(vision_features=features[image_indices]) if features is not None else \
@@ -52,6 +97,8 @@ def generate_answers(model, dataset, batch_size: int = 128, max_new_tokens: int 
                            **(images if len(image_indices) else {}))
         for i, tokens in zip(indices, outputs):
             predictions[i] = decode_answer(model, tokens)
+        bar.update(1)
+    bar.close()
     return predictions
 
 

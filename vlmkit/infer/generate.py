@@ -191,6 +191,40 @@ class Decoder:
         self._take(rows, pending)
 
     @torch.no_grad()
+    def add_with_prefix(self, prefix_ids: torch.Tensor, owners: list[int], suffixes: list[list[int]], rows: list[Row],
+                        pixel_values=None, vision_features=None) -> None:
+        """Start the batch from shared prefixes: `prefix_ids` (P, L) are prompts' common starts, each ending in
+        one image (e.g. system text + the image's tokens), run once each; row i continues prefix `owners[i]`
+        with `suffixes[i]` (its question, no image). Evaluation asks ~10 questions per image, so this runs the
+        long shared part once per image instead of once per question; the result is the same as `add` on the
+        whole prompts (same positions and mask; the suffixes' left padding sits between prefix and suffix)."""
+        if self.rows or not self.use_cache:
+            raise RuntimeError("add_with_prefix starts a fresh batch with a KV cache")
+        model, device = self.model, self.model.device
+        prefix_ids = prefix_ids.to(device)
+        embeds, _ = model.embed(prefix_ids, [1] * len(prefix_ids), pixel_values, vision_features)
+        length = prefix_ids.shape[1]
+        ones = torch.ones_like(prefix_ids)
+        _, cache = model.llm(embeds, attention_mask=ones, position_ids=ones.cumsum(-1) - 1, use_cache=True,
+                             logits_to_keep=1)
+        layers = _dynamic_layers(cache)
+        if layers is None:
+            raise RuntimeError("add_with_prefix needs a plain dynamic KV cache")
+        index = torch.tensor(owners, dtype=torch.long, device=device)
+        for layer in layers:
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+        suffix_ids, suffix_mask = left_pad(suffixes, model.tokenizer.pad_token_id)
+        suffix_ids, suffix_mask = suffix_ids.to(device), suffix_mask.to(device)
+        mask = torch.cat([ones[index], suffix_mask], dim=1)
+        positions = length + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = model.llm(model.llm.embed(suffix_ids), attention_mask=mask, position_ids=positions,
+                                  past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.cache, self.mask, self.last = cache, mask, positions[:, -1]
+        self.pending = self._sample(logits[:, -1], rows)
+        self.rows = list(rows)
+        self._take(rows, self.pending)
+
+    @torch.no_grad()
     def step(self) -> None:
         """Feed every row's pending token and sample the next one."""
         model = self.model
@@ -262,8 +296,13 @@ class Decoder:
 def generate(model, prompts: list[list[int]], image_counts: list[int] | None = None, pixel_values=None,
              vision_features=None, config: GenerationConfig | None = None, stop_ids: set[int] | None = None,
              record_ids=None, stop_strings: tuple[str, ...] | None = None, row_configs: list[GenerationConfig] | None = None,
-             on_token: Callable[[int, int], bool] | None = None) -> list[list[int]]:
+             on_token: Callable[[int, int], bool] | None = None,
+             prefix: tuple[torch.Tensor, list[int]] | None = None) -> list[list[int]]:
     """Generate continuations for token-id prompts; returns the new tokens of each (stop token excluded).
+
+    With `prefix` = (prefix_ids, owners), prompt i is `prefix_ids[owners[i]]` followed by `prompts[i]`, and the
+    images (`pixel_values` / `vision_features`, one per prefix row) belong to the prefixes
+    (`Decoder.add_with_prefix`).
 
     `row_configs` (one per prompt) overrides `config`'s budget and sampling per row; `use_cache` is taken
     from `config`. `on_token(row, token)` is called for every kept token; a True return finishes the row.
@@ -280,7 +319,11 @@ def generate(model, prompts: list[list[int]], image_counts: list[int] | None = N
         rows.append(Row(own, generator, callback, finished=own.max_new_tokens <= 0))
     decoder = Decoder(model, stop_ids, config.use_cache,
                       stop_strings=() if stop_ids is not None and stop_strings is None else stop_strings)
-    decoder.add(prompts, rows, image_counts, pixel_values, vision_features, record_ids)
+    if prefix is not None:
+        prefix_ids, owners = prefix
+        decoder.add_with_prefix(prefix_ids, owners, prompts, rows, pixel_values, vision_features)
+    else:
+        decoder.add(prompts, rows, image_counts, pixel_values, vision_features, record_ids)
     while not all(row.finished for row in rows):
         decoder.step()
     return [row.tokens for row in rows]
