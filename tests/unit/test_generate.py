@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from vlmkit.data.render import render_conversation
@@ -117,3 +118,39 @@ def test_eval_batches_questions_by_image_and_answers_as_without_sharing(make_mod
     assert [[members for _, members in images] for _, images in batches] == [[[0, 3], [1, 4]], [[2, 5]]]
     assert generate_answers(model, dataset, batch_size=4, verbose=False) == \
         generate_answers(model, dataset, batch_size=4, verbose=False, share_prefix=False)
+
+
+@pytest.mark.parametrize("family,template", [("llama", "vicuna_v1"), ("qwen2", "chatml"), ("mistral", "llama2")])
+def test_shared_prefix_eval_holds_for_real_families(backbones, image_files, tmp_path, family, template):
+    """The per-image shared prefix with the Llama (SentencePiece) and Qwen2 (ChatML) tokenizers, and a Mistral
+    LM (its cache has sliding-window layers): the same answers as whole prompts."""
+    from families import save_family_llm
+    from vlmkit.config import from_name
+    from vlmkit.data.sources import DataSpec, build_dataset
+    from vlmkit.eval.vqa import generate_answers
+    from vlmkit.model.vlm import VisionLanguageModel
+
+    if family == "mistral":
+        from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(backbones["tokenizer"])
+        torch.manual_seed(0)
+        MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         sliding_window=256, pad_token_id=tokenizer.pad_token_id,
+                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                           ).save_pretrained(tmp_path / "llm")
+        tokenizer.save_pretrained(tmp_path / "llm")
+        llm = str(tmp_path / "llm")
+    else:
+        llm = save_family_llm(family, tmp_path / "llm")
+    config = from_name("llava-1.5", scale="tiny", vision={"name_or_path": backbones["clip"]},
+                       llm={"name_or_path": llm}, template=template)
+    model = VisionLanguageModel.from_config(config, verbose=False).eval()
+    records = [{"id": f"q{i}", "image": image_files[i % 2], "conversations": [
+        {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": "x"}]}
+        for i, q in enumerate(["what color is the shape?", "is there a red shape?", "a circle?", "is it not blue?"])]
+    dataset = build_dataset(model, records, "mem", model.config.template, DataSpec(instructions="mem"), mode="prompt",
+                            verbose=False)
+    shared = generate_answers(model, dataset, verbose=False, max_new_tokens=6)
+    assert shared == generate_answers(model, dataset, verbose=False, max_new_tokens=6, share_prefix=False)

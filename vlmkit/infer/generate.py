@@ -207,12 +207,8 @@ class Decoder:
         ones = torch.ones_like(prefix_ids)
         _, cache = model.llm(embeds, attention_mask=ones, position_ids=ones.cumsum(-1) - 1, use_cache=True,
                              logits_to_keep=1)
-        layers = _dynamic_layers(cache)
-        if layers is None:
-            raise RuntimeError("add_with_prefix needs a plain dynamic KV cache")
         index = torch.tensor(owners, dtype=torch.long, device=device)
-        for layer in layers:
-            layer.keys, layer.values = layer.keys[index], layer.values[index]
+        cache.batch_select_indices(index)  # each row its prefix's keys and values (any cache layout)
         suffix_ids, suffix_mask = left_pad(suffixes, model.tokenizer.pad_token_id)
         suffix_ids, suffix_mask = suffix_ids.to(device), suffix_mask.to(device)
         mask = torch.cat([ones[index], suffix_mask], dim=1)
