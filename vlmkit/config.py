@@ -93,6 +93,9 @@ class StageConfig:
                            "multi-turn record).", default=0)
     epochs: float = _help("Passes over the stage's data (fractions allowed).", default=1.0)
     max_steps: int = _help("Stop after this many optimiser steps (0 = use epochs).", default=0)
+    min_steps: int = _help("A floor on optimiser steps when epochs size the stage: a small data set gets more "
+                           "passes instead of a schedule too short to learn (0 = no floor; ignored with max_steps).",
+                           default=0)
     batch_size: int = _help("Records per micro-batch.", default=32)
     grad_accum: int = _help("Micro-batches per optimiser step.", default=1)
     warmup_ratio: float = _help("Fraction of steps spent in linear warm-up before the cosine decay.", default=0.03)

@@ -88,6 +88,14 @@ class SkipReport:
         return f"skipped {self.total} bad records ({parts})"
 
 
+def _turn_pairs(record: dict) -> list[tuple[str, str]]:
+    """(question, answer) of each user turn followed by an assistant turn, the image placeholder removed and
+    whitespace collapsed (the record has already been validated)."""
+    messages = normalise_messages(record["conversations"], record.get("id", "?"))
+    return [(" ".join(q["content"].replace(IMAGE_TOKEN, " ").split()), a["content"].strip())
+            for q, a in zip(messages, messages[1:]) if q["role"] == "user" and a["role"] == "assistant"]
+
+
 class ConversationDataset(Dataset):
     """Rendered conversations with their images.
 
@@ -103,6 +111,8 @@ class ConversationDataset(Dataset):
         self.examples: list[Example] = []
         self.images: list[str] = []
         self.image_owners: list[str] = []  # the first record that uses each image, for error messages
+        # (image index, question, answer) of each turn of a one-image record: what the frozen-feature probe reads
+        self.question_answers: list[tuple[int, str, str]] = []
         self.transform = transform
         self.skipped = SkipReport()
         self.source = source
@@ -129,6 +139,8 @@ class ConversationDataset(Dataset):
                     self.image_owners.append(str(record_id))
             example.image_indices = [image_index[path] for path in paths]
             self.examples.append(example)
+            if mode == "train" and len(paths) == 1:
+                self.question_answers += [(example.image_indices[0], q, a) for q, a in _turn_pairs(record)]
         if not self.examples:
             raise VlmkitError(f"{source or 'data'}: no usable records ({self.skipped.summary()})")
         from vlmkit.data.sources import Mixture
@@ -143,7 +155,7 @@ class ConversationDataset(Dataset):
         if len(datasets) == 1 and weights[0] == 1.0:
             return datasets[0]
         out = cls.__new__(cls)
-        out.examples, out.images, out.image_owners = [], [], []
+        out.examples, out.images, out.image_owners, out.question_answers = [], [], [], []
         out.transform, out.skipped = datasets[0].transform, SkipReport()
         out.source = " + ".join(d.source or "data" for d in datasets)
         index: dict[str, int] = {}
@@ -159,6 +171,7 @@ class ConversationDataset(Dataset):
             start = len(out.examples)
             out.examples += [Example(e.record_id, e.input_ids, e.labels, [remap[i] for i in e.image_indices], e.answer)
                              for e in dataset.examples]
+            out.question_answers += [(remap[i], q, a) for i, q, a in dataset.question_answers]
             ranges.append((start, len(out.examples)))
             out.skipped.counts.update(dataset.skipped.counts)
             for kind, text in dataset.skipped.examples.items():

@@ -108,6 +108,34 @@ class TrainingInterrupted(VlmkitError):
     """Training stopped on a signal after writing a checkpoint (or with nothing to save)."""
 
 
+def stage_schedule(stage: StageConfig, epoch_size: int, steps_per_epoch: int) -> tuple[int, str]:
+    """The stage's optimiser steps and a line saying how they were chosen (printed at the stage's start)."""
+    per_step = f"batch {stage.batch_size}" + (f" x {stage.grad_accum} accumulated" if stage.grad_accum > 1 else "")
+    head = f"{epoch_size:,} records per epoch, {per_step}: {steps_per_epoch:,} steps per epoch"
+    if stage.max_steps:
+        return stage.max_steps, f"{head}; max_steps {stage.max_steps:,} ({stage.max_steps / steps_per_epoch:.2f} epochs)"
+    total = max(1, math.ceil(stage.epochs * steps_per_epoch))
+    if total < stage.min_steps:
+        return stage.min_steps, (f"{head}; {stage.epochs:g} epochs would be {total:,} steps, raised to the stage's "
+                                 f"floor min_steps={stage.min_steps:,} ({stage.min_steps / steps_per_epoch:.2f} epochs; "
+                                 f"--{stage.name}.min-steps 0 turns it off)")
+    return total, f"{head}; {stage.epochs:g} epoch{'s' * (stage.epochs != 1)} = {total:,} optimiser steps"
+
+
+def _probe_frozen_features(features, dataset: ConversationDataset, stage: StageConfig, log) -> None:
+    """Say how well the frozen encoder's features separate the stage's answers; suggest training it if badly."""
+    from vlmkit.train.probe import answer_probe
+
+    result = answer_probe(features, dataset.question_answers)
+    if result is None:
+        return
+    log(f"stage {stage.name}: {result.describe()}")
+    if result.poor:
+        log(f"warning: the frozen vision encoder separates this data's answers poorly; consider training it in this "
+            f"stage: --{stage.name}.train {','.join(['vision', *stage.train])} --{stage.name}.lr.vision 3e-4 "
+            "(with a frozen encoder the language model can only learn what these features already tell apart)")
+
+
 def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed: int, log_file: Path | None = None,
                 bf16: bool = False, verbose: bool = True, log=print, stage_index: int = 0, save_every: int = 0,
                 strategy: str = "ddp", workers: int = 0, feature_cache_gb: float = 4.0,
@@ -147,7 +175,9 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
     optimizer = torch.optim.AdamW(param_groups(model, stage), betas=(0.9, 0.999), eps=1e-8,
                                   fused=not distributed.is_sharded(model) and not zero)
     steps_per_epoch = math.ceil(dataset.mixture.epoch_size() / (stage.batch_size * stage.grad_accum))
-    total_steps = stage.max_steps or max(1, math.ceil(stage.epochs * steps_per_epoch))
+    total_steps, schedule_text = stage_schedule(stage, dataset.mixture.epoch_size(), steps_per_epoch)
+    if resume is None:
+        log(f"stage {stage.name}: {schedule_text}")
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, stage.warmup_ratio))
     engine = None
     if zero:
@@ -162,6 +192,8 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
     # frozen-encoder features are cached once per image; a sharded model runs its tower inside the forward
     cache = "vision" not in stage.train and not distributed.is_sharded(model) and not zero
     cached = cache_features(model, dataset, feature_cache_gb, workers, verbose=verbose, log=log) if cache else None
+    if cached is not None and "llm" in stage.train and info.is_main and resume is None:
+        _probe_frozen_features(cached, dataset, stage, log)
     pad_id = model.tokenizer.pad_token_id
     objective = get_objective(stage.objective)
     packing = {}
