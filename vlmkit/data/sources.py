@@ -143,7 +143,7 @@ def stage_sources(config, stage, data: DataSpec) -> list[Source]:
         source = data.captions or (EASY_VQA if data.instructions == EASY_VQA else None)
         if source is None:
             raise ConfigError(f"stage {stage.name!r} reads captions: pass --caption-data FILE.json, or --stages to "
-                              "skip it, or give it a --{stage.name}.mixture")
+                              f"skip it, or give it a --{stage.name}.mixture")
         return [Source("easy-vqa:captions" if source == EASY_VQA else source)]
     if stage.data == "instructions":
         return [Source("easy-vqa:instructions" if data.instructions == EASY_VQA else data.instructions)]

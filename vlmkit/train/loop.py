@@ -115,11 +115,12 @@ def stage_schedule(stage: StageConfig, epoch_size: int, steps_per_epoch: int) ->
     if stage.max_steps:
         return stage.max_steps, f"{head}; max_steps {stage.max_steps:,} ({stage.max_steps / steps_per_epoch:.2f} epochs)"
     total = max(1, math.ceil(stage.epochs * steps_per_epoch))
+    epochs = f"{stage.epochs:g} epoch{'s' * (stage.epochs != 1)}"
     if total < stage.min_steps:
-        return stage.min_steps, (f"{head}; {stage.epochs:g} epochs would be {total:,} steps, raised to the stage's "
-                                 f"floor min_steps={stage.min_steps:,} ({stage.min_steps / steps_per_epoch:.2f} epochs; "
+        return stage.min_steps, (f"{head}; {epochs} would be {total:,} steps, raised to the stage's floor "
+                                 f"min_steps={stage.min_steps:,} ({stage.min_steps / steps_per_epoch:.2f} epochs; "
                                  f"--{stage.name}.min-steps 0 turns it off)")
-    return total, f"{head}; {stage.epochs:g} epoch{'s' * (stage.epochs != 1)} = {total:,} optimiser steps"
+    return total, f"{head}; {epochs} = {total:,} optimiser steps"
 
 
 def _probe_frozen_features(features, dataset: ConversationDataset, stage: StageConfig, log) -> None:
