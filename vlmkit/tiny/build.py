@@ -55,7 +55,9 @@ def _write_info(directory: Path, info: dict) -> None:
 def text_corpus() -> list[str]:
     """Text the project has: training questions, answers and captions, and the templates' fixed text."""
     questions, _ = easyvqa.load_split("train")
-    corpus = [q.text for q in questions] + [q.answer for q in questions]
+    # answers also with the space they have after "ASSISTANT:": without it " yes" was two tokens ("Ġ", "yes"), so
+    # a model could stop after the bare space and answer "" (" no" was one: "no" occurs inside questions)
+    corpus = [q.text for q in questions] + [q.answer for q in questions] + [" " + q.answer for q in questions]
     corpus += [easyvqa.caption_of(a) or "" for a in easyvqa.image_attributes(questions).values()]
     corpus += [ANSWER_PROMPT, *CAPTION_PROMPTS]
     for name in TINY_TEMPLATES:
