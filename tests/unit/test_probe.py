@@ -61,7 +61,9 @@ def test_dataset_keeps_each_turns_question_and_answer(make_model, tmp_path, imag
             {"from": "human", "value": "<image>\nwhat  colour?"}, {"from": "gpt", "value": "red "},
             {"from": "human", "value": "is it round?"}, {"from": "gpt", "value": "no"}]},
         {"id": "b", "image": "img1.png", "conversations": [
-            {"role": "user", "content": "what colour?\n<image>"}, {"role": "assistant", "content": "blue"}]},
+            {"role": "user", "content": "what colour?\n<image>"}, {"role": "assistant", "content": "blue"},
+            {"role": "user", "content": "describe it"},
+            {"role": "assistant", "content": "a blue square on a white ground, slightly left"}]},  # free text: not kept
         {"id": "text", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
     ]
     data = ConversationDataset(records, model.tokenizer, get_template("vicuna_v1"), model.image_transform,

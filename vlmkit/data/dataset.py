@@ -88,12 +88,16 @@ class SkipReport:
         return f"skipped {self.total} bad records ({parts})"
 
 
+SHORT_ANSWER = 32  # characters: the probe reads class-like answers; free text is not kept (LLaVA-665k has millions)
+
+
 def _turn_pairs(record: dict) -> list[tuple[str, str]]:
-    """(question, answer) of each user turn followed by an assistant turn, the image placeholder removed and
+    """(question, answer) of each user turn followed by a short assistant turn, the image placeholder removed and
     whitespace collapsed (the record has already been validated)."""
     messages = normalise_messages(record["conversations"], record.get("id", "?"))
     return [(" ".join(q["content"].replace(IMAGE_TOKEN, " ").split()), a["content"].strip())
-            for q, a in zip(messages, messages[1:]) if q["role"] == "user" and a["role"] == "assistant"]
+            for q, a in zip(messages, messages[1:])
+            if q["role"] == "user" and a["role"] == "assistant" and len(a["content"].strip()) <= SHORT_ANSWER]
 
 
 class ConversationDataset(Dataset):
@@ -111,7 +115,7 @@ class ConversationDataset(Dataset):
         self.examples: list[Example] = []
         self.images: list[str] = []
         self.image_owners: list[str] = []  # the first record that uses each image, for error messages
-        # (image index, question, answer) of each turn of a one-image record: what the frozen-feature probe reads
+        # (image index, question, short answer) of each turn of a one-image record: what the frozen-feature probe reads
         self.question_answers: list[tuple[int, str, str]] = []
         self.transform = transform
         self.skipped = SkipReport()

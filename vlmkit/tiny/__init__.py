@@ -12,7 +12,8 @@ from pathlib import Path
 
 from vlmkit.io import cache_home
 
-VERSION = "v3"  # v2: the LM corpus is rendered by the shared renderer (vlmkit.data.render); v3: LM init std 0.2, " yes" one token
+# v2: the LM corpus is rendered by the shared renderer (vlmkit.data.render); v3: LM init std 0.2, " yes" one token
+VERSION = "v3"
 PREFIX = "tiny:"
 NAMES = ("tokenizer", "llama", "vision", "scenes-vision")
 

@@ -113,7 +113,8 @@ def stage_schedule(stage: StageConfig, epoch_size: int, steps_per_epoch: int) ->
     per_step = f"batch {stage.batch_size}" + (f" x {stage.grad_accum} accumulated" if stage.grad_accum > 1 else "")
     head = f"{epoch_size:,} records per epoch, {per_step}: {steps_per_epoch:,} steps per epoch"
     if stage.max_steps:
-        return stage.max_steps, f"{head}; max_steps {stage.max_steps:,} ({stage.max_steps / steps_per_epoch:.2f} epochs)"
+        epochs = stage.max_steps / steps_per_epoch
+        return stage.max_steps, f"{head}; max_steps {stage.max_steps:,} ({epochs:.2f} epochs)"
     total = max(1, math.ceil(stage.epochs * steps_per_epoch))
     epochs = f"{stage.epochs:g} epoch{'s' * (stage.epochs != 1)}"
     if total < stage.min_steps:

@@ -3,10 +3,10 @@ the encoder frozen (issue 15: a small data set of another domain on the tiny tow
 shapes, trained to one answer for everything while the loss looked fine).
 
 For each question that repeats in the training data (the same text, at least `min_examples` times, with two or
-more answers that themselves repeat: classes, not free text), a multinomial logistic regression from the image's mean-pooled features to the answer is fitted on
-three quarters of its examples and scored on the rest. The held-out accuracy over all probed questions is
-compared with always answering each question's most frequent training answer. A few seconds; no global RNG is
-touched, so training is the same with or without it.
+more answers that themselves repeat: classes, not free text), a multinomial logistic regression from the image's
+mean-pooled features to the answer is fitted on three quarters of its examples and scored on the rest. The
+held-out accuracy over all probed questions is compared with always answering each question's most frequent
+training answer. A few seconds; no global RNG is touched, so training is the same with or without it.
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def _fit(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int) -> torch.Te
 
 @torch.no_grad()
 def _pooled(features: torch.Tensor) -> torch.Tensor:
-    pooled = features.float().mean(dim=1) if features.dim() == 3 else features.float()
+    # pooled in fp32 without an fp32 copy of the whole cache (it may be gigabytes of bf16)
+    pooled = features.mean(dim=1, dtype=torch.float32) if features.dim() == 3 else features.float()
     return (pooled - pooled.mean(0)) / (pooled.std(0) + 1e-6)
 
 
@@ -75,7 +76,8 @@ def answer_probe(features: torch.Tensor, question_answers: list[tuple[int, str, 
         labels = {a: k for k, a in enumerate(sorted({a for _, a in group}))}
         most = Counter(a for _, a in train).most_common(1)[0][0]
         with torch.enable_grad():
-            weight = _fit(pooled[[i for i, _ in train]], torch.tensor([labels[a] for _, a in train]), len(labels), steps)
+            weight = _fit(pooled[[i for i, _ in train]], torch.tensor([labels[a] for _, a in train]), len(labels),
+                          steps)
         scores = pooled[[i for i, _ in test]] @ weight[:-1] + weight[-1]
         truth = torch.tensor([labels[a] for _, a in test])
         right += int((scores.argmax(1) == truth).sum())
