@@ -29,6 +29,8 @@ class VisionConfig:
     select: str = _help("'patch' drops the CLS token, 'cls_patch' keeps it, 'patch_mean' adds one token after the "
                         "patches: their mean (a whole-image summary that a small LLM finds in one place).",
                         default="patch")
+    final_norm: bool = _help("Apply the tower's final LayerNorm (`post_layernorm`) to the selected hidden state: "
+                             "BLIP-2 reads the ViT's last layer through it (LAVIS's ln_vision).", default=False)
     pad_to_square: bool = _help("Pad images to a square with the mean colour before resizing "
                                 "(LLaVA-1.5's 'pad' aspect mode).", default=False)
 
@@ -36,7 +38,8 @@ class VisionConfig:
 @dataclass
 class ConnectorConfig:
     type: str = _help("Connector registered in vlmkit.connectors ('linear', 'mlp2x_gelu', 'concat4' = MiniGPT-v2's "
-                      "token merge, 'resampler' = Qwen-VL's cross-attention resampler).", default="mlp2x_gelu")
+                      "token merge, 'resampler' = Qwen-VL's cross-attention resampler, 'qformer' = BLIP-2's "
+                      "querying transformer).", default="mlp2x_gelu")
     act: str = _help("Activation between the MLP's layers (a transformers ACT2FN name: gelu, gelu_pytorch_tanh, "
                      "quick_gelu, silu...).", default="gelu")
     bias: bool = _help("Whether the connector's Linear layers have biases.", default=True)
@@ -48,7 +51,19 @@ class ConnectorConfig:
     num_heads: int = _help("resampler: heads of its cross-attention (0 = Qwen-VL's rule, embed_dim // 128, at "
                            "least 1; 32 at width 4096); must divide embed_dim.", default=0)
     embed_dim: int = _help("resampler: width of the queries and the attention (0 = the LLM's width, as in Qwen-VL); "
-                           "a multiple of 4 for the 2-D sin-cos table.", default=0)
+                           "a multiple of 4 for the 2-D sin-cos table. qformer: its BERT width (0 = 768, or the "
+                           "width of the BERT named by connector.name_or_path).", default=0)
+    name_or_path: str = _help("qformer: a BERT checkpoint (directory or hub id) whose layers initialise the Q-Former "
+                              "(BLIP-2 starts from bert-base-uncased) and whose tokenizer reads stage-1 text; '' = "
+                              "random layers of the sizes below.", default="")
+    num_layers: int = _help("qformer: BERT layers (12 in BLIP-2).", default=12)
+    intermediate_size: int = _help("qformer: feed-forward width (0 = 4 x embed_dim).", default=0)
+    cross_attention_frequency: int = _help("qformer: a cross-attention to the image every this many layers, "
+                                           "starting at layer 0 (2 in BLIP-2).", default=2)
+    text_input: bool = _help("qformer: the text side of the Q-Former exists (its embeddings, feed-forward weights "
+                             "and the stage-1 heads: ITC projections, ITM head, ITG decoder); False for a Q-Former "
+                             "that only ever reads images (a Blip2ForConditionalGeneration import).", default=True)
+    proj_dim: int = _help("qformer: width of the ITC embedding space (256 in BLIP-2).", default=256)
 
 
 @dataclass

@@ -35,5 +35,5 @@ def test_mlp_honours_activation_and_bias():
 
 def test_unknown_connector_lists_the_registered_ones():
     assert {"linear", "mlp2x_gelu"} <= set(names())
-    with pytest.raises(ConfigError, match="unknown connector 'qformer'.*linear"):
-        build_connector(ConnectorConfig(type="qformer"), 4, 4, 1)
+    with pytest.raises(ConfigError, match="unknown connector 'perceiver'.*linear"):
+        build_connector(ConnectorConfig(type="perceiver"), 4, 4, 1)

@@ -117,4 +117,5 @@ class ConcatConnector(Connector):
         return self.llama_proj(features.reshape(batch, num_tokens // self.merge, hidden * self.merge))
 
 
-from vlmkit.connectors import resampler  # noqa: F401  (registers 'resampler')
+from vlmkit.connectors import resampler  # noqa: F401,E402  (registers 'resampler')
+from vlmkit.connectors import qformer  # noqa: F401,E402  (registers 'qformer')

@@ -1,11 +1,25 @@
 """Checkpoints in other formats, in and out.
 
-- `from_hf` / `to_hf`: Hugging Face's `LlavaForConditionalGeneration` directories (`hf_llava.py`).
+- `from_hf`: a Hugging Face directory or hub id, by its model_type: `LlavaForConditionalGeneration`
+  (`hf_llava.py`) or `Blip2ForConditionalGeneration` (`hf_blip2.py`); `to_hf`: vlmkit LLaVA -> HF LLaVA.
 - `from_llava_original`: the original LLaVA repository's `LlavaLlamaForCausalLM` checkpoints.
 - `read_state_dict`: safetensors weights, pickles only on request (`weights.py`).
 """
-from vlmkit.convert.hf_llava import from_hf, to_hf
+from vlmkit.convert import hf_blip2, hf_llava
+from vlmkit.convert.hf_llava import to_hf
 from vlmkit.convert.llava_original import from_llava_original
 from vlmkit.convert.weights import read_state_dict
+
+_IMPORTERS = {"llava": hf_llava.from_hf, "blip-2": hf_blip2.from_hf}
+
+
+def from_hf(src, **kwargs):
+    """A vlmkit model from a Hugging Face checkpoint of a format vlmkit imports (see `_IMPORTERS`)."""
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(str(src)).model_type
+    importer = _IMPORTERS.get(model_type, hf_llava.from_hf)  # the LLaVA importer names what else it knows
+    return importer(src, **kwargs)
+
 
 __all__ = ["from_hf", "to_hf", "from_llava_original", "read_state_dict"]

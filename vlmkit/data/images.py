@@ -87,7 +87,7 @@ def _decode(source, label: str, record_id, max_pixels: int) -> Image.Image:
 
 # image processors whose fields ImageTransform reproduces (the fast/PIL variants share the fields)
 _KNOWN_PROCESSORS = ("CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor", "ViTImageProcessor",
-                     "ConvNextImageProcessor")
+                     "ConvNextImageProcessor", "BlipImageProcessor")
 
 
 @dataclass
@@ -153,7 +153,7 @@ class ImageTransform:
             else:
                 resize_exact, size = True, (size["height"], size["width"])
         else:
-            resize_exact = kind.startswith(("Siglip", "ViT"))  # these resize an int size to a square
+            resize_exact = kind.startswith(("Siglip", "ViT", "Blip"))  # these resize an int size to a square
             size = size if resize_exact is False else (size, size)
         center_crop = config.get("do_center_crop", not resize_exact)
         if resize_exact:

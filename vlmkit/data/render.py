@@ -152,6 +152,10 @@ def conversation_pieces(messages: list[dict], template: Template, tokenizer, rec
             num_images += count
             if not template.keep_user_text:
                 content = IMAGE_TOKEN * count
+            images_before = ""
+            if template.images_first and count:  # the images leave the text (with the newline after each)
+                content = content.replace(IMAGE_TOKEN + "\n", IMAGE_TOKEN).replace(IMAGE_TOKEN, "")
+                images_before = IMAGE_TOKEN * count
             if "{n}" in image_text:  # numbered images (Qwen-VL's `Picture 1: <img>…</img>`), counted over the turns
                 first = num_images - count + 1
                 parts = content.split(IMAGE_TOKEN)
@@ -161,7 +165,8 @@ def conversation_pieces(messages: list[dict], template: Template, tokenizer, rec
                 content = content.replace(IMAGE_TOKEN, image_text)
             if index == 0 and system_text and template.system_in_user:
                 content = system_text + content
-            pieces.append((fill(template.user_format, tokenizer, content=content)
+            pieces.append((images_before.replace(IMAGE_TOKEN, image_text)
+                           + fill(template.user_format, tokenizer, content=content)
                            + fill(template.assistant_prefix, tokenizer), False))
         else:
             if IMAGE_TOKEN in content:

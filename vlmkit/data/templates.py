@@ -32,6 +32,7 @@ class Template:
     image_format: str = IMAGE_TOKEN       # how each image placeholder is written (must contain <image>; {n}: its number)
     add_bos: bool = True                  # the tokenizer's BOS id (if it has one) before everything
     keep_user_text: bool = True           # False: only the images of a user turn are kept (LLaVA 'plain')
+    images_first: bool = False            # a user turn's images go before its user_format (BLIP-2: queries first)
     special_tokens: tuple[str, ...] = field(default=())  # tokens the tokenizer must have (added if missing)
 
     def corpus_text(self, bos: str = "<s>", eos: str = "</s>") -> list[str]:
@@ -187,3 +188,21 @@ register(Template(
     stop="###",
     image_format="<Img><image></Img>",
 ))
+
+# BLIP-2 with a decoder-only LLM (OPT): `[queries][BOS] Question: q Answer: a\n`, the image tokens before the BOS as
+# transformers' Blip2Processor writes them; LAVIS ends every text with "\n" and stops generation there.
+register(Template(
+    name="blip2",
+    system="",
+    user_format="Question: {content}",
+    assistant_prefix=" Answer:",
+    assistant_format=" {content}",
+    stop="\n",
+    image_format="<image>{bos}",
+    add_bos=False,
+    images_first=True,
+))
+
+# BLIP-2's caption pretraining (stage 2): the queries, the BOS, then the caption (the human turn's text is not kept).
+register(dataclasses.replace(TEMPLATES["blip2"], name="blip2_caption", user_format="{content}", assistant_prefix="",
+                             assistant_format="{content}", keep_user_text=False))

@@ -20,6 +20,9 @@ from vlmkit.errors import ConfigError
 
 # dual-encoder checkpoints whose image half loads on its own (as LLaVA loads CLIPVisionModel from CLIP)
 _VISION_HALF = {"clip": ("CLIPVisionModel", "vision_config"), "siglip": ("SiglipVisionModel", "vision_config")}
+# vision towers that AutoModel does not map from their own config: the class to build them with
+_DIRECT = {"blip_2_vision_model": "Blip2VisionModel"}
+_HAS_CLS = ("clip_vision_model", "vit", "dinov2", "blip_2_vision_model")
 
 
 def load_vision_tower(path: str | None, hf_config: dict | None = None, **kwargs) -> nn.Module:
@@ -29,8 +32,12 @@ def load_vision_tower(path: str | None, hf_config: dict | None = None, **kwargs)
 
     if hf_config is not None:
         config = AutoConfig.for_model(**hf_config)
+        if config.model_type in _DIRECT:
+            return getattr(transformers, _DIRECT[config.model_type])(config)
         return AutoModel.from_config(config)
     config = AutoConfig.from_pretrained(path)
+    if config.model_type in _DIRECT:
+        return getattr(transformers, _DIRECT[config.model_type]).from_pretrained(path, **kwargs)
     if config.model_type in _VISION_HALF:
         class_name, _ = _VISION_HALF[config.model_type]
         return getattr(transformers, class_name).from_pretrained(path, **kwargs)
@@ -51,7 +58,9 @@ class VisionEncoder(nn.Module):
         self.config = config
         self._image_size = image_size  # the preprocessor's crop size; towers without a fixed size need it
         hf = tower.config
-        self.has_cls = hf.model_type in ("clip_vision_model", "vit", "dinov2")
+        self.has_cls = hf.model_type in _HAS_CLS
+        if config.final_norm and self.final_norm is None:
+            raise ConfigError(f"vision.final_norm is set but the {hf.model_type} tower has no post_layernorm")
         if config.select not in SELECTIONS:
             raise ConfigError(f"vision.select must be one of {', '.join(map(repr, SELECTIONS))}, not {config.select!r}")
         if config.select == "cls_patch" and not self.has_cls:
@@ -74,6 +83,15 @@ class VisionEncoder(nn.Module):
             raise ConfigError(f"image_size {size} is not a multiple of the vision tower's patch size {patch}")
         self._image_size = size
         self.num_tokens, self.hidden_size = self._probe()
+
+    @property
+    def final_norm(self) -> nn.Module | None:
+        """The tower's last LayerNorm (`post_layernorm`, on the tower or its `vision_model`), if it has one."""
+        for owner in (self.tower, getattr(self.tower, "vision_model", None)):
+            norm = getattr(owner, "post_layernorm", None)
+            if isinstance(norm, nn.Module):
+                return norm
+        return None
 
     @property
     def feature_layers(self) -> list[int]:
@@ -149,6 +167,8 @@ class VisionEncoder(nn.Module):
                 raise ConfigError(f"vision.feature_layer={self.config.feature_layer} but the tower has "
                                   f"{len(hidden_states)} hidden states")
             features = hidden_states[layer]
+            if self.config.final_norm:
+                features = self.final_norm(features)
             if features.dim() == 4:  # (B, C, H, W) -> (B, H*W, C)
                 features = features.flatten(2).transpose(1, 2)
             elif self.has_cls and self.config.select in ("patch", "patch_mean"):

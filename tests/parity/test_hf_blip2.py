@@ -1,0 +1,123 @@
+"""Parity with transformers' Blip2ForConditionalGeneration (decoder-only LLM): import, logits, greedy generations.
+
+Tiny random BLIP-2 models are built here (no network) in configurations that change the computation: the
+cross-attention frequency, the query count, OPT and Llama text models. Every weight is perturbed so none is left at
+its initial zero or one.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmkit.convert import from_hf
+from vlmkit.errors import ConfigError
+
+CASES = {
+    "opt-every-other-layer": dict(queries=4, frequency=2, layers=3,
+                                  text=dict(model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                            num_attention_heads=4, word_embed_proj_dim=32)),
+    "llama-every-layer": dict(queries=6, frequency=1, layers=2,
+                              text=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)),
+}
+PROMPT = "Question: what colour is the shape? Answer:"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(backbones):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(backbones["tokenizer"])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tokenizer
+
+
+def build_hf_blip2(directory, tokenizer, case: dict, seed: int = 0, t5: bool = False):
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    text = dict(vocab_size=len(tokenizer) + 8, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                max_position_embeddings=256)
+    text.update(case["text"])
+    config = Blip2Config(
+        vision_config=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        qformer_config=dict(hidden_size=32, num_hidden_layers=case["layers"], num_attention_heads=4,
+                            intermediate_size=48, cross_attention_frequency=case["frequency"], encoder_hidden_size=48),
+        text_config=text, num_query_tokens=case["queries"],
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # random init leaves biases at zero and norms at one; make every weight matter
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    model.save_pretrained(directory)
+    processor = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
+                               tokenizer=tokenizer, num_query_tokens=case["queries"])
+    processor.save_pretrained(directory)
+    return model, processor
+
+
+def sample_inputs(processor):
+    torch.manual_seed(1)
+    image = Image.fromarray((torch.rand(30, 44, 3) * 255).to(torch.uint8).numpy())
+    # OPT's tokenizer opens every text with its BOS; the project's tokenizer adds none, so it is written out
+    text = processor.tokenizer.bos_token + PROMPT
+    return image, processor(images=[image], text=[text], return_tensors="pt")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_import_parity(name, tokenizer, tmp_path):
+    from vlmkit.infer.generate import GenerationConfig, generate
+
+    hf, processor = build_hf_blip2(tmp_path / "hf", tokenizer, CASES[name])
+    image, inputs = sample_inputs(processor)
+    with torch.no_grad():
+        expected = hf(**inputs).logits
+    model = from_hf(tmp_path / "hf", verbose=False)
+    assert model.config.connector.type == "qformer" and model.num_image_tokens == CASES[name]["queries"]
+    ids = inputs["input_ids"][0].tolist()
+    queries = CASES[name]["queries"]
+    assert ids[:queries] == [model.image_token_id] * queries and ids[queries] == tokenizer.bos_token_id
+    with torch.no_grad():
+        _, logits = model(inputs["input_ids"], attention_mask=inputs["attention_mask"], image_counts=[1],
+                          pixel_values=inputs["pixel_values"])
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.image_transform(image), inputs["pixel_values"][0], atol=2e-2, rtol=0)
+
+    # vlmkit's renderer writes the same prompt as Blip2Processor: [queries][BOS] text
+    from vlmkit.data.render import render_conversation
+    from vlmkit.data.templates import get_template
+
+    rendered = render_conversation([{"role": "user", "content": "<image>\nwhat colour is the shape?"}],
+                                   get_template("blip2"), model.tokenizer, num_image_tokens=queries,
+                                   add_generation_prompt=True)
+    assert rendered.input_ids == ids
+
+    steps = 6
+    ours = generate(model, [ids], [1], pixel_values=inputs["pixel_values"],
+                    config=GenerationConfig(max_new_tokens=steps), stop_ids=set())[0]
+    out = hf.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)
+    assert ours == out[0, inputs["input_ids"].shape[1]:].tolist()
+
+    # saved as a vlmkit checkpoint and loaded back: the same logits
+    model.save_pretrained(tmp_path / "ours")
+    from vlmkit.model.vlm import VisionLanguageModel
+
+    again = VisionLanguageModel.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        _, relogits = again(inputs["input_ids"], attention_mask=inputs["attention_mask"], image_counts=[1],
+                            pixel_values=inputs["pixel_values"])
+    torch.testing.assert_close(relogits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_encoder_decoder_llm_is_refused_with_a_reason(tokenizer, tmp_path):
+    case = dict(queries=4, frequency=2, layers=2,
+                text=dict(model_type="t5", d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8,
+                          decoder_start_token_id=0))
+    build_hf_blip2(tmp_path / "hf", tokenizer, case)
+    with pytest.raises(ConfigError, match="encoder-decoder"):
+        from_hf(tmp_path / "hf", verbose=False)

@@ -1,0 +1,41 @@
+"""BLIP-2 (Li et al., 2023): a frozen ViT -> the Q-Former (32 learned queries, BERT-base layers with
+cross-attention to the image every other layer) -> a Linear to a frozen LLM (OPT or Flan-T5).
+
+Two stages. (1) Representation learning without any LLM: the Q-Former learns image-text contrast (ITC),
+image-grounded text generation (ITG) and image-text matching (ITM) at once, each through its own self-attention
+mask (vlmkit.train.blip2); the ViT reads the image's last layer through its final LayerNorm (LAVIS's
+`ln_vision`). (2) Generative learning: the query outputs, projected to the LLM's width, are soft visual prompts
+before the text; the LLM stays frozen and the Q-Former + projection train on captions. The prompt is
+`[queries][BOS] text` as transformers' Blip2Processor writes it (OPT's BOS is `</s>`), answers end at a newline
+(LAVIS appends "\\n" to every caption and stops generation there).
+"""
+PRESET = {
+    "name": "blip2",
+    "vision": {"feature_layer": -1, "select": "cls_patch", "final_norm": True, "pad_to_square": False},
+    "connector": {"type": "qformer", "num_queries": 32, "num_layers": 12, "cross_attention_frequency": 2,
+                  "proj_dim": 256, "name_or_path": "bert-base-uncased"},
+    "template": "blip2",
+    "answer_prompt": "",
+    "caption_prompt": "",
+    "stages": [
+        {"name": "representation", "train": ["connector"], "objective": "blip2_qformer", "data": "captions",
+         "lr": {"connector": 1e-4}, "epochs": 10, "batch_size": 100, "warmup_ratio": 0.01, "weight_decay": 0.05},
+        {"name": "generative", "train": ["connector"], "objective": "lm", "data": "captions",
+         "template": "blip2_caption", "lr": {"connector": 1e-4}, "epochs": 10, "batch_size": 100,
+         "warmup_ratio": 0.01, "weight_decay": 0.05},
+    ],
+    "scales": {
+        "paper": {  # EVA ViT-g/14 ships inside the BLIP-2 checkpoints: `vlmkit convert from-hf Salesforce/blip2-opt-2.7b`
+            "vision": {"name_or_path": "Salesforce/blip2-opt-2.7b"},
+            "llm": {"name_or_path": "facebook/opt-2.7b"},
+            "max_length": 512,
+        },
+        "tiny": {
+            "vision": {"name_or_path": "tiny:vision", "feature_layer": -1, "select": "patch", "final_norm": False},
+            "llm": {"name_or_path": "tiny:llama"},
+            "connector": {"num_queries": 8, "num_layers": 2, "embed_dim": 128, "num_heads": 4, "proj_dim": 64,
+                          "name_or_path": ""},
+            "max_length": 256,
+        },
+    },
+}
