@@ -113,7 +113,10 @@ class VisionLanguageModel(nn.Module):
         vision = VisionEncoder(tower, config.vision, transform.crop[0])
         connector = build_connector(config.connector, vision.hidden_size, llm.hidden_size, vision.num_tokens)
         embeddings = llm.causal_lm.get_input_embeddings().weight  # a new connector joins the LLM's device/dtype
-        connector.to(device=embeddings.device, dtype=embeddings.dtype if embeddings.is_floating_point() else None)
+        # (not onto the meta device of a model being loaded: the connector's parameters are meta already, and
+        # its non-persistent buffers — the Q-Former's position ids — are not in the checkpoint to refill them)
+        connector.to(device=None if embeddings.is_meta else embeddings.device,
+                     dtype=embeddings.dtype if embeddings.is_floating_point() else None)
         return cls(config, vision, connector, llm, tokenizer, transform)
 
     def set_image_size(self, size: int) -> None:
