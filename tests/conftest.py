@@ -39,7 +39,10 @@ def backbones(tmp_path_factory):
                                       downsample_in_first_stage=False))
     resnet.save_pretrained(root / "resnet")
     ImageTransform(size=32, crop=(32, 32)).save(root / "resnet")
-    return {name: str(root / name) for name in ("tokenizer", "llm", "clip", "resnet")}
+    from vlmkit.tiny.build import build_bert
+
+    build_bert(root / "bert", verbose=False)  # the Q-Former's (random BERT, WordPiece tokenizer)
+    return {name: str(root / name) for name in ("tokenizer", "llm", "clip", "resnet", "bert")}
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +51,10 @@ def make_model(backbones):
     from vlmkit.model.vlm import VisionLanguageModel
 
     def make(preset: str = "llava-1.5", vision: str = "clip", **overrides):
+        from vlmkit.archs import preset_data
+
+        if preset_data(preset)["connector"]["type"] == "qformer":  # its BERT from the fixture, not the cache
+            overrides["connector"] = {"name_or_path": backbones["bert"], **overrides.get("connector", {})}
         config = from_name(preset, scale="tiny", vision={"name_or_path": backbones[vision],
                                                          "feature_layer": overrides.pop("feature_layer", -2)},
                            llm={"name_or_path": backbones["llm"]}, **overrides)

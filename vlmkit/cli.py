@@ -176,6 +176,12 @@ def cmd_eval(args) -> int:
         raise VlmkitError(f"--data {args.data} is generated scenes: add --task rec|reg|caption|vqa")
     model, path = load_run(args.run, args.allow_pickle, args.device, args.dtype)
     out_dir = Path(args.run) if (Path(args.run) / "model").exists() else path
+    if args.task == "retrieval":
+        from vlmkit.eval.retrieval import run_retrieval_eval
+
+        run_retrieval_eval(model, args.data, out_dir, split=args.split or "test", limit=args.limit,
+                           image_folder=args.image_folder)
+        return 0
     if args.task:
         from vlmkit.eval.grounding import run_grounding_eval
 
@@ -453,7 +459,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("eval", help="exact-match accuracy on easy-VQA or a LLaVA JSON of short answers; "
-                                    "--task rec|reg|caption|vqa: grounding metrics on held-out scenes",
+                                    "--task rec|reg|caption|vqa: grounding metrics on held-out scenes; "
+                                    "--task retrieval: a Q-Former's image-text retrieval",
                        description="Without --task: normalised exact-match accuracy on easy-VQA or a LLaVA JSON of "
                                    "short answers (eval_<name>.json, confusion_<name>.png). With --task: the test "
                                    "split of the generated scenes (never a training layout), written as the run's "
@@ -463,8 +470,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                                    "vqa: accuracy per question type. Writes eval_<task>.json and eval_<task>.png "
                                    "(16 test images, true boxes green, predicted red) in the run directory.")
     p.add_argument("run", help="run directory or checkpoint")
-    p.add_argument("--task", default=None, choices=["rec", "reg", "caption", "vqa"],
-                   help="grounding evaluation on generated scenes (see above)")
+    p.add_argument("--task", default=None, choices=["rec", "reg", "caption", "vqa", "retrieval"],
+                   help="grounding evaluation on generated scenes (see above); retrieval: a Q-Former's image-text "
+                        "retrieval (ITC ranking, ITM re-ranking of the top 16), R@1/R@5 both ways, among --limit "
+                        "(default 100) held-out scenes with distinct captions, or a caption JSON's records")
     p.add_argument("--data", default=None,
                    help="without --task: 'easy-vqa' (default) or a LLaVA JSON file (last turn = reference); with "
                         "--task: a scene source (default scenes:TASK:test:n1000 at the size and shape count the run "
@@ -618,6 +627,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vlmkit: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: leave the process group before the interpreter exits (left to exit, gloo's threads can
+    abort a rank — 'terminate called without an active exception' — after its run has finished)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

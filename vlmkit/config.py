@@ -64,6 +64,12 @@ class ConnectorConfig:
                              "and the stage-1 heads: ITC projections, ITM head, ITG decoder); False for a Q-Former "
                              "that only ever reads images (a Blip2ForConditionalGeneration import).", default=True)
     proj_dim: int = _help("qformer: width of the ITC embedding space (256 in BLIP-2).", default=256)
+    vocab_size: int = _help("qformer: the text side's vocabulary (0 = its tokenizer's length with BLIP-2's added [DEC] "
+                            "token; set when the model is built).", default=0)
+    text_positions: int = _help("qformer: the text side's position embeddings (0 = 512, BERT's; set from the BERT when "
+                                "the model is built).", default=0)
+    max_text_tokens: int = _help("qformer: stage-1 texts are cut and padded to this many Q-Former tokens (LAVIS's "
+                                 "max_txt_len).", default=32)
 
 
 @dataclass

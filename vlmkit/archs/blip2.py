@@ -33,8 +33,8 @@ PRESET = {
         "tiny": {
             "vision": {"name_or_path": "tiny:vision", "feature_layer": -1, "select": "patch", "final_norm": False},
             "llm": {"name_or_path": "tiny:llama"},
-            "connector": {"num_queries": 8, "num_layers": 2, "embed_dim": 128, "num_heads": 4, "proj_dim": 64,
-                          "name_or_path": ""},
+            # the Q-Former's sizes come from its BERT (tiny:bert: 128 wide, 2 layers, 4 heads, its own WordPiece)
+            "connector": {"num_queries": 8, "num_layers": 2, "proj_dim": 64, "name_or_path": "tiny:bert"},
             "max_length": 256,
         },
     },

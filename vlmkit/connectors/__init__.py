@@ -29,11 +29,15 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_connector(config: ConnectorConfig, vision_hidden: int, llm_hidden: int, num_vision_tokens: int) -> nn.Module:
+def connector_class(config: ConnectorConfig):
     if config.type not in _REGISTRY:
         raise ConfigError(f"unknown connector {config.type!r}; registered: {', '.join(names())}")
-    return _REGISTRY[config.type](config, vision_hidden=vision_hidden, llm_hidden=llm_hidden,
-                                  num_vision_tokens=num_vision_tokens)
+    return _REGISTRY[config.type]
+
+
+def build_connector(config: ConnectorConfig, vision_hidden: int, llm_hidden: int, num_vision_tokens: int) -> nn.Module:
+    return connector_class(config)(config, vision_hidden=vision_hidden, llm_hidden=llm_hidden,
+                                   num_vision_tokens=num_vision_tokens)
 
 
 class Connector(nn.Module):
@@ -47,6 +51,15 @@ class Connector(nn.Module):
         """How many tokens this connector emits for `num_vision_tokens` input tokens (ConfigError if it can't
         take that many)."""
         return num_vision_tokens
+
+    @classmethod
+    def resolve_pretrained(cls, config: ConnectorConfig):
+        """Before building: read what the connector starts from (a BERT for the Q-Former); returns the config with
+        the sizes that implies and a handle for `init_pretrained` (None: nothing to load)."""
+        return config, None
+
+    def init_pretrained(self, pretrained) -> None:
+        """After building a new model (not when loading a checkpoint): load the weights `resolve_pretrained` found."""
 
     def set_input_tokens(self, num_vision_tokens: int) -> None:
         """The encoder's grid changed (a stage's image_size): emit as many tokens as the new grid gives."""

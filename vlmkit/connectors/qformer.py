@@ -32,32 +32,39 @@ from vlmkit.errors import ConfigError
 DEFAULT_WIDTH = 768  # bert-base
 
 
-def qformer_config(config: ConnectorConfig, vision_hidden: int, vocab_size: int = 30522, pad_token_id: int = 0,
-                   bert=None):
-    """The `Blip2QFormerConfig` for a connector config: sizes from a BERT config when one is named."""
+DEC_TOKEN = "[DEC]"  # LAVIS adds it to BERT's tokenizer as the BOS that opens every ITG text
+_BERT_FIXED = {"hidden_act": "gelu", "layer_norm_eps": 1e-12, "position_embedding_type": "absolute"}
+
+
+def qformer_config(config: ConnectorConfig, vision_hidden: int):
+    """The `Blip2QFormerConfig` of a connector config (whose sizes `resolve_pretrained` filled from a BERT)."""
     from transformers import Blip2QFormerConfig
 
-    width = config.embed_dim or (bert.hidden_size if bert is not None else DEFAULT_WIDTH)
-    if bert is not None and width != bert.hidden_size:
-        raise ConfigError(f"connector.embed_dim={config.embed_dim} but the BERT at connector.name_or_path "
-                          f"({config.name_or_path}) is {bert.hidden_size} wide")
-    heads = config.num_heads or (bert.num_attention_heads if bert is not None else max(1, width // 64))
+    width = config.embed_dim or DEFAULT_WIDTH
+    heads = config.num_heads or max(1, width // 64)
     if width % heads:
         raise ConfigError(f"connector.num_heads={heads} does not divide the Q-Former's width {width}")
     if config.cross_attention_frequency < 1:
         raise ConfigError(f"connector.cross_attention_frequency={config.cross_attention_frequency}: must be >= 1")
-    layers = config.num_layers if bert is None or config.num_layers else bert.num_hidden_layers
-    extra = {}
-    if bert is not None:
-        extra = dict(hidden_act=bert.hidden_act, layer_norm_eps=bert.layer_norm_eps,
-                     max_position_embeddings=bert.max_position_embeddings,
-                     hidden_dropout_prob=bert.hidden_dropout_prob,
-                     attention_probs_dropout_prob=bert.attention_probs_dropout_prob)
     return Blip2QFormerConfig(
-        vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=config.intermediate_size or (bert.intermediate_size if bert is not None else 4 * width),
+        vocab_size=config.vocab_size or 30522, hidden_size=width, num_hidden_layers=config.num_layers,
+        num_attention_heads=heads, intermediate_size=config.intermediate_size or 4 * width,
         cross_attention_frequency=config.cross_attention_frequency, encoder_hidden_size=vision_hidden,
-        use_qformer_text_input=config.text_input, pad_token_id=pad_token_id, **extra)
+        use_qformer_text_input=config.text_input, max_position_embeddings=config.text_positions or max(512, config.max_text_tokens))
+
+
+def load_text_tokenizer(path):
+    """The Q-Former's BERT tokenizer with [DEC] as its BOS (LAVIS's `init_tokenizer`)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.bos_token != DEC_TOKEN:
+        tokenizer.add_special_tokens({"bos_token": DEC_TOKEN})
+    missing = [name for name in ("cls_token", "pad_token") if getattr(tokenizer, name) is None]
+    if missing:
+        raise ConfigError(f"{path}: the Q-Former's tokenizer has no {' / '.join(missing)} (a BERT tokenizer opens "
+                          "every text with [CLS] and pads with [PAD])")
+    return tokenizer
 
 
 class ITGHead(nn.Module):
@@ -78,25 +85,30 @@ class ITGHead(nn.Module):
         return nn.functional.linear(hidden, self.word_embeddings[0].weight, self.bias)
 
 
+# bert-base-uncased's keys -> the Q-Former's (transformers' BLIP-2 names); LAVIS's Q-Former keeps BERT's embedding
+# LayerNorm, which transformers' layout applies as `qformer.layernorm` to queries and text alike
+_BERT_KEYS = (("bert.embeddings.word_embeddings.", "embeddings.word_embeddings."),
+              ("bert.embeddings.position_embeddings.", "embeddings.position_embeddings."),
+              ("bert.embeddings.LayerNorm.", "qformer.layernorm."),
+              ("bert.encoder.layer.", "qformer.encoder.layer."),
+              ("cls.predictions.transform.dense.", "itg_head.dense."),
+              ("cls.predictions.transform.LayerNorm.", "itg_head.LayerNorm."),
+              ("cls.predictions.bias", "itg_head.bias"))
+
+
 @register("qformer")
 class QFormer(Connector):
     """BLIP-2: `num_queries` learned queries through a BERT with cross-attention, then a Linear to the LLM."""
 
-    def __init__(self, config: ConnectorConfig, vision_hidden: int, llm_hidden: int, num_vision_tokens: int,
-                 vocab_size: int = 30522, pad_token_id: int = 0, bert_config=None):
+    def __init__(self, config: ConnectorConfig, vision_hidden: int, llm_hidden: int, num_vision_tokens: int):
         super().__init__(config, vision_hidden, llm_hidden, num_vision_tokens)
         from transformers import Blip2QFormerModel
         from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
         if config.num_queries < 1:
             raise ConfigError(f"connector.num_queries={config.num_queries}: the Q-Former needs at least one query")
-        if bert_config is None and config.name_or_path:
-            from transformers import AutoConfig
-
-            bert_config = AutoConfig.from_pretrained(config.name_or_path)
-        if bert_config is not None:
-            vocab_size, pad_token_id = bert_config.vocab_size, bert_config.pad_token_id or 0
-        self.hf_config = hf = qformer_config(config, vision_hidden, vocab_size, pad_token_id, bert_config)
+        self.tokenizer = None  # the text side's (BERT) tokenizer: set by the assembly (vlmkit.model.vlm)
+        self.hf_config = hf = qformer_config(config, vision_hidden)
         hf._attn_implementation = "sdpa"
         self.hidden_size = hf.hidden_size
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_queries, hf.hidden_size))
@@ -124,6 +136,91 @@ class QFormer(Connector):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+    @classmethod
+    def resolve_pretrained(cls, config: ConnectorConfig):
+        """With `name_or_path`: the BERT's sizes into the config (width, layers, heads, feed-forward, vocabulary
+        with [DEC]) and (its directory, its tokenizer) for `init_pretrained`."""
+        import dataclasses
+
+        if not config.name_or_path:
+            return config, None
+        from transformers import AutoConfig
+
+        from vlmkit.io import check_local_path, loading
+        from vlmkit.tiny import resolve
+
+        path = resolve(config.name_or_path)
+        check_local_path(path, "--connector.name-or-path")
+        with loading("--connector.name-or-path", path):
+            bert = AutoConfig.from_pretrained(path)
+            tokenizer = load_text_tokenizer(path)
+        for field, expected in _BERT_FIXED.items():
+            if getattr(bert, field, expected) != expected:
+                raise ConfigError(f"{path}: {field}={getattr(bert, field)!r}; the Q-Former computes with {expected!r}")
+        for field, ours, theirs in (("embed_dim", config.embed_dim, bert.hidden_size),
+                                    ("num_heads", config.num_heads, bert.num_attention_heads),
+                                    ("intermediate_size", config.intermediate_size, bert.intermediate_size)):
+            if ours and ours != theirs:
+                raise ConfigError(f"connector.{field}={ours} but the BERT at {config.name_or_path} has {theirs}")
+        if config.num_layers > bert.num_hidden_layers:
+            raise ConfigError(f"connector.num_layers={config.num_layers} but the BERT at {config.name_or_path} has "
+                              f"{bert.num_hidden_layers} layers")
+        config = dataclasses.replace(config, embed_dim=bert.hidden_size, num_heads=bert.num_attention_heads,
+                                     intermediate_size=bert.intermediate_size, vocab_size=len(tokenizer),
+                                     text_positions=bert.max_position_embeddings,
+                                     max_text_tokens=min(config.max_text_tokens, bert.max_position_embeddings))
+        return config, (path, tokenizer)
+
+    def init_pretrained(self, pretrained) -> None:
+        """The Q-Former's layers from the BERT (its self-attention and feed-forward, the queries' feed-forward
+        copied from the text's, as LAVIS does; cross-attention stays new), and its text embeddings and LM head."""
+        if pretrained is None:
+            return
+        path, tokenizer = pretrained
+        from transformers import BertForMaskedLM
+
+        self.tokenizer = tokenizer
+        bert = BertForMaskedLM.from_pretrained(path, dtype=torch.float32)
+        source = bert.state_dict()
+        mapped = {}
+        for key, tensor in source.items():
+            for old, new in _BERT_KEYS:
+                if key.startswith(old):
+                    names = [new + key[len(old):].replace(".attention.self.", ".attention.attention.")]
+                    if ".intermediate." in names[0] or (".output." in names[0] and ".attention." not in names[0]):
+                        names.append(names[0].replace(".intermediate.", ".intermediate_query.")
+                                     .replace(".output.", ".output_query."))
+                    for name in names:
+                        mapped[name] = tensor
+        state = self.state_dict()
+        unmatched = [name for name in mapped if name not in state and not self._not_built(name)]
+        if unmatched:
+            raise ConfigError(f"{path}: BERT weights with no place in the Q-Former: {', '.join(unmatched[:4])}")
+        with torch.no_grad():
+            for name, tensor in mapped.items():
+                if name not in state:  # layers beyond num_layers, or the text side when text_input is off
+                    continue
+                target = state[name]
+                if target.shape == tensor.shape:
+                    target.copy_(tensor)
+                elif name in ("embeddings.word_embeddings.weight", "itg_head.bias") and \
+                        tensor.shape[0] < target.shape[0]:  # [DEC] added: its row keeps its new initialisation
+                    target[:tensor.shape[0]].copy_(tensor)
+                else:
+                    raise ConfigError(f"{path}: {name} has shape {tuple(tensor.shape)}, the Q-Former's "
+                                      f"{tuple(target.shape)}")
+
+    def _not_built(self, name: str) -> bool:
+        """A BERT weight this Q-Former has no place for by design: a layer beyond num_layers, or the text side."""
+        import re
+
+        match = re.match(r"qformer\.encoder\.layer\.(\d+)\.", name)
+        if match and int(match.group(1)) >= self.config.num_layers:
+            return True
+        text_side = name.startswith(("embeddings.", "itg_head.")) or (
+            match is not None and re.search(r"\.(intermediate|output)\.", name) and ".attention." not in name)
+        return bool(text_side) and not self.has_text
 
     def output_tokens_for(self, num_vision_tokens: int) -> int:
         return self.config.num_queries  # whatever the image's token count: cross-attention reads them all

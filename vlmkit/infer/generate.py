@@ -139,6 +139,7 @@ class Decoder:
     def __init__(self, model, stop_ids: set[int] | None = None, use_cache: bool = True,
                  stop_strings: tuple[str, ...] | None = None):
         """`stop_ids` / `stop_strings` default to the model's template stop (`model_stop`)."""
+        model.require_llm("generation")
         self.model = model
         stop = model_stop(model) if stop_ids is None or stop_strings is None else None
         self.stop_ids = set(stop_ids if stop_ids is not None else stop.ids)

@@ -19,7 +19,7 @@ ADAPTER_DIR = "adapter"
 
 
 def has_lora(llm) -> bool:
-    return hasattr(llm.model, "peft_config")
+    return llm is not None and hasattr(llm.model, "peft_config")  # None: a model without an LLM (BLIP-2 stage 1)
 
 
 def check_quantization(lora: LoRAConfig) -> None:

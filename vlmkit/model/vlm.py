@@ -30,6 +30,19 @@ from vlmkit.llm.lora import (ADAPTER_DIR, attach_lora, has_lora, lora_record, qu
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CONNECTOR_TOKENIZER_DIR = "connector_tokenizer"  # the Q-Former's BERT tokenizer, beside the LLM's
+
+
+def llm_width(path: str) -> int:
+    """An LLM's hidden size from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(path)
+    hf = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+    width = getattr(hf, "hidden_size", None) or getattr(hf, "d_model", None)
+    if not width:
+        raise ConfigError(f"{path}: its config names no hidden_size (or d_model): cannot size the connector")
+    return int(width)
 
 
 def splice_image_features(inputs_embeds: torch.Tensor, image_token_mask: torch.Tensor, image_embeds: torch.Tensor,
@@ -57,8 +70,8 @@ def splice_image_features(inputs_embeds: torch.Tensor, image_token_mask: torch.T
 class VisionLanguageModel(nn.Module):
     """A vision-language model assembled from parts; `config` is the preset it was built from."""
 
-    def __init__(self, config: ArchConfig, vision: VisionEncoder, connector: nn.Module, llm: LanguageModel,
-                 tokenizer, image_transform: ImageTransform):
+    def __init__(self, config: ArchConfig, vision: VisionEncoder, connector: nn.Module, llm: LanguageModel | None,
+                 tokenizer, image_transform: ImageTransform, llm_hidden: int | None = None):
         super().__init__()
         self.config = config
         self.vision = vision
@@ -67,26 +80,33 @@ class VisionLanguageModel(nn.Module):
         self.tokenizer = tokenizer
         self.image_transform = image_transform
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        # the LLM's width: the connector's output (also without an LLM: a BLIP-2 stage-1 model has none)
+        self.llm_hidden = llm.hidden_size if llm is not None else llm_hidden
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: ArchConfig, verbose: bool = True, device=None, dtype=None,
+    def from_config(cls, config: ArchConfig, verbose: bool = True, device=None, dtype=None, with_llm: bool = True,
                     **load_kwargs) -> "VisionLanguageModel":
         """Build from the backbones a config names (hub ids, local directories or 'tiny:…').
 
         The backbones load in fp32 (the master weights training needs), or in `dtype`. With `device`/`dtype`
         they load straight there in that dtype (transformers reads their weights
         onto the meta-initialised model tensor by tensor), so a GPU model never passes through CPU memory in
-        fp32; the new connector follows the LLM's embeddings."""
+        fp32; the new connector follows the LLM's embeddings. `with_llm=False` (BLIP-2's stage 1): the LLM's
+        tokenizer and width are read, its weights are not loaded (`attach_llm` loads them for a later stage).
+        A connector that starts from a checkpoint of its own (the Q-Former's BERT) is initialised from it."""
+        import dataclasses
 
-        from vlmkit.tiny import resolve
-
+        from vlmkit.connectors import connector_class
         from vlmkit.io import check_local_path, loading
+        from vlmkit.tiny import resolve
 
         vision_path = resolve(config.vision.name_or_path, verbose=verbose)
         llm_path = resolve(config.llm.name_or_path, verbose=verbose)
         check_local_path(vision_path, "--vision.name-or-path")
         check_local_path(llm_path, "--llm.name-or-path")
+        connector_config, pretrained = connector_class(config.connector).resolve_pretrained(config.connector)
+        config = dataclasses.replace(config, connector=connector_config)
         # seeded after the tiny backbones are resolved: building them on a cold cache consumes the RNG, and the
         # connector's initialisation must not depend on whether the cache was empty
         torch.manual_seed(config.seed)
@@ -96,28 +116,74 @@ class VisionLanguageModel(nn.Module):
         load_kwargs.setdefault("dtype", dtype if dtype is not None else torch.float32)
         if device is not None and torch.device(device).type != "cpu":
             load_kwargs.setdefault("device_map", torch.device(device))
-        qlora = next((s.lora for s in config.stages if s.lora.quantize), None)
-        llm_kwargs = dict(load_kwargs, quantization_config=quantization_config(qlora)) if qlora else load_kwargs
+        llm, llm_hidden = None, None
         with loading("--llm.name-or-path", llm_path):
-            llm = LanguageModel.from_pretrained(llm_path, **llm_kwargs)
+            if with_llm:
+                llm = cls._load_llm(config, llm_path, **load_kwargs)
+            else:
+                if config.coordinate_tokens:
+                    raise ConfigError("coordinate_tokens needs the LLM (its embeddings grow): build with the LLM")
+                llm_hidden = llm_width(llm_path)
             tokenizer = prepare_tokenizer(load_tokenizer(llm_path), llm, template_tokens(config))
             if config.coordinate_tokens:
                 add_coordinate_tokens(tokenizer, llm, config.box_format)
         with loading("--vision.name-or-path", vision_path):
             tower = load_vision_tower(vision_path, **load_kwargs)
-        return cls._assemble(config, tower, llm, tokenizer, transform)
+        model = cls._assemble(config, tower, llm, tokenizer, transform, llm_hidden=llm_hidden)
+        if pretrained is not None:
+            with loading("--connector.name-or-path", config.connector.name_or_path):
+                model.connector.init_pretrained(pretrained)
+        return model
+
+    @staticmethod
+    def _load_llm(config: ArchConfig, llm_path: str, **load_kwargs) -> LanguageModel:
+        qlora = next((s.lora for s in config.stages if s.lora.quantize), None)
+        llm_kwargs = dict(load_kwargs, quantization_config=quantization_config(qlora)) if qlora else load_kwargs
+        return LanguageModel.from_pretrained(llm_path, **llm_kwargs)
+
+    def attach_llm(self, verbose: bool = True) -> None:
+        """Load the LLM that `config.llm` names into a model built without one (BLIP-2 after its stage 1), where
+        the model is, in its dtype; the tokenizer keeps its ids (the embeddings grow to its length)."""
+        from vlmkit.io import check_local_path, loading
+        from vlmkit.tiny import resolve
+
+        if self.llm is not None:
+            return
+        path = resolve(self.config.llm.name_or_path, verbose=verbose)
+        check_local_path(path, "--llm.name-or-path")
+        weight = next(self.connector.parameters())
+        kwargs = {"dtype": weight.dtype}
+        if weight.device.type != "cpu":
+            kwargs["device_map"] = weight.device
+        with loading("--llm.name-or-path", path):
+            llm = self._load_llm(self.config, path, **kwargs)
+        if llm.hidden_size != self.llm_hidden:
+            raise ConfigError(f"--llm.name-or-path {path}: width {llm.hidden_size}, but the connector was built for "
+                              f"{self.llm_hidden} (the LLM named when the model was made)")
+        prepare_tokenizer(self.tokenizer, llm, template_tokens(self.config))
+        self.llm = llm
+
+    def require_llm(self, what: str) -> LanguageModel:
+        if self.llm is None:
+            raise ConfigError(f"{what} needs the language model, and this model has none (a BLIP-2 stage-1 run: the "
+                              "Q-Former trains without an LLM); train the next stage (it loads the LLM), or use "
+                              "`vlmkit eval RUN --task retrieval`")
+        return self.llm
 
     @classmethod
-    def _assemble(cls, config: ArchConfig, tower, llm: LanguageModel, tokenizer, transform: ImageTransform):
+    def _assemble(cls, config: ArchConfig, tower, llm: LanguageModel | None, tokenizer, transform: ImageTransform,
+                  llm_hidden: int | None = None):
         """Wrap the tower and build the connector between it and the LLM (new or loaded, the same way)."""
         vision = VisionEncoder(tower, config.vision, transform.crop[0])
-        connector = build_connector(config.connector, vision.hidden_size, llm.hidden_size, vision.num_tokens)
-        embeddings = llm.causal_lm.get_input_embeddings().weight  # a new connector joins the LLM's device/dtype
+        llm_hidden = llm.hidden_size if llm is not None else llm_hidden
+        connector = build_connector(config.connector, vision.hidden_size, llm_hidden, vision.num_tokens)
+        # a new connector joins the LLM's device/dtype (the tower's without an LLM)
+        reference = next(iter(tower.parameters())) if llm is None else llm.causal_lm.get_input_embeddings().weight
         # (not onto the meta device of a model being loaded: the connector's parameters are meta already, and
         # its non-persistent buffers — the Q-Former's position ids — are not in the checkpoint to refill them)
-        connector.to(device=None if embeddings.is_meta else embeddings.device,
-                     dtype=embeddings.dtype if embeddings.is_floating_point() else None)
-        return cls(config, vision, connector, llm, tokenizer, transform)
+        connector.to(device=None if reference.is_meta else reference.device,
+                     dtype=reference.dtype if reference.is_floating_point() else None)
+        return cls(config, vision, connector, llm, tokenizer, transform, llm_hidden=llm_hidden)
 
     def set_image_size(self, size: int) -> None:
         """Preprocess images to `size` x `size` from now on (a stage's `image_size`): the tower's grid follows (a
@@ -137,7 +203,8 @@ class VisionLanguageModel(nn.Module):
         return self.connector.num_output_tokens
 
     def parts(self) -> dict[str, nn.Module]:
-        return {"vision": self.vision, "connector": self.connector, "llm": self.llm}
+        parts = {"vision": self.vision, "connector": self.connector, "llm": self.llm}
+        return {name: part for name, part in parts.items() if part is not None}
 
     # -- forward -----------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -148,7 +215,7 @@ class VisionLanguageModel(nn.Module):
               vision_features=None, record_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Text embeddings with image embeddings spliced in; returns (inputs_embeds, image_token_mask)."""
         input_ids = input_ids.to(self.device)
-        inputs_embeds = self.llm.embed(input_ids)
+        inputs_embeds = self.require_llm("the language model's forward").embed(input_ids)
         image_token_mask = input_ids == self.image_token_id
         if image_counts is None:
             image_counts = [0] * input_ids.shape[0]
@@ -172,12 +239,18 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        """Where the LLM's input embeddings live: inputs are moved there (CPU batches, GPU model)."""
+        """Where the LLM's input embeddings live (the connector's without an LLM): inputs are moved there."""
+        if self.llm is None:
+            return next(self.connector.parameters()).device
         return self.llm.causal_lm.get_input_embeddings().weight.device
 
     def forward(self, input_ids, attention_mask=None, labels=None, image_counts=None, pixel_values=None,
-                vision_features=None, record_ids=None, position_ids=None):
-        """Returns (loss or None, logits). With labels, logits are computed only where the loss needs them."""
+                vision_features=None, record_ids=None, position_ids=None, objective: str = "lm"):
+        """Returns (loss or None, logits). With labels, logits are computed only where the loss needs them.
+        `objective="blip2_qformer"`: BLIP-2's stage-1 losses instead, (sum, {"itc", "itm", "itg"}), through the
+        Q-Former alone (no LLM), on the text the labels supervise (vlmkit.train.blip2)."""
+        if objective == "blip2_qformer":
+            return self.qformer_losses(input_ids, labels, image_counts, pixel_values, vision_features, record_ids)
         inputs_embeds, image_token_mask = self.embed(input_ids, image_counts, pixel_values, vision_features,
                                                      record_ids)
         attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
@@ -194,6 +267,40 @@ class VisionLanguageModel(nn.Module):
         loss = F.cross_entropy(logits.float(), targets[supervised])
         return loss, logits
 
+    def qformer_texts(self, input_ids: torch.Tensor, labels: torch.Tensor) -> list[str]:
+        """Each sample's supervised text (its caption), as words: what the Q-Former's own tokenizer reads."""
+        texts = []
+        for ids, target in zip(input_ids.tolist(), labels.tolist()):
+            tokens = [i for i, t in zip(ids, target) if t != IGNORE_INDEX]
+            texts.append(self.tokenizer.decode(tokens, skip_special_tokens=True).strip())
+        return texts
+
+    def qformer_losses(self, input_ids, labels, image_counts, pixel_values=None, vision_features=None,
+                       record_ids=None):
+        from vlmkit.train.blip2 import qformer_losses
+
+        tokenizer = getattr(self.connector, "tokenizer", None)
+        if tokenizer is None or not hasattr(self.connector, "joint_outputs"):
+            raise ConfigError("objective blip2_qformer trains a Q-Former with a text side: connector.type qformer, "
+                              "connector.text_input true and connector.name_or_path a BERT (its tokenizer reads "
+                              "the captions)")
+        counts = list(image_counts or [0] * input_ids.shape[0])
+        for i, count in enumerate(counts):
+            if count != 1:
+                name = record_ids[i] if record_ids is not None else i
+                raise BadRecord(name, f"has {count} images; BLIP-2's stage-1 objectives pair one image with one "
+                                      "text", kind="image_count")
+        if vision_features is None:
+            vision_features = self.encode_images(pixel_values)
+        weight = next(self.connector.parameters())
+        texts = self.qformer_texts(input_ids, labels)
+        encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=self.config.connector.max_text_tokens,
+                            return_tensors="pt")
+        terms = qformer_losses(self.connector, vision_features.to(device=weight.device, dtype=weight.dtype),
+                               encoded["input_ids"].to(weight.device), encoded["attention_mask"].to(weight.device),
+                               dec_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+        return terms["loss"], {name: value for name, value in terms.items() if name != "loss"}
+
     # -- save / load ---------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, state_dict: dict | None = None) -> None:
         """Write config.json + model.safetensors + tokenizer + preprocessor config, atomically.
@@ -207,7 +314,8 @@ class VisionLanguageModel(nn.Module):
             "format": "vlmkit", "format_version": FORMAT_VERSION,
             "arch": self.config.to_dict(),
             "vision_tower": self.vision.tower.config.to_dict(),
-            "llm": self.llm.config.to_dict(),
+            "llm": self.llm.config.to_dict() if self.llm is not None else None,  # None: not loaded (BLIP-2 stage 1)
+            "llm_hidden": self.llm_hidden,
             "num_image_tokens": self.num_image_tokens,
             "lora": lora_record(self.llm),
         }
@@ -217,6 +325,9 @@ class VisionLanguageModel(nn.Module):
         else:
             save_file(_without_shared(state_dict), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(directory)
+        text_tokenizer = getattr(self.connector, "tokenizer", None)  # the Q-Former's own (BERT) tokenizer
+        if text_tokenizer is not None:
+            text_tokenizer.save_pretrained(directory / CONNECTOR_TOKENIZER_DIR)
         self.image_transform.save(directory)
         if has_lora(self.llm):  # the adapters alone, in peft's format, for use with the base LLM elsewhere
             self.llm.model.save_pretrained(directory / ADAPTER_DIR)
@@ -251,10 +362,15 @@ class VisionLanguageModel(nn.Module):
         from accelerate import init_empty_weights
 
         with init_empty_weights(include_buffers=False):  # buffers computed at init (rotary tables) stay real
-            llm = LanguageModel.from_hf_config(saved["llm"])
+            llm = LanguageModel.from_hf_config(saved["llm"]) if saved["llm"] is not None else None
             model = cls._assemble(config, load_vision_tower(None, hf_config=saved["vision_tower"]), llm, tokenizer,
-                                  transform)
-        model.llm.causal_lm.tie_weights()  # not tied under init_empty_weights (it re-creates assigned parameters)
+                                  transform, llm_hidden=saved.get("llm_hidden"))
+        if llm is not None:
+            model.llm.causal_lm.tie_weights()  # not tied under init_empty_weights (it re-creates assigned parameters)
+        if (directory / CONNECTOR_TOKENIZER_DIR).is_dir():
+            from vlmkit.connectors.qformer import load_text_tokenizer
+
+            model.connector.tokenizer = load_text_tokenizer(directory / CONNECTOR_TOKENIZER_DIR)
         if saved.get("lora"):  # kept adapters: the weights file holds them under peft's names
             record = dict(saved["lora"])
             token_ids = record.pop("trainable_token_indices", [])
@@ -361,6 +477,6 @@ def prepare_tokenizer(tokenizer, llm: LanguageModel, extra_tokens: list[str] = (
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    if len(tokenizer) > llm.model.get_input_embeddings().num_embeddings:
+    if llm is not None and len(tokenizer) > llm.model.get_input_embeddings().num_embeddings:
         llm.model.resize_token_embeddings(len(tokenizer))
     return tokenizer

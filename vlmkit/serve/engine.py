@@ -39,7 +39,7 @@ _RENDER_LOCK = threading.Lock()  # requests are prepared in several threads; the
 
 def context_length(model) -> int:
     """Longest prompt + answer the model takes: its training length, or the LM's positions if fewer."""
-    positions = getattr(model.llm.causal_lm.config, "max_position_embeddings", None)
+    positions = getattr(model.require_llm("serving").causal_lm.config, "max_position_embeddings", None)
     return min(model.config.max_length, positions) if positions else model.config.max_length
 
 

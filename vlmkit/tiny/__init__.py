@@ -15,7 +15,7 @@ from vlmkit.io import cache_home
 # v2: the LM corpus is rendered by the shared renderer (vlmkit.data.render); v3: LM init std 0.2, " yes" one token
 VERSION = "v3"
 PREFIX = "tiny:"
-NAMES = ("tokenizer", "llama", "vision", "scenes-vision")
+NAMES = ("tokenizer", "llama", "vision", "scenes-vision", "bert")
 
 
 def tiny_dir(name: str) -> Path:
@@ -38,8 +38,10 @@ def resolve(name_or_path: str, verbose: bool = True) -> str:
 
 
 def used_by(config) -> list[str]:
-    """The tiny backbones a config names (LLM, then vision tower), after the tokenizer they share; [] if none."""
-    used = [n[len(PREFIX):] for n in (config.llm.name_or_path, config.vision.name_or_path) if is_tiny(n)]
+    """The tiny backbones a config names (LLM, vision tower, the Q-Former's BERT), after the tokenizer they share;
+    [] if none."""
+    used = [n[len(PREFIX):] for n in (config.llm.name_or_path, config.vision.name_or_path,
+                                      config.connector.name_or_path) if is_tiny(n)]
     return list(dict.fromkeys(["tokenizer", *used])) if used else []
 
 

@@ -381,3 +381,49 @@ def build_scenes_vision(path: Path, verbose: bool = True, seed: int = 0, **_) ->
               f"{held_out['shape']:.1%}, box from one cell IoU>=0.5 {held_out['box_iou_at_0.5']:.1%} (mean error "
               f"{held_out['box_mae_pixels']:.1f} px) in {time.time() - start:.0f}s -> {path}")
 
+
+
+# -- the Q-Former's BERT (BLIP-2 family) -------------------------------------------------------------------------
+BERT_CONFIG = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                   max_position_embeddings=64)
+BERT_VOCAB = 512
+
+
+def _bert_corpus() -> list[str]:
+    """Captions and questions the project has (easy-VQA's training split, generated training scenes)."""
+    from vlmkit.data import scenes
+
+    corpus = text_corpus()
+    corpus += [scenes.caption(scenes.generate_scene(i, "train", max_shapes=4)) for i in range(400)]
+    return corpus
+
+
+def build_bert(path: Path, verbose: bool = True, seed: int = 0, **_) -> None:
+    """A lower-cased WordPiece tokenizer over the project's text and a BERT of BERT_CONFIG's sizes, randomly
+    initialised (not pretrained): what a Q-Former starts from at the tiny scale, loaded as bert-base-uncased is."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    start = time.time()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.train_from_iterator(_bert_corpus(), trainer=trainers.WordPieceTrainer(
+        vocab_size=BERT_VOCAB, special_tokens=specials, show_progress=verbose))
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                             special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    fast = BertTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                             cls_token="[CLS]", mask_token="[MASK]", do_lower_case=True)
+    torch.manual_seed(seed)
+    model = BertForMaskedLM(BertConfig(vocab_size=len(fast), pad_token_id=fast.pad_token_id, **BERT_CONFIG))
+    with atomic_dir(path) as tmp:
+        fast.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        _write_info(tmp, {"kind": "WordPiece tokenizer + random BERT (not pretrained)", "vocab_size": len(fast),
+                          "config": BERT_CONFIG, "seconds": time.time() - start})
+    if verbose:
+        print(f"[tiny] bert: {len(fast)} WordPiece tokens, random {BERT_CONFIG['num_hidden_layers']}-layer BERT -> "
+              f"{path} ({time.time() - start:.1f}s)")

@@ -101,7 +101,7 @@ def prepare(model, info: DistInfo, strategy: str, bf16: bool = False):
 
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
             MixedPrecisionPolicy()
-        for layer in decoder_layers(model.llm.causal_lm):
+        for layer in decoder_layers(model.llm.causal_lm) if model.llm is not None else []:
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         model._fsdp_sharded = True

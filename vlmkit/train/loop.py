@@ -170,7 +170,8 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
     model.keep_connector_in_graph = "connector" in stage.train
     # activations recomputed in the backward pass, layer by layer: in every stage, since even with the LLM frozen
     # (LLaVA's stage 1) the gradient reaches the connector through all its layers
-    undo_checkpointing = checkpoint_layers(model.llm.causal_lm) if gradient_checkpointing else None
+    undo_checkpointing = checkpoint_layers(model.llm.causal_lm) if gradient_checkpointing and model.llm is not None \
+        else None
     forward = distributed.prepare(model, info, strategy, bf16=bf16)  # before the optimizer: FSDP replaces the parameters
     # the fused kernel does the same update in one pass instead of a Python loop over parameters (measured: the
     # optimizer step 272 -> 56 ms on the benchmark's 'small' model); FSDP's sharded DTensors use the default
@@ -189,7 +190,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
         buffers = {name: b.detach().clone() for name, b in model.as_tensor_module().named_buffers()}
         engine = deepspeed_zero.initialize(model, optimizer, schedule, deepspeed_zero.fill_config(
             deepspeed_config, world_size=info.world_size, batch_size=stage.batch_size, grad_accum=stage.grad_accum,
-            bf16=bf16, hidden=model.llm.hidden_size, max_grad_norm=stage.max_grad_norm))
+            bf16=bf16, hidden=model.llm_hidden, max_grad_norm=stage.max_grad_norm))
         forward = engine
     # frozen-encoder features are cached once per image; a sharded model runs its tower inside the forward
     cache = "vision" not in stage.train and not distributed.is_sharded(model) and not zero
@@ -243,12 +244,12 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
                 if info.enabled:
                     total_units = int(distributed.all_reduce_sum([total_units])[0])
                 total_units = max(total_units, 1)
-                step_sum = 0.0
+                step_sum, term_sums = 0.0, {}
                 for (epoch, position, real, batch), count in zip(micro, units):
                     features = cached[batch.image_indices] if cached is not None and len(batch.image_indices) \
                         else None
                     with autocast:
-                        loss, _ = objective(forward, batch, features)
+                        loss, terms = objective(forward, batch, features)
                     # this micro-batch's share of the step's units; DDP averages gradients over ranks, so the
                     # world size turns that average back into the global sum (a rank without samples: weight 0)
                     weight = count * info.world_size / total_units
@@ -258,13 +259,18 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
                     else:
                         (loss * weight).backward()
                     step_sum += loss.item() * count
+                    for name, value in terms.items():  # the objective's parts (BLIP-2: itc, itm, itg), weighted alike
+                        term_sums[name] = term_sums.get(name, 0.0) + value * count
                 rows = sum(int(batch.input_ids.shape[0]) for _, _, real, batch in micro if real)
                 stopping = stop.signal_name is not None
                 if info.enabled:  # the step's loss and rows (samples, or packed rows) over every rank, and whether
                     # any rank got a stop signal: all ranks then checkpoint and stop after the same step (a signal
                     # arriving after this point is seen at the next step, by everyone)
-                    step_sum, rows, stops = distributed.all_reduce_sum([step_sum, rows, float(stopping)])
+                    names = sorted(term_sums)
+                    step_sum, rows, stops, *sums = distributed.all_reduce_sum(
+                        [step_sum, rows, float(stopping), *(term_sums[n] for n in names)])
                     stopping = stops > 0
+                    term_sums = dict(zip(names, sums))
                 step_loss = step_sum / total_units
                 if engine is not None:
                     norm = engine.get_global_grad_norm() if stage.max_grad_norm else None
@@ -286,6 +292,8 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
                         "grad_norm": None if norm is None else float(norm), "tokens": total_units,
                         "rows": int(rows),
                         "seconds": round(time.time() - start, 3)}
+                    if term_sums:
+                        entry["terms"] = {name: value / total_units for name, value in term_sums.items()}
                     if log_handle:
                         log_handle.write(json.dumps(entry) + "\n")
                         log_handle.flush()

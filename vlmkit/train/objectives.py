@@ -5,7 +5,7 @@ and the metrics to log; `objective.units(batch)` counts those units (supervised 
 weights every micro-batch by its share of the units of the whole optimiser step — all micro-batches, all
 ranks — so the gradient is the same for batch 32 x accumulation 1 as for batch 16 x accumulation 2, however
 the supervised tokens fall (and a single micro-batch on one process is left exactly as it is). BLIP-2's
-contrastive, matching and generation losses register here next, as further names.
+contrastive, matching and generation losses are `blip2_qformer`.
 """
 from __future__ import annotations
 
@@ -37,7 +37,29 @@ class LanguageModeling:
         return mean, {}
 
 
-OBJECTIVES: dict[str, Callable[[], object]] = {"lm": LanguageModeling}
+class QFormerPretraining:
+    """BLIP-2's stage 1: ITC + ITM + ITG of the Q-Former on (image, caption) pairs, without an LLM; each a mean
+    over the micro-batch's pairs (vlmkit.train.blip2), so a pair is the unit. The terms are logged apart."""
+    name = "blip2_qformer"
+    needs_llm = False
+
+    def units(self, batch) -> int:
+        return int(batch.input_ids.shape[0])
+
+    def __call__(self, forward: Callable, batch, features=None) -> tuple[torch.Tensor, dict]:
+        pixels = batch.pixel_values if features is None else None
+        loss, terms = forward(batch.input_ids, labels=batch.labels, image_counts=batch.image_counts,
+                              pixel_values=pixels, vision_features=features, record_ids=batch.record_ids,
+                              objective=self.name)
+        return loss, {name: float(value.detach()) for name, value in terms.items()}
+
+
+OBJECTIVES: dict[str, Callable[[], object]] = {"lm": LanguageModeling, "blip2_qformer": QFormerPretraining}
+
+
+def needs_llm(name: str) -> bool:
+    """Whether a stage with this objective runs the language model (BLIP-2's stage 1 does not load one)."""
+    return getattr(get_objective(name), "needs_llm", True)
 
 
 def get_objective(name: str):

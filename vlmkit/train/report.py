@@ -61,6 +61,8 @@ class Reporter:
             metrics[f"train/learning_rate/{part}"] = float(lr)
         if entry.get("grad_norm") is not None:
             metrics["train/grad_norm"] = float(entry["grad_norm"])
+        for name, value in (entry.get("terms") or {}).items():  # an objective's parts (BLIP-2's itc, itm, itg)
+            metrics[f"train/loss/{name}"] = float(value)
         stage, seconds = entry.get("stage"), entry.get("seconds")
         if seconds is not None:
             seconds = float(seconds)

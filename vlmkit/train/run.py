@@ -135,8 +135,9 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
             model = load_init(init, device=target)
             model.config = config  # its own config, with this run's stage settings
             log(f"--init: starting from {init} ({config.name}, template {config.template})")
-        else:
-            model = VisionLanguageModel.from_config(config, verbose=verbose, device=target)
+        else:  # without its LLM when the first stage to run does not use one (BLIP-2's stage 1)
+            model = VisionLanguageModel.from_config(config, verbose=verbose, device=target,
+                                                    with_llm=_stage_needs_llm(selected[0]) if selected else True)
     model.to(target)  # a no-op for what was loaded there; buffers made at init
     if model.device.type == "cuda":  # TF32 matmuls on Ampere and later, as LLaVA's scripts set (--tf32 True)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -171,6 +172,10 @@ def _run_stages(model, config, run_dir, data, selected, first, resume_from, info
         if index < first or stage not in selected:
             continue
         phase = time.time()
+        if model.llm is None and _stage_needs_llm(stage):
+            model.attach_llm(verbose=verbose)
+            log(f"stage {stage.name!r}: loaded the language model {config.llm.name_or_path} "
+                f"({sum(p.numel() for p in model.llm.parameters()):,} parameters)")
         if stage.image_size or base_size != model.image_transform.crop[0]:
             model.set_image_size(stage.image_size or base_size)
             log(f"stage {stage.name!r}: images at {model.image_transform.crop[0]} px, {model.vision.num_tokens} vision "
@@ -208,6 +213,12 @@ def _run_stages(model, config, run_dir, data, selected, first, resume_from, info
         result["train_seconds"] = result.pop("seconds")
         result["seconds"] = time.time() - phase  # data reading + training + checkpoint
         summary["stages"].append(result)
+
+
+def _stage_needs_llm(stage) -> bool:
+    from vlmkit.train.objectives import needs_llm
+
+    return "llm" in stage.train or needs_llm(stage.objective)
 
 
 def _silent(*_args, **_kwargs) -> None:
