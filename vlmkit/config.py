@@ -75,6 +75,8 @@ class ConnectorConfig:
 @dataclass
 class LLMConfig:
     name_or_path: str = _help("Hugging Face causal LM: a local directory or a hub id.", default="tiny:llama")
+    trust_remote_code: bool = _help("Run the model's own code from its directory (ChatGLM-6B ships its model as "
+                                    "remote code): only for a checkpoint you trust.", default=False)
 
 
 @dataclass

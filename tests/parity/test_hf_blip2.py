@@ -113,6 +113,27 @@ def test_import_parity(name, tokenizer, tmp_path):
                             pixel_values=inputs["pixel_values"])
     torch.testing.assert_close(relogits, expected, atol=1e-4, rtol=1e-4)
 
+    # exported back: transformers loads it and computes the same logits, from the same processor inputs
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from vlmkit.convert import to_hf
+
+    to_hf(again, tmp_path / "back")
+    back = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    back_inputs = Blip2Processor.from_pretrained(tmp_path / "back")(images=[image], text=[
+        processor.tokenizer.bos_token + PROMPT], return_tensors="pt")
+    assert back_inputs["input_ids"].tolist() == inputs["input_ids"].tolist()
+    torch.testing.assert_close(back_inputs["pixel_values"], inputs["pixel_values"], atol=1e-6, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(back(**back_inputs).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_model_outside_the_format_is_refused_by_to_hf(make_model, tmp_path):
+    from vlmkit.convert import to_hf
+
+    with pytest.raises(ConfigError, match="Blip2VisionModel"):
+        to_hf(make_model("blip2"), tmp_path / "out")
+
 
 def test_encoder_decoder_llm_is_refused_with_a_reason(tokenizer, tmp_path):
     case = dict(queries=4, frequency=2, layers=2,

@@ -158,3 +158,47 @@ def test_recall_at_and_distinct_captions():
     assert recall_at(scores, truth, 3) == pytest.approx(2 / 3)
     records = [{"conversations": [{"value": "q"}, {"value": c}]} for c in ["A b", "a b", "c", "d", "c"]]
     assert [r["conversations"][1]["value"] for r in distinct_caption_records(records, 3)] == ["A b", "c", "d"]
+
+
+def test_minigpt4_trains_only_the_projection_after_a_loaded_qformer(backbones, tmp_path):
+    from vlmkit.errors import ConfigError
+    from vlmkit.train.run import train_run
+
+    torch.manual_seed(3)
+    blip = VisionLanguageModel.from_config(blip2_config(backbones), verbose=False, with_llm=False)
+    with torch.no_grad():  # a "trained" Q-Former: not what the BERT gives
+        for param in blip.connector.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    blip.save_pretrained(tmp_path / "blip2")
+    config = from_name("minigpt4", scale="tiny", vision={"name_or_path": backbones["clip"], "feature_layer": -1},
+                       llm={"name_or_path": backbones["llm"]}, connector={"name_or_path": str(tmp_path / "blip2")},
+                       stages__pretrain__mixture="scenes:caption:n32:shapes1", stages__pretrain__max_steps=3,
+                       stages__pretrain__batch_size=4)
+    model = train_run(config, tmp_path / "run", stages=["pretrain"], verbose=False, log=lambda *a: None)["model"]
+    assert model.config.connector.embed_dim == 128 and model.connector.tokenizer is not None
+    before, after = blip.connector.state_dict(), model.connector.state_dict()
+    for key, value in before.items():
+        if key.startswith("language_projection."):
+            assert not torch.equal(value, after[key])  # new (MiniGPT-4's llama_proj), then trained
+        else:
+            assert torch.equal(value, after[key]), key  # loaded, and frozen through the stage
+    entries = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert set(entries[0]["lr"]) == {"connector.language_projection"}
+    # a Q-Former only works on the features it learned from: another tower, or the same read otherwise, is refused
+    with pytest.raises(ConfigError, match="trained on the features of"):
+        VisionLanguageModel.from_config(config.__class__.from_dict({**config.to_dict(), "vision": {
+            **config.to_dict()["vision"], "name_or_path": backbones["resnet"]}}), verbose=False)
+    with pytest.raises(ConfigError, match="vision.feature_layer"):
+        VisionLanguageModel.from_config(config.__class__.from_dict({**config.to_dict(), "vision": {
+            **config.to_dict()["vision"], "feature_layer": -2}}), verbose=False)
+
+
+def test_a_stage_names_an_unknown_inner_module():
+    from types import SimpleNamespace
+
+    from vlmkit.errors import ConfigError
+    from vlmkit.train.freeze import apply_stage_freezing
+
+    model = SimpleNamespace(parts=lambda: {"connector": torch.nn.Sequential(torch.nn.Linear(2, 2))})
+    with pytest.raises(ConfigError, match="connector has no module 'projection'"):
+        apply_stage_freezing(model, ["connector.projection"], log=lambda *a: None)

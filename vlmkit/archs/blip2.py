@@ -31,11 +31,16 @@ PRESET = {
             "max_length": 512,
         },
         "tiny": {
-            "vision": {"name_or_path": "tiny:vision", "feature_layer": -1, "select": "patch", "final_norm": False},
+            "vision": {"name_or_path": "tiny:scenes-vision", "feature_layer": -1, "select": "patch", "final_norm": False},
             "llm": {"name_or_path": "tiny:llama"},
             # the Q-Former's sizes come from its BERT (tiny:bert: 128 wide, 2 layers, 4 heads, its own WordPiece)
-            "connector": {"num_queries": 8, "num_layers": 2, "proj_dim": 64, "name_or_path": "tiny:bert"},
+            "connector": {"num_queries": 32, "num_layers": 2, "proj_dim": 64, "name_or_path": "tiny:bert"},
             "max_length": 256,
+            "stages": [
+                {"mixture": "scenes:caption", "lr": {"connector": 1e-3}, "epochs": 10, "batch_size": 64,
+                 "warmup_ratio": 0.03},
+                {},
+            ],
         },
     },
 }

@@ -22,6 +22,9 @@ text apart (ITC), text causal after all queries (ITG), everything bidirectional 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -152,6 +155,9 @@ class QFormer(Connector):
 
         path = resolve(config.name_or_path)
         check_local_path(path, "--connector.name-or-path")
+        trained = _trained_qformer(path)
+        if trained is not None:  # a Q-Former that has trained: a blip2 run or a BLIP-2 checkpoint (MiniGPT-4)
+            return _from_trained(config, *trained)
         with loading("--connector.name-or-path", path):
             bert = AutoConfig.from_pretrained(path)
             tokenizer = load_text_tokenizer(path)
@@ -174,8 +180,13 @@ class QFormer(Connector):
 
     def init_pretrained(self, pretrained) -> None:
         """The Q-Former's layers from the BERT (its self-attention and feed-forward, the queries' feed-forward
-        copied from the text's, as LAVIS does; cross-attention stays new), and its text embeddings and LM head."""
+        copied from the text's, as LAVIS does; cross-attention stays new), and its text embeddings and LM head.
+        From a trained Q-Former (a vlmkit run, a BLIP-2 checkpoint): all of it but the projection to the LLM, which
+        is new (MiniGPT-4's `llama_proj`)."""
         if pretrained is None:
+            return
+        if isinstance(pretrained, TrainedQFormer):
+            self._load_trained(pretrained)
             return
         path, tokenizer = pretrained
         from transformers import BertForMaskedLM
@@ -210,6 +221,30 @@ class QFormer(Connector):
                 else:
                     raise ConfigError(f"{path}: {name} has shape {tuple(tensor.shape)}, the Q-Former's "
                                       f"{tuple(target.shape)}")
+
+    def _load_trained(self, source: "TrainedQFormer") -> None:
+        from safetensors import safe_open
+
+        self.tokenizer = source.tokenizer
+        state = self.state_dict()
+        found = {}
+        for file in source.files:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    if key.startswith(source.prefix):
+                        name = key[len(source.prefix):]
+                        if name in state and not name.startswith("language_projection."):
+                            found[name] = handle.get_tensor(key)
+        missing = [name for name in state if name not in found and not name.startswith("language_projection.")]
+        if missing:
+            raise ConfigError(f"{source.path}: its Q-Former lacks {', '.join(missing[:4])}"
+                              + (f" (and {len(missing) - 4} more)" if len(missing) > 4 else ""))
+        with torch.no_grad():
+            for name, tensor in found.items():
+                if state[name].shape != tensor.shape:
+                    raise ConfigError(f"{source.path}: {name} has shape {tuple(tensor.shape)}, the Q-Former's "
+                                      f"{tuple(state[name].shape)}")
+                state[name].copy_(tensor)
 
     def _not_built(self, name: str) -> bool:
         """A BERT weight this Q-Former has no place for by design: a layer beyond num_layers, or the text side."""
@@ -260,3 +295,76 @@ class QFormer(Connector):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         query = self.query_outputs(features)
         return self.language_projection(query.to(self.language_projection.weight.dtype))
+
+
+@dataclass
+class TrainedQFormer:
+    """Where a trained Q-Former's weights are: safetensors files, the key prefix, its tokenizer (None without a text
+    side) and the vision settings it read features with (the new model must use the same: name_or_path and, from a
+    vlmkit run, feature_layer / select / final_norm)."""
+    path: str
+    files: list
+    prefix: str
+    tokenizer: object
+    vision: dict
+
+
+def _trained_qformer(path: str):
+    """(kind, directory, its config.json) for a vlmkit run/checkpoint or a Hugging Face BLIP-2 directory; None for
+    anything else (a BERT)."""
+    import json
+
+    directory = Path(path)
+    if not directory.exists() and path.count("/") == 1:  # a hub id: its config decides (weights come later)
+        from huggingface_hub import hf_hub_download, snapshot_download
+
+        config = json.loads(Path(hf_hub_download(path, "config.json")).read_text())
+        if config.get("model_type") != "blip-2":
+            return None
+        directory = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
+    if (directory / "model" / "config.json").exists() and not (directory / "config.json").exists():
+        directory = directory / "model"  # a run directory: its newest stage
+    file = directory / "config.json"
+    if not file.exists():
+        return None
+    saved = json.loads(file.read_text())
+    if saved.get("format") == "vlmkit":
+        return "vlmkit", directory, saved
+    if saved.get("model_type") == "blip-2":
+        return "blip-2", directory, saved
+    return None
+
+
+def _from_trained(config: ConnectorConfig, kind: str, directory: Path, saved: dict):
+    import dataclasses
+
+    from vlmkit.model.vlm import CONNECTOR_TOKENIZER_DIR
+
+    if kind == "vlmkit":
+        theirs = saved["arch"]["connector"]
+        if theirs.get("type") != "qformer":
+            raise ConfigError(f"--connector.name-or-path {directory}: its connector is {theirs.get('type')!r}, not a "
+                              "Q-Former")
+        sizes = {f.name: theirs[f.name] for f in dataclasses.fields(ConnectorConfig)
+                 if f.name in theirs and f.name not in ("name_or_path", "type")}
+        tokenizer_dir = directory / CONNECTOR_TOKENIZER_DIR
+        tokenizer = load_text_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
+        vision = {key: saved["arch"]["vision"][key] for key in ("name_or_path", "feature_layer", "select", "final_norm")
+                  if key in saved["arch"]["vision"]}
+        files, prefix = [directory / "model.safetensors"], "connector."
+    else:
+        q = saved["qformer_config"]
+        sizes = dict(num_queries=saved.get("num_query_tokens", 32), embed_dim=q["hidden_size"],
+                     num_layers=q["num_hidden_layers"], num_heads=q["num_attention_heads"],
+                     intermediate_size=q["intermediate_size"], cross_attention_frequency=q["cross_attention_frequency"],
+                     text_input=bool(q.get("use_qformer_text_input", False)),
+                     proj_dim=saved.get("image_text_hidden_size", 256), vocab_size=q.get("vocab_size", 30522),
+                     text_positions=q.get("max_position_embeddings", 512))
+        tokenizer, vision = None, {"name_or_path": config.name_or_path}  # its own tower, in the same checkpoint
+        files, prefix = sorted(directory.glob("*.safetensors")), ""
+        if not files:
+            raise ConfigError(f"{directory}: no .safetensors weights (vlmkit reads BLIP-2 checkpoints in safetensors)")
+    if sizes.get("text_input") and tokenizer is None:
+        sizes["text_input"] = False  # no tokenizer came with it: the text side cannot be used
+    config = dataclasses.replace(config, **sizes)
+    return config, TrainedQFormer(str(directory), files, prefix, tokenizer, vision)

@@ -1,12 +1,12 @@
 """Checkpoints in other formats, in and out.
 
 - `from_hf`: a Hugging Face directory or hub id, by its model_type: `LlavaForConditionalGeneration`
-  (`hf_llava.py`) or `Blip2ForConditionalGeneration` (`hf_blip2.py`); `to_hf`: vlmkit LLaVA -> HF LLaVA.
+  (`hf_llava.py`) or `Blip2ForConditionalGeneration` (`hf_blip2.py`); `to_hf`: back, to
+  the format of the model's architecture.
 - `from_llava_original`: the original LLaVA repository's `LlavaLlamaForCausalLM` checkpoints.
 - `read_state_dict`: safetensors weights, pickles only on request (`weights.py`).
 """
 from vlmkit.convert import hf_blip2, hf_llava
-from vlmkit.convert.hf_llava import to_hf
 from vlmkit.convert.llava_original import from_llava_original
 from vlmkit.convert.weights import read_state_dict
 
@@ -20,6 +20,13 @@ def from_hf(src, **kwargs):
     model_type = AutoConfig.from_pretrained(str(src)).model_type
     importer = _IMPORTERS.get(model_type, hf_llava.from_hf)  # the LLaVA importer names what else it knows
     return importer(src, **kwargs)
+
+
+def to_hf(model, out):
+    """Write a vlmkit model in the Hugging Face format of its architecture: BLIP-2 for a Q-Former, else LLaVA."""
+    if model.config.connector.type == "qformer":
+        return hf_blip2.to_hf(model, out)
+    return hf_llava.to_hf(model, out)
 
 
 __all__ = ["from_hf", "to_hf", "from_llava_original", "read_state_dict"]

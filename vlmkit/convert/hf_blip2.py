@@ -88,3 +88,75 @@ def from_hf(src: str | os.PathLike, *, dtype=None, device_map=None, verbose: boo
 
 # the stage-1 heads a Blip2ForConditionalGeneration checkpoint does not have (they stay as initialised)
 _STAGE1_PARTS = ("embeddings.", "vision_projection.", "text_projection.", "itm_head.", "temp", "itg_head.")
+
+
+def to_hf(model, out: str | os.PathLike):
+    """Write a Q-Former model as a `Blip2ForConditionalGeneration` + `Blip2Processor` directory (atomically).
+
+    The format holds BLIP-2's own parts only: a `Blip2VisionModel` tower read at its last layer through its final
+    LayerNorm (all tokens, CLS included), the Q-Former's image side (the stage-1 text side and heads are left out,
+    as Hugging Face's checkpoints leave them out), the projection and a decoder-only LLM."""
+    import re
+    from pathlib import Path
+
+    import torch
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    from vlmkit.io import atomic_dir
+    from vlmkit.llm.lora import merge_lora
+
+    tower = model.vision.tower
+    vision = model.config.vision
+    problems = []
+    if model.config.connector.type != "qformer":
+        problems.append(f"its connector is {model.config.connector.type!r}, not a Q-Former")
+    if getattr(tower.config, "model_type", "") != "blip_2_vision_model":
+        problems.append(f"its vision tower is {getattr(tower.config, 'model_type', type(tower).__name__)!r}; the "
+                        "format's tower is a Blip2VisionModel (EVA ViT)")
+    if (vision.feature_layer, vision.select, vision.final_norm) != (-1, "cls_patch", True):
+        problems.append(f"it reads the tower at feature_layer={vision.feature_layer}, select={vision.select!r}, "
+                        f"final_norm={vision.final_norm}; the format reads the last layer, all tokens, normalised")
+    if not model.image_transform.resize_exact:
+        problems.append("its images are resized and centre-cropped; BLIP-2's image processor resizes exactly")
+    if model.llm is None:
+        problems.append("it has no language model (a stage-1 run)")
+    if problems:
+        raise ConfigError("cannot export to Blip2ForConditionalGeneration: " + "; ".join(problems))
+    merge_lora(model.llm)
+    llm = model.llm.model
+    text_config = llm.config
+    q = model.connector.hf_config
+    qformer_config = q.to_dict()
+    qformer_config["use_qformer_text_input"] = False
+    config = Blip2Config(vision_config=tower.config.to_dict(), qformer_config=qformer_config,
+                         text_config=text_config.to_dict(), num_query_tokens=model.config.connector.num_queries,
+                         image_text_hidden_size=model.config.connector.proj_dim, image_token_index=model.image_token_id,
+                         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)))
+    connector = model.connector.state_dict()
+    text_side = re.compile(r"^qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")
+    state = {"query_tokens": connector["query_tokens"]}
+    state.update({key: value for key, value in connector.items()
+                  if key.startswith(("qformer.", "language_projection.")) and not text_side.match(key)})
+    with torch.device("meta"):
+        hf = Blip2ForConditionalGeneration(config)
+    hf.vision_model = tower
+    hf.language_model = llm
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    missing = [key for key in missing if not key.startswith(("vision_model.", "language_model."))]
+    if missing or unexpected:
+        raise ConfigError(f"the Q-Former does not map onto Blip2ForConditionalGeneration (missing {missing[:4]}, "
+                          f"unexpected {unexpected[:4]})")
+    hf.config.dtype = next(model.parameters()).dtype
+    fields = model.image_transform.to_config()
+    image_processor = BlipImageProcessorPil(size={"height": model.image_transform.crop[0],
+                                                  "width": model.image_transform.crop[1]},
+                                            image_mean=fields.get("image_mean"), image_std=fields.get("image_std"),
+                                            resample=fields.get("resample"))
+    processor = Blip2Processor(image_processor=image_processor, tokenizer=model.tokenizer,
+                               num_query_tokens=model.config.connector.num_queries)
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        hf.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return out

@@ -206,3 +206,19 @@ register(Template(
 # BLIP-2's caption pretraining (stage 2): the queries, the BOS, then the caption (the human turn's text is not kept).
 register(dataclasses.replace(TEMPLATES["blip2"], name="blip2_caption", user_format="{content}", assistant_prefix="",
                              assistant_format="{content}", keep_user_text=False))
+
+# VisualGLM-6B (its model/chat.py): `<img>[queries]</img>问：q\n答：a\n问：…`, the image once before the first question;
+# an answer ends with the LLM's EOS (chat() stops on it). `visualglm_en` is the same code's English prompt (Q:/A:).
+register(Template(
+    name="visualglm",
+    system="",
+    user_format="问：{content}\n",
+    assistant_prefix="答：",
+    assistant_format="{content}",
+    stop="{eos}",
+    turn_end="\n",
+    image_format="<img><image></img>",
+    images_first=True,
+))
+register(dataclasses.replace(TEMPLATES["visualglm"], name="visualglm_en", user_format="Q:{content}\n",
+                             assistant_prefix="A:"))

@@ -59,7 +59,7 @@ def embed(model, images: list, texts: list[str], batch_size: int = 64, verbose: 
         features.append(feats)
         queries = connector.query_outputs(feats)
         image_embeds.append(F.normalize(connector.vision_projection(queries), dim=-1))
-    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=model.config.connector.max_text_tokens,
+    encoded = tokenizer(texts, padding="longest", truncation=True, max_length=model.config.connector.max_text_tokens,
                         return_tensors="pt")
     ids, mask = encoded["input_ids"].to(weight.device), encoded["attention_mask"].to(weight.device)
     text_embeds = []

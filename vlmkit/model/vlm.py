@@ -33,11 +33,34 @@ WEIGHTS_NAME = "model.safetensors"
 CONNECTOR_TOKENIZER_DIR = "connector_tokenizer"  # the Q-Former's BERT tokenizer, beside the LLM's
 
 
-def llm_width(path: str) -> int:
+def check_read_features(config: ArchConfig, read: dict | None, vision_path: str) -> None:
+    """A trained connector (MiniGPT-4's Q-Former) only works on the features it was trained on: the same tower, read
+    the same way; otherwise a ConfigError saying which setting to change."""
+    from pathlib import Path as _Path
+
+    from vlmkit.tiny import resolve
+
+    if not read:
+        return
+    source = config.connector.name_or_path
+    if "name_or_path" in read:
+        theirs = resolve(read["name_or_path"], verbose=False)
+        if _Path(theirs).resolve() != _Path(vision_path).resolve() and theirs != vision_path:
+            raise ConfigError(f"--connector.name-or-path {source}: that Q-Former was trained on the features of "
+                              f"{read['name_or_path']}, but this model's tower is {config.vision.name_or_path}; use "
+                              f"--vision.name-or-path {read['name_or_path']}")
+    for key, value in read.items():
+        if key != "name_or_path" and getattr(config.vision, key) != value:
+            raise ConfigError(f"--connector.name-or-path {source}: that Q-Former read its tower with vision.{key}="
+                              f"{value!r}, this model with {getattr(config.vision, key)!r}; use "
+                              f"--vision.{key.replace('_', '-')} {value}")
+
+
+def llm_width(path: str, trust_remote_code: bool = False) -> int:
     """An LLM's hidden size from its config alone (no weights loaded)."""
     from transformers import AutoConfig
 
-    hf = AutoConfig.from_pretrained(path)
+    hf = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     hf = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
     width = getattr(hf, "hidden_size", None) or getattr(hf, "d_model", None)
     if not width:
@@ -107,6 +130,7 @@ class VisionLanguageModel(nn.Module):
         check_local_path(llm_path, "--llm.name-or-path")
         connector_config, pretrained = connector_class(config.connector).resolve_pretrained(config.connector)
         config = dataclasses.replace(config, connector=connector_config)
+        check_read_features(config, getattr(pretrained, "vision", None), vision_path)
         # seeded after the tiny backbones are resolved: building them on a cold cache consumes the RNG, and the
         # connector's initialisation must not depend on whether the cache was empty
         torch.manual_seed(config.seed)
@@ -123,8 +147,9 @@ class VisionLanguageModel(nn.Module):
             else:
                 if config.coordinate_tokens:
                     raise ConfigError("coordinate_tokens needs the LLM (its embeddings grow): build with the LLM")
-                llm_hidden = llm_width(llm_path)
-            tokenizer = prepare_tokenizer(load_tokenizer(llm_path), llm, template_tokens(config))
+                llm_hidden = llm_width(llm_path, config.llm.trust_remote_code)
+            tokenizer = prepare_tokenizer(load_tokenizer(llm_path, config.llm.trust_remote_code), llm,
+                                          template_tokens(config))
             if config.coordinate_tokens:
                 add_coordinate_tokens(tokenizer, llm, config.box_format)
         with loading("--vision.name-or-path", vision_path):
@@ -138,7 +163,9 @@ class VisionLanguageModel(nn.Module):
     @staticmethod
     def _load_llm(config: ArchConfig, llm_path: str, **load_kwargs) -> LanguageModel:
         qlora = next((s.lora for s in config.stages if s.lora.quantize), None)
-        llm_kwargs = dict(load_kwargs, quantization_config=quantization_config(qlora)) if qlora else load_kwargs
+        llm_kwargs = dict(load_kwargs, quantization_config=quantization_config(qlora)) if qlora else dict(load_kwargs)
+        if config.llm.trust_remote_code:
+            llm_kwargs["trust_remote_code"] = True
         return LanguageModel.from_pretrained(llm_path, **llm_kwargs)
 
     def attach_llm(self, verbose: bool = True) -> None:
@@ -294,7 +321,7 @@ class VisionLanguageModel(nn.Module):
             vision_features = self.encode_images(pixel_values)
         weight = next(self.connector.parameters())
         texts = self.qformer_texts(input_ids, labels)
-        encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=self.config.connector.max_text_tokens,
+        encoded = tokenizer(texts, padding="longest", truncation=True, max_length=self.config.connector.max_text_tokens,
                             return_tensors="pt")
         terms = qformer_losses(self.connector, vision_features.to(device=weight.device, dtype=weight.dtype),
                                encoded["input_ids"].to(weight.device), encoded["attention_mask"].to(weight.device),
@@ -460,11 +487,11 @@ def add_coordinate_tokens(tokenizer, llm: LanguageModel, box_format: str) -> lis
     return new_ids
 
 
-def load_tokenizer(path):
+def load_tokenizer(path, trust_remote_code: bool = False):
     """The LLM's own tokenizer class (AutoTokenizer), fast where one exists (character offsets for the mask)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def prepare_tokenizer(tokenizer, llm: LanguageModel, extra_tokens: list[str] = ()):

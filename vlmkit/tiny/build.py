@@ -427,3 +427,26 @@ def build_bert(path: Path, verbose: bool = True, seed: int = 0, **_) -> None:
     if verbose:
         print(f"[tiny] bert: {len(fast)} WordPiece tokens, random {BERT_CONFIG['num_hidden_layers']}-layer BERT -> "
               f"{path} ({time.time() - start:.1f}s)")
+
+
+# -- a trained Q-Former (MiniGPT-4, VisualGLM) ---------------------------------------------------------------------
+def build_qformer(path: Path, verbose: bool = True, seed: int = 0, **_) -> None:
+    """BLIP-2's stage 1 at the tiny scale — the `blip2` preset's representation stage on generated scene captions,
+    with its own defaults — saved as a vlmkit checkpoint: the trained Q-Former that MiniGPT-4 and VisualGLM start
+    from, as they start from BLIP-2's."""
+    import shutil
+    import tempfile
+
+    from vlmkit.config import from_name
+    from vlmkit.train.run import train_run
+
+    start = time.time()
+    config = from_name("blip2", scale="tiny", seed=seed)
+    with tempfile.TemporaryDirectory(prefix="vlmkit-qformer-") as run:
+        train_run(config, run, stages=["representation"], verbose=verbose,
+                  log=print if verbose else (lambda *args, **kwargs: None))
+        with atomic_dir(path) as tmp:
+            shutil.copytree(Path(run) / "model", tmp, dirs_exist_ok=True)
+            shutil.copy(Path(run) / "train_log.jsonl", Path(tmp) / "train_log.jsonl")
+    if verbose:
+        print(f"[tiny] qformer: blip2 stage 1 ({config.stages[0].name}) in {time.time() - start:.0f}s -> {path}")

@@ -19,14 +19,20 @@ def apply_stage_freezing(model, train: list[str], log=print, lora: LoRAConfig | 
     answers collapsed when a ResNet tower trained with BatchNorm in train mode). Logs and returns the
     trainable parameter count per part."""
     parts = model.parts()
-    unknown = set(train) - set(parts)
+    unknown = {name for name in train if name.split(".", 1)[0] not in parts}
     if unknown:
-        raise ConfigError(f"stage trains unknown module(s) {sorted(unknown)}; modules: {list(MODULES)}")
+        raise ConfigError(f"stage trains unknown module(s) {sorted(unknown)}; modules: {list(parts)} (or a part "
+                          "inside one, e.g. connector.language_projection)")
+    inner = {name: trained_submodule(model, name) for name in train if "." in name}
     counts = {}
     for name, module in parts.items():
         trains = name in train
         module.requires_grad_(trains)
         module.train(trains)
+        for full, sub in inner.items():  # a part inside a frozen module trains alone (MiniGPT-4's projection)
+            if full.split(".", 1)[0] == name:
+                sub.requires_grad_(True)
+                sub.train(True)
         for sub in module.modules():
             if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm):
                 sub.eval()
@@ -46,3 +52,20 @@ def apply_stage_freezing(model, train: list[str], log=print, lora: LoRAConfig | 
                       for name, n in counts.items())
     log(f"trainable parameters: {lines}; {sum(counts.values()):,} of {total:,}")
     return counts
+
+
+def trained_submodule(model, name: str) -> torch.nn.Module:
+    """`connector.language_projection` -> that module; a clear error naming what the part does have."""
+    top, _, path = name.partition(".")
+    part = model.parts()[top]
+    try:
+        return part.get_submodule(path)
+    except AttributeError:
+        children = [child for child, _ in part.named_children()]
+        raise ConfigError(f"stage trains {name!r}, but {top} has no module {path!r}; its modules: "
+                          f"{', '.join(children)}") from None
+
+
+def trains(stage, part: str) -> bool:
+    """Whether a stage trains `part` or something inside it (`connector.language_projection`)."""
+    return any(name == part or name.startswith(part + ".") for name in stage.train)

@@ -31,21 +31,25 @@ from vlmkit.llm.lora import finish_stage
 from vlmkit.model.features import cache_features
 from vlmkit.train import distributed
 from vlmkit.train.checkpoint import Resume, TrainState, restore
-from vlmkit.train.freeze import apply_stage_freezing
+from vlmkit.train.freeze import apply_stage_freezing, trains
 from vlmkit.train.objectives import get_objective
 
 
 def param_groups(model, stage: StageConfig) -> list[dict]:
+    from vlmkit.train.freeze import trained_submodule
+
     groups = []
     for name in stage.train:
-        if name not in stage.lr:
+        lr = stage.lr.get(name, stage.lr.get(name.split(".", 1)[0]))  # a part inside a module: its own, or the module's
+        if lr is None:
             raise ConfigError(f"stage {stage.name!r} trains {name!r} but sets no lr for it (lr: {stage.lr})")
+        module = trained_submodule(model, name) if "." in name else model.parts()[name]
         decay, no_decay = [], []
-        for pname, p in model.parts()[name].named_parameters():
+        for pname, p in module.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in pname.lower() else decay).append(p)
-        groups.append({"params": decay, "lr": stage.lr[name], "weight_decay": stage.weight_decay, "name": name})
-        groups.append({"params": no_decay, "lr": stage.lr[name], "weight_decay": 0.0, "name": f"{name}.no_decay"})
+        groups.append({"params": decay, "lr": lr, "weight_decay": stage.weight_decay, "name": name})
+        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{name}.no_decay"})
     return [g for g in groups if g["params"]]
 
 
@@ -167,7 +171,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
     # a text-only micro-batch still runs the connector (on nothing), as LLaVA's forward does: its gradient is zero
     # rather than missing, so every engine updates it alike (ZeRO-3 would otherwise re-apply the previous step's
     # gradient, and AdamW moves a parameter with a zero gradient but skips one without)
-    model.keep_connector_in_graph = "connector" in stage.train
+    model.keep_connector_in_graph = trains(stage, "connector")
     # activations recomputed in the backward pass, layer by layer: in every stage, since even with the LLM frozen
     # (LLaVA's stage 1) the gradient reaches the connector through all its layers
     undo_checkpointing = checkpoint_layers(model.llm.causal_lm) if gradient_checkpointing and model.llm is not None \
@@ -193,7 +197,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
             bf16=bf16, hidden=model.llm_hidden, max_grad_norm=stage.max_grad_norm))
         forward = engine
     # frozen-encoder features are cached once per image; a sharded model runs its tower inside the forward
-    cache = "vision" not in stage.train and not distributed.is_sharded(model) and not zero
+    cache = not trains(stage, "vision") and not distributed.is_sharded(model) and not zero
     cached = cache_features(model, dataset, feature_cache_gb, workers, verbose=verbose, log=log) if cache else None
     if cached is not None and "llm" in stage.train and info.is_main and resume is None:
         _probe_frozen_features(cached, dataset, stage, log)

@@ -329,7 +329,8 @@ def plan_memory(config: ArchConfig, gpus: int = 1, gpu_memory_gb: float = 80.0, 
         for name in _strategies(stage, gpus, strategy):
             uses_lora = name in ("lora", "qlora")
             lora = _stage_lora(stage) if uses_lora else None
-            others = sum(meta.params[p] for p in stage.train if p != "llm")
+            others = sum(meta.params[p] for p in {n.split(".", 1)[0] for n in stage.train} - {"llm"})  # a part
+            # inside a module (connector.language_projection) counts as its module: an upper bound
             adapters = lora_params(meta.causal_lm, lora) if uses_lora else 0
             full_llm = "llm" in stage.train and not uses_lora
             trainable = others + adapters + (llm_params if full_llm else 0)

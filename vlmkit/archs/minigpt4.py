@@ -1,0 +1,46 @@
+"""MiniGPT-4 (Zhu et al., 2023): BLIP-2's frozen ViT and frozen Q-Former (32 queries) -> one trainable Linear
+(`llama_proj`) -> a frozen Vicuna. Nothing but that Linear ever trains: the stages name it inside the connector
+(`connector.language_projection`), so the Q-Former, loaded from a trained one, stays exactly as it was.
+
+Template `###Human: <Img><ImageHere></Img> instruction ###Assistant: answer###`. Two stages: (1) pretraining on
+a large image-caption mixture (paper: 20k steps of batch 256, ~5M pairs, lr 1e-4); (2) fine-tuning on a small
+curated set of detailed descriptions (paper: ~3.5k pairs the stage-1 model wrote and an LLM cleaned, 400 steps of
+batch 12, lr 3e-5). At the tiny scale the Q-Former is `tiny:qformer` (the `blip2` preset's stage 1, trained on
+generated scenes), stage 1 reads scene and easy-VQA captions and stage 2 easy-VQA's questions.
+"""
+PRESET = {
+    "name": "minigpt4",
+    "vision": {"feature_layer": -1, "select": "cls_patch", "final_norm": True, "pad_to_square": False},
+    # sizes come from the trained Q-Former it loads (a vlmkit blip2 run or a BLIP-2 checkpoint)
+    "connector": {"type": "qformer", "num_queries": 32},
+    "template": "minigpt4",
+    "answer_prompt": "",
+    "stages": [
+        {"name": "pretrain", "train": ["connector.language_projection"], "data": "captions",
+         "lr": {"connector.language_projection": 1e-4}, "epochs": 1, "batch_size": 256, "warmup_ratio": 0.25,
+         "weight_decay": 0.05},
+        {"name": "finetune", "train": ["connector.language_projection"], "data": "instructions",
+         "lr": {"connector.language_projection": 3e-5}, "max_steps": 400, "batch_size": 12, "warmup_ratio": 0.05,
+         "weight_decay": 0.05},
+    ],
+    "scales": {
+        "paper": {  # the ViT and Q-Former of BLIP-2 (FlanT5-XXL's stage 2, which MiniGPT-4 loads), Vicuna-13B v0
+            "vision": {"name_or_path": "Salesforce/blip2-flan-t5-xxl"},
+            "connector": {"name_or_path": "Salesforce/blip2-flan-t5-xxl"},
+            "llm": {"name_or_path": "lmsys/vicuna-13b-delta-v0"},
+            "max_length": 512,
+        },
+        "tiny": {
+            "vision": {"name_or_path": "tiny:scenes-vision", "select": "patch", "final_norm": False},
+            "connector": {"name_or_path": "tiny:qformer"},
+            "llm": {"name_or_path": "tiny:llama"},
+            "max_length": 256,
+            "stages": [
+                {"mixture": "scenes:caption,easy-vqa:captions", "lr": {"connector.language_projection": 3e-3},
+                 "batch_size": 32, "epochs": 1, "warmup_ratio": 0.03},
+                {"lr": {"connector.language_projection": 2e-3}, "batch_size": 16, "max_steps": 0, "epochs": 2,
+                 "warmup_ratio": 0.03},
+            ],
+        },
+    },
+}
