@@ -68,6 +68,10 @@ class ConnectorConfig:
                             "token; set when the model is built).", default=0)
     text_positions: int = _help("qformer: the text side's position embeddings (0 = 512, BERT's; set from the BERT when "
                                 "the model is built).", default=0)
+    instruction_aware: bool = _help("qformer: the queries also read the text of the image's user turn through the "
+                                    "self-attention (BLIP-2's VQA fine-tuning gives the Q-Former the question; "
+                                    "InstructBLIP its instruction), so the visual tokens depend on what is asked.",
+                                    default=False)
     max_text_tokens: int = _help("qformer: stage-1 texts are cut and padded to this many Q-Former tokens (LAVIS's "
                                  "max_txt_len).", default=32)
 

@@ -88,7 +88,9 @@ def test_stage_one_trains_without_the_llm_and_stage_two_loads_it(backbones, tmp_
                           stages__representation__max_steps=6, stages__representation__batch_size=8,
                           stages__representation__lr={"connector": 1e-3},
                           stages__generative__mixture="scenes:caption:n64:shapes2",
-                          stages__generative__max_steps=2, stages__generative__batch_size=8)
+                          stages__generative__max_steps=2, stages__generative__batch_size=8,
+                          stages__vqa__mixture="scenes:vqa:n32:shapes2", stages__vqa__max_steps=2,
+                          stages__vqa__batch_size=8)
     result = train_run(config, tmp_path / "run", stages=["representation"], verbose=False, log=lambda *a: None)
     assert result["model"].llm is None and not loads
     entries = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
@@ -102,9 +104,9 @@ def test_stage_one_trains_without_the_llm_and_stage_two_loads_it(backbones, tmp_
     # stage 2 resumes after stage 1 and loads the LLM then
     result = train_run(config, tmp_path / "run", resume=True, verbose=False, log=lambda *a: None)
     assert result["model"].llm is not None and len(loads) == 1
-    assert [s["stage"] for s in result["stages"]] == ["generative"]
+    assert [s["stage"] for s in result["stages"]] == ["generative", "vqa"]
     stage1 = VisionLanguageModel.from_pretrained(tmp_path / "run" / "checkpoints" / "1-representation")
-    final = VisionLanguageModel.from_pretrained(tmp_path / "run" / "model")
+    final = VisionLanguageModel.from_pretrained(tmp_path / "run" / "checkpoints" / "2-generative")
     assert final.llm is not None
     # the LLM stays frozen in stage 2 and the Q-Former's text side is not touched by it
     assert torch.equal(stage1.connector.text_projection.weight, final.connector.text_projection.weight)
@@ -202,3 +204,33 @@ def test_a_stage_names_an_unknown_inner_module():
     model = SimpleNamespace(parts=lambda: {"connector": torch.nn.Sequential(torch.nn.Linear(2, 2))})
     with pytest.raises(ConfigError, match="connector has no module 'projection'"):
         apply_stage_freezing(model, ["connector.projection"], log=lambda *a: None)
+
+
+def test_an_instruction_aware_qformer_reads_the_question_and_not_the_answer(backbones):
+    from vlmkit.data.render import render_conversation
+    from vlmkit.data.templates import get_template
+
+    torch.manual_seed(0)
+    model = VisionLanguageModel.from_config(blip2_config(backbones), verbose=False).eval()
+    assert model.connector.reads_instruction
+    template = get_template("blip2")
+    n = model.num_image_tokens
+
+    def rendered(question, answer):
+        return render_conversation([{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
+                                   template, model.tokenizer, num_image_tokens=n)
+
+    pixels = torch.rand(1, 3, *model.image_transform.crop)
+    with torch.no_grad():
+        def image_tokens(r):
+            ids = torch.tensor([r.input_ids])
+            embeds, mask = model.embed(ids, [1], pixels, labels=torch.tensor([r.labels]))
+            return embeds[mask]
+        a, b, c = rendered("what color is it?", "red"), rendered("what color is it?", "blue"), \
+            rendered("what shape is it?", "red")
+        assert torch.equal(image_tokens(a), image_tokens(b))  # the answer is never read
+        assert not torch.allclose(image_tokens(a), image_tokens(c))  # the question is
+        # the instruction is the question's turn, without the image placeholders or special tokens
+        extra = model.instruction_tokens(torch.tensor([a.input_ids]), [1], torch.tensor([a.labels]))
+        text = model.connector.tokenizer.decode(extra["instruction_ids"][0], skip_special_tokens=True)
+        assert text == "question : what color is it? answer :"

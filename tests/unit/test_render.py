@@ -82,3 +82,16 @@ def test_token_spanning_a_turn_boundary_is_an_error(tokenizer):
     conversation = [{"from": "human", "value": "what is the sha"}, {"from": "gpt", "value": "pe?"}]
     with pytest.raises(BadRecord, match="covers both the end of one turn"):
         render_conversation(conversation, template, tokenizer, num_image_tokens=1, record_id="glued")
+
+
+def test_visualglm_writes_the_image_once_then_its_questions(tokenizer):
+    """VisualGLM's chat code: `<img>[image]</img>问：q\n答：a\n问：…`; answers end with the EOS."""
+    conversation = [{"from": "human", "value": "<image>\nwhat color is the shape?"}, {"from": "gpt", "value": "blue"},
+                    {"from": "human", "value": "is it a circle?"}, {"from": "gpt", "value": "no"}]
+    for name, q, a in (("visualglm", "问：", "答："), ("visualglm_en", "Q:", "A:")):
+        rendered = render_conversation(conversation, get_template(name), tokenizer, num_image_tokens=2)
+        text = tokenizer.decode(rendered.input_ids)
+        bos, eos = tokenizer.bos_token or "", tokenizer.eos_token
+        assert text == (f"{bos}<img><image><image></img>{q}what color is the shape?\n{a}blue{eos}\n"
+                        f"{q}is it a circle?\n{a}no{eos}\n")
+        assert [tokenizer.decode(s) for s in supervised_spans(rendered)] == [f"blue{eos}", f"no{eos}"]

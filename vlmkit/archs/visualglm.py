@@ -33,7 +33,7 @@ PRESET = {
             "vision": {"name_or_path": "tiny:scenes-vision", "select": "patch", "final_norm": False},
             "connector": {"name_or_path": "tiny:qformer"},
             "llm": {"name_or_path": "tiny:llama"},
-            "max_length": 256,
+            "max_length": 512,
             "stages": [
                 {"mixture": "scenes:caption,easy-vqa:captions", "lr": {"connector": 1e-3}, "batch_size": 32,
                  "epochs": 1, "warmup_ratio": 0.03},

@@ -292,8 +292,23 @@ class QFormer(Connector):
             raise ConfigError("this Q-Former has no text side (connector.text_input is False: it was imported from a "
                               "Blip2ForConditionalGeneration checkpoint, which has none); stage-1 objectives need it")
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        query = self.query_outputs(features)
+    @property
+    def reads_instruction(self) -> bool:
+        return bool(self.config.instruction_aware)
+
+    def forward(self, features: torch.Tensor, instruction_ids: torch.Tensor | None = None,
+                instruction_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The image's visual tokens for the LLM. With an instruction (its Q-Former tokens, one row per image), the
+        queries and the instruction see each other in every self-attention (InstructBLIP's instruction-aware
+        queries); only the query outputs go on."""
+        if instruction_ids is None:
+            query = self.query_outputs(features)
+        else:
+            from vlmkit.train.blip2 import attention_mask
+
+            queries = self.config.num_queries
+            mask = attention_mask("itm", queries, instruction_mask)
+            query = self.joint_outputs(instruction_ids, mask, features)[:, :queries]
         return self.language_projection(query.to(self.language_projection.weight.dtype))
 
 
@@ -346,7 +361,8 @@ def _from_trained(config: ConnectorConfig, kind: str, directory: Path, saved: di
             raise ConfigError(f"--connector.name-or-path {directory}: its connector is {theirs.get('type')!r}, not a "
                               "Q-Former")
         sizes = {f.name: theirs[f.name] for f in dataclasses.fields(ConnectorConfig)
-                 if f.name in theirs and f.name not in ("name_or_path", "type")}
+                 if f.name in theirs and f.name not in ("name_or_path", "type", "instruction_aware")}  # the
+        # last is how the new model uses the Q-Former (MiniGPT-4's reads the image alone), not one of its sizes
         tokenizer_dir = directory / CONNECTOR_TOKENIZER_DIR
         tokenizer = load_text_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
         vision = {key: saved["arch"]["vision"][key] for key in ("name_or_path", "feature_layer", "select", "final_norm")

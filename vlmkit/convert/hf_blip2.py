@@ -37,7 +37,7 @@ def arch_from_hf_config(hf_config, src: str, image_processor: dict):
                                 "embed_dim": q.hidden_size, "num_layers": q.num_hidden_layers,
                                 "num_heads": q.num_attention_heads, "intermediate_size": q.intermediate_size,
                                 "cross_attention_frequency": q.cross_attention_frequency,
-                                "text_input": bool(q.use_qformer_text_input),
+                                "text_input": bool(q.use_qformer_text_input), "instruction_aware": False,
                                 "proj_dim": hf_config.image_text_hidden_size},
                      llm={"name_or_path": str(src)})
 
@@ -111,6 +111,9 @@ def to_hf(model, out: str | os.PathLike):
     problems = []
     if model.config.connector.type != "qformer":
         problems.append(f"its connector is {model.config.connector.type!r}, not a Q-Former")
+    elif model.config.connector.instruction_aware:
+        problems.append("its Q-Former reads the question (connector.instruction_aware); Blip2ForConditionalGeneration's "
+                        "reads the image alone (InstructBLIP's format would hold it)")
     if getattr(tower.config, "model_type", "") != "blip_2_vision_model":
         problems.append(f"its vision tower is {getattr(tower.config, 'model_type', type(tower).__name__)!r}; the "
                         "format's tower is a Blip2VisionModel (EVA ViT)")

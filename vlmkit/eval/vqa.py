@@ -70,6 +70,8 @@ def generate_answers(model, dataset, batch_size: int = 128, max_new_tokens: int 
     features = cache_features(model, dataset, feature_cache_gb, workers, verbose=verbose)
     predictions = [None] * len(dataset)
     config = GenerationConfig(max_new_tokens=max_new_tokens)
+    # a connector that reads the question makes each question's image tokens its own: no prefix to share
+    share_prefix = share_prefix and not getattr(model.connector, "reads_instruction", False)
     shared, rest = (_shared_prefix_batches(dataset, model.image_token_id, batch_size)
                     if share_prefix and features is not None else ([], list(range(len(dataset)))))
     order = sorted(rest, key=lambda i: len(dataset[i].input_ids))

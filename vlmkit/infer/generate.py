@@ -201,6 +201,8 @@ class Decoder:
         whole prompts (same positions and mask; the suffixes' left padding sits between prefix and suffix)."""
         if self.rows or not self.use_cache:
             raise RuntimeError("add_with_prefix starts a fresh batch with a KV cache")
+        if getattr(self.model.connector, "reads_instruction", False):
+            raise RuntimeError("the connector reads each prompt's question: its image tokens have no shared prefix")
         model, device = self.model, self.model.device
         prefix_ids = prefix_ids.to(device)
         embeds, _ = model.embed(prefix_ids, [1] * len(prefix_ids), pixel_values, vision_features)

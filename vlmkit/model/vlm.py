@@ -239,8 +239,9 @@ class VisionLanguageModel(nn.Module):
         return self.vision(pixel_values)
 
     def embed(self, input_ids: torch.Tensor, image_counts: list[int] | None = None, pixel_values=None,
-              vision_features=None, record_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text embeddings with image embeddings spliced in; returns (inputs_embeds, image_token_mask)."""
+              vision_features=None, record_ids=None, labels=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text embeddings with image embeddings spliced in; returns (inputs_embeds, image_token_mask).
+        `labels` (training): where the answers start, for a connector that reads the instruction."""
         input_ids = input_ids.to(self.device)
         inputs_embeds = self.require_llm("the language model's forward").embed(input_ids)
         image_token_mask = input_ids == self.image_token_id
@@ -253,7 +254,10 @@ class VisionLanguageModel(nn.Module):
                     raise ValueError("the batch has image placeholders but neither pixel_values nor vision_features")
                 vision_features = self.encode_images(pixel_values)
             weight = next(self.connector.parameters())
-            image_embeds = self.connector(vision_features.to(device=weight.device, dtype=weight.dtype))
+            extra = {}
+            if getattr(self.connector, "reads_instruction", False):
+                extra = self.instruction_tokens(input_ids, image_counts, labels, weight.device)
+            image_embeds = self.connector(vision_features.to(device=weight.device, dtype=weight.dtype), **extra)
         inputs_embeds = splice_image_features(inputs_embeds, image_token_mask, image_embeds, image_counts, record_ids)
         if image_embeds is None and getattr(self, "keep_connector_in_graph", False) and torch.is_grad_enabled():
             # a text-only batch in training: run the connector on nothing, so its parameters get a (zero) gradient
@@ -279,7 +283,7 @@ class VisionLanguageModel(nn.Module):
         if objective == "blip2_qformer":
             return self.qformer_losses(input_ids, labels, image_counts, pixel_values, vision_features, record_ids)
         inputs_embeds, image_token_mask = self.embed(input_ids, image_counts, pixel_values, vision_features,
-                                                     record_ids)
+                                                     record_ids, labels=labels)
         attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
         position_ids = position_ids.to(self.device) if position_ids is not None else None
         if labels is None:
@@ -293,6 +297,29 @@ class VisionLanguageModel(nn.Module):
         logits = self.llm.logits(hidden[:, :-1][supervised])
         loss = F.cross_entropy(logits.float(), targets[supervised])
         return loss, logits
+
+    def instruction_tokens(self, input_ids: torch.Tensor, image_counts: list[int], labels=None, device=None) -> dict:
+        """For an instruction-aware Q-Former: each image's instruction in the Q-Former's tokens — the text of its
+        sample before the first answer token (all of a generation prompt), image placeholders and special tokens
+        left out; one row per image, in order."""
+        tokenizer = self.connector.tokenizer
+        if tokenizer is None:
+            raise ConfigError("connector.instruction_aware needs the Q-Former's text tokenizer (connector.name_or_path "
+                              "a BERT or a trained Q-Former with one)")
+        texts = []
+        for i, count in enumerate(image_counts):
+            if not count:
+                continue
+            ids = input_ids[i].tolist()
+            end = len(ids)
+            if labels is not None:
+                supervised = (labels[i] != IGNORE_INDEX).nonzero()
+                end = int(supervised[0]) if len(supervised) else end
+            text = self.tokenizer.decode([t for t in ids[:end] if t != self.image_token_id], skip_special_tokens=True)
+            texts.extend([text.strip()] * count)
+        encoded = tokenizer(texts, padding="longest", truncation=True,
+                            max_length=self.config.connector.max_text_tokens, return_tensors="pt")
+        return {"instruction_ids": encoded["input_ids"].to(device), "instruction_mask": encoded["attention_mask"].to(device)}
 
     def qformer_texts(self, input_ids: torch.Tensor, labels: torch.Tensor) -> list[str]:
         """Each sample's supervised text (its caption), as words: what the Q-Former's own tokenizer reads."""
