@@ -263,7 +263,8 @@ def cmd_convert(args) -> int:
     if args.direction == "to-hf":
         model, _ = load_run(args.src, args.allow_pickle, device=args.device, dtype=args.dtype)  # read in that dtype
         out = convert.to_hf(model, args.out)
-        print(f"wrote {out}: loads with LlavaForConditionalGeneration.from_pretrained and "
+        kind = "Blip2" if model.config.connector.type == "qformer" else "Llava"
+        print(f"wrote {out}: loads with {kind}ForConditionalGeneration.from_pretrained and "
               "AutoProcessor.from_pretrained")
         return 0
     from vlmkit.io import resolve_device
@@ -271,6 +272,9 @@ def cmd_convert(args) -> int:
     device = resolve_device(args.device)
     if args.direction == "from-hf":
         model = convert.from_hf(args.src, dtype=dtype, device_map=device if device.type != "cpu" else None)
+    elif args.direction == "from-minigpt4":
+        model = convert.from_minigpt4(args.src, args.blip2, args.llm, allow_pickle=args.allow_pickle,
+                                      dtype=dtype).to(device)
     else:
         model = convert.from_llava_original(args.src, vision_tower=args.vision_tower, allow_pickle=args.allow_pickle,
                                             dtype=dtype).to(device)  # read on the CPU (its weights are assembled)
@@ -563,10 +567,24 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                        "convert the weights to this dtype")
     c.add_argument("--vision-tower", default=None, help="local directory (or hub id) of the CLIP tower to use")
     _add_allow_pickle(c)
-    c = directions.add_parser("to-hf", help="vlmkit run or checkpoint -> transformers LlavaForConditionalGeneration",
+    c = directions.add_parser("from-minigpt4", help="MiniGPT-4 projection file + BLIP-2 checkpoint + LLM -> vlmkit",
+                              description="MiniGPT-4's released checkpoints hold only its projection (llama_proj). "
+                                          "This builds the minigpt4 preset from a Hugging Face BLIP-2 checkpoint (its "
+                                          "ViT and Q-Former) and --llm, and loads the projection into it. Example: "
+                                          "vlmkit convert from-minigpt4 pretrained_minigpt4.pth out/ --blip2 "
+                                          "Salesforce/blip2-flan-t5-xxl --llm ./vicuna-13b-v0 --allow-pickle")
+    _add_convert_paths(c, "the MiniGPT-4 checkpoint file (.pth, or .safetensors)", "vlmkit checkpoint directory to "
+                       "write", "load and save in this dtype")
+    c.add_argument("--blip2", required=True, help="Hugging Face BLIP-2 directory or hub id (ViT + Q-Former)")
+    c.add_argument("--llm", required=True, help="the LLM it was trained with (Vicuna-v0), directory or hub id")
+    _add_allow_pickle(c)
+    c = directions.add_parser("to-hf", help="vlmkit run or checkpoint -> transformers Llava / Blip2 "
+                                            "ForConditionalGeneration",
                               description="Export for LlavaForConditionalGeneration.from_pretrained and "
                                           "AutoProcessor.from_pretrained (with a chat template matching the preset's). "
-                                          "Needs a ViT tower (CLIP/SigLIP) and the mlp2x_gelu connector.")
+                                          "Needs a ViT tower (CLIP/SigLIP) and the mlp2x_gelu connector. A Q-Former "
+                                          "model is written as Blip2ForConditionalGeneration + Blip2Processor (a "
+                                          "Blip2VisionModel tower, a Q-Former reading the image alone).")
     _add_convert_paths(c, "run directory or vlmkit checkpoint", "directory to write", "save in this dtype")
     _add_allow_pickle(c)
     p.set_defaults(func=cmd_convert)

@@ -142,3 +142,34 @@ def test_encoder_decoder_llm_is_refused_with_a_reason(tokenizer, tmp_path):
     build_hf_blip2(tmp_path / "hf", tokenizer, case)
     with pytest.raises(ConfigError, match="encoder-decoder"):
         from_hf(tmp_path / "hf", verbose=False)
+
+
+def test_minigpt4_projection_on_a_blip2_checkpoint(tokenizer, tmp_path):
+    """MiniGPT-4's released file holds only llama_proj: the ViT and Q-Former come from the BLIP-2 checkpoint (same
+    query outputs as transformers'), the LLM from --llm, the projection from the (pickled) file."""
+    from vlmkit.convert import from_minigpt4
+
+    hf, processor = build_hf_blip2(tmp_path / "hf", tokenizer, CASES["llama-every-layer"])
+    hf.language_model.save_pretrained(tmp_path / "vicuna")
+    tokenizer.save_pretrained(tmp_path / "vicuna")
+    torch.manual_seed(5)
+    weight, bias = torch.randn(32, 32), torch.randn(32)
+    torch.save({"model": {"llama_proj.weight": weight, "llama_proj.bias": bias}}, tmp_path / "minigpt4.pth")
+    with pytest.raises(ConfigError, match="--allow-pickle"):
+        from_minigpt4(tmp_path / "minigpt4.pth", str(tmp_path / "hf"), str(tmp_path / "vicuna"), verbose=False)
+    model = from_minigpt4(tmp_path / "minigpt4.pth", str(tmp_path / "hf"), str(tmp_path / "vicuna"),
+                          allow_pickle=True, verbose=False)
+    assert model.config.name == "minigpt4" and model.num_image_tokens == CASES["llama-every-layer"]["queries"]
+    assert torch.equal(model.connector.language_projection.weight, weight)
+    assert torch.equal(model.connector.language_projection.bias, bias)
+    image, inputs = sample_inputs(processor)
+    with torch.no_grad():
+        features = hf.vision_model(inputs["pixel_values"]).last_hidden_state
+        expected = hf.qformer(query_embeds=hf.query_tokens, encoder_hidden_states=features).last_hidden_state
+        ours = model.connector.query_outputs(model.encode_images(model.image_transform(image)[None]))
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="projection"):  # a projection for another LLM width is refused
+        torch.save({"model": {"llama_proj.weight": torch.randn(64, 32), "llama_proj.bias": torch.randn(64)}},
+                   tmp_path / "other.pth")
+        from_minigpt4(tmp_path / "other.pth", str(tmp_path / "hf"), str(tmp_path / "vicuna"), allow_pickle=True,
+                      verbose=False)

@@ -4,10 +4,12 @@
   (`hf_llava.py`) or `Blip2ForConditionalGeneration` (`hf_blip2.py`); `to_hf`: back, to
   the format of the model's architecture.
 - `from_llava_original`: the original LLaVA repository's `LlavaLlamaForCausalLM` checkpoints.
+- `from_minigpt4`: a MiniGPT-4 projection file on a BLIP-2 checkpoint and its LLM (`minigpt4.py`).
 - `read_state_dict`: safetensors weights, pickles only on request (`weights.py`).
 """
 from vlmkit.convert import hf_blip2, hf_llava
 from vlmkit.convert.llava_original import from_llava_original
+from vlmkit.convert.minigpt4 import from_minigpt4
 from vlmkit.convert.weights import read_state_dict
 
 _IMPORTERS = {"llava": hf_llava.from_hf, "blip-2": hf_blip2.from_hf}
@@ -29,4 +31,4 @@ def to_hf(model, out):
     return hf_llava.to_hf(model, out)
 
 
-__all__ = ["from_hf", "to_hf", "from_llava_original", "read_state_dict"]
+__all__ = ["from_hf", "to_hf", "from_llava_original", "from_minigpt4", "read_state_dict"]

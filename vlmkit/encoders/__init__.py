@@ -19,7 +19,8 @@ from vlmkit.errors import ConfigError
 
 
 # dual-encoder checkpoints whose image half loads on its own (as LLaVA loads CLIPVisionModel from CLIP)
-_VISION_HALF = {"clip": ("CLIPVisionModel", "vision_config"), "siglip": ("SiglipVisionModel", "vision_config")}
+_VISION_HALF = {"clip": ("CLIPVisionModel", "vision_config"), "siglip": ("SiglipVisionModel", "vision_config"),
+                "blip-2": ("Blip2VisionModel", "vision_config")}  # blip-2: the ViT of a whole BLIP-2 checkpoint
 # vision towers that AutoModel does not map from their own config: the class to build them with
 _DIRECT = {"blip_2_vision_model": "Blip2VisionModel"}
 _HAS_CLS = ("clip_vision_model", "vit", "dinov2", "blip_2_vision_model")
@@ -36,6 +37,8 @@ def load_vision_tower(path: str | None, hf_config: dict | None = None, **kwargs)
             return getattr(transformers, _DIRECT[config.model_type])(config)
         return AutoModel.from_config(config)
     config = AutoConfig.from_pretrained(path)
+    if config.model_type == "blip-2":  # a whole BLIP-2 checkpoint: its ViT (MiniGPT-4 and VisualGLM read it so)
+        return _blip2_vision_half(path, config, **kwargs)
     if config.model_type in _DIRECT:
         return getattr(transformers, _DIRECT[config.model_type]).from_pretrained(path, **kwargs)
     if config.model_type in _VISION_HALF:
@@ -46,6 +49,40 @@ def load_vision_tower(path: str | None, hf_config: dict | None = None, **kwargs)
         raise ConfigError(f"{path}: a {config.model_type} dual encoder; vlmkit knows how to take the vision half of "
                           f"{sorted(_VISION_HALF)} only")
     return model
+
+
+def _blip2_vision_half(path: str, config, dtype=None, device_map=None, **_):
+    """`Blip2VisionModel` with the `vision_model.*` weights of a Blip2ForConditionalGeneration checkpoint (a directory
+    or hub id; safetensors only)."""
+    from pathlib import Path
+
+    import torch
+    from safetensors import safe_open
+    from transformers import Blip2VisionModel
+
+    directory = Path(path)
+    if not directory.exists():
+        from huggingface_hub import snapshot_download
+
+        directory = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{path}: no .safetensors weights for its vision model (vlmkit reads safetensors)")
+    state = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key.startswith("vision_model."):
+                    state[key[len("vision_model."):]] = handle.get_tensor(key)
+    tower = Blip2VisionModel(config.vision_config)
+    missing, unexpected = tower.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{path}: its vision_model weights do not fit Blip2VisionModel (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+    tower.to(dtype=dtype if dtype is not None else torch.float32)
+    if device_map is not None and not isinstance(device_map, (str, dict)):
+        tower.to(device_map)
+    return tower.eval()
 
 
 SELECTIONS = ("patch", "cls_patch", "patch_mean")

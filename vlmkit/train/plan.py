@@ -171,8 +171,11 @@ def build_meta(config: ArchConfig) -> MetaModel:
         causal_lm = AutoModelForCausalLM.from_config(llm_hf)
     vision = VisionEncoder(tower, config.vision, _crop_size(vision_path))
     hidden = causal_lm.get_input_embeddings().embedding_dim
-    with torch.device("meta"):
-        connector = build_connector(config.connector, vision.hidden_size, hidden, vision.num_tokens)
+    from vlmkit.connectors import connector_class
+
+    connector_config, _ = connector_class(config.connector).resolve_pretrained(config.connector)  # the Q-Former's
+    with torch.device("meta"):  # sizes are its BERT's (or its trained checkpoint's)
+        connector = build_connector(connector_config, vision.hidden_size, hidden, vision.num_tokens)
     text = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
     try:
         blocks = decoder_layers(causal_lm)
