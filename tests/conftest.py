@@ -54,7 +54,8 @@ def make_model(backbones):
         from vlmkit.archs import preset_data
 
         if preset_data(preset)["connector"]["type"] == "qformer":  # its BERT from the fixture, not the cache
-            overrides["connector"] = {"name_or_path": backbones["bert"], **overrides.get("connector", {})}
+            overrides["connector"] = {"name_or_path": backbones["bert"], "num_layers": 2,  # the BERT's depth
+                                      **overrides.get("connector", {})}
         config = from_name(preset, scale="tiny", vision={"name_or_path": backbones[vision],
                                                          "feature_layer": overrides.pop("feature_layer", -2)},
                            llm={"name_or_path": backbones["llm"]}, **overrides)
