@@ -101,9 +101,14 @@ def test_stage_one_trains_without_the_llm_and_stage_two_loads_it(backbones, tmp_
         assert entry["tokens"] == 8  # the unit is the pair
     saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert saved["llm"] is None
-    # stage 2 resumes after stage 1 and loads the LLM then
-    result = train_run(config, tmp_path / "run", resume=True, verbose=False, log=lambda *a: None)
+    # stage 2 resumes after stage 1 and loads the LLM then, with this run's settings (a longer max_length after a
+    # failure), the parts as they were built
+    import dataclasses
+
+    result = train_run(dataclasses.replace(config, max_length=300), tmp_path / "run", resume=True, verbose=False,
+                       log=lambda *a: None)
     assert result["model"].llm is not None and len(loads) == 1
+    assert result["model"].config.max_length == 300 and result["model"].config.connector.embed_dim == 128
     assert [s["stage"] for s in result["stages"]] == ["generative", "vqa"]
     stage1 = VisionLanguageModel.from_pretrained(tmp_path / "run" / "checkpoints" / "1-representation")
     final = VisionLanguageModel.from_pretrained(tmp_path / "run" / "checkpoints" / "2-generative")

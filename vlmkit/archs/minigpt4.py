@@ -34,7 +34,7 @@ PRESET = {
             "vision": {"name_or_path": "tiny:scenes-vision", "select": "patch", "final_norm": False},
             "connector": {"name_or_path": "tiny:qformer"},
             "llm": {"name_or_path": "tiny:llama"},
-            "max_length": 512,
+            "max_length": 1024,  # easy-VQA instruction records: several turns after 32 image tokens
             "stages": [
                 {"mixture": "scenes:caption,easy-vqa:captions", "lr": {"connector.language_projection": 3e-3},
                  "batch_size": 32, "epochs": 1, "warmup_ratio": 0.03},

@@ -12,6 +12,7 @@ Run directory layout:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -118,6 +119,11 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
         else:
             model, first = VisionLanguageModel.from_pretrained(found, device=target), int(found.name.split("-")[0])
             log(f"resuming after stage {config.stages[first - 1].name!r} from {found}")
+            # the stages still to run use this run's settings (a --max-length or --template fixed after a failed
+            # stage); the parts stay as built (the connector's config holds the sizes read from its BERT)
+            saved = model.config
+            model.config = dataclasses.replace(config, vision=saved.vision, connector=saved.connector,
+                                               llm=saved.llm)
             if info.is_main:
                 _truncate_log(log_file, config, checkpoint.TrainState(first, "", 0))
     elif resume:
