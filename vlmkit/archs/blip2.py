@@ -12,9 +12,14 @@ Q-Former and the image encoder train on question-answer pairs (`Question: q Answ
 At the tiny scale stage 1 reads generated scene captions (vlmkit.data.scenes) through `tiny:scenes-vision`, with
 the Q-Former's BERT `tiny:bert`; stage 3 reads easy-VQA.
 """
+# how BLIP-2 reads its ViT (LAVIS's ln_vision on the last layer, CLS kept), and the tiny scenes tower read plainly:
+# shared by the presets built on a BLIP-2 Q-Former (minigpt4, visualglm)
+VISION = {"feature_layer": -1, "select": "cls_patch", "final_norm": True, "pad_to_square": False}
+TINY_VISION = {"name_or_path": "tiny:scenes-vision", "feature_layer": -1, "select": "patch", "final_norm": False}
+
 PRESET = {
     "name": "blip2",
-    "vision": {"feature_layer": -1, "select": "cls_patch", "final_norm": True, "pad_to_square": False},
+    "vision": VISION,
     # instruction-aware: the queries read the question too, as the paper's VQA fine-tuning has it (zero-shot BLIP-2,
     # and its Hugging Face checkpoints, read the image alone: `from-hf` imports them without it)
     "connector": {"type": "qformer", "num_queries": 32, "num_layers": 12, "cross_attention_frequency": 2,
@@ -41,7 +46,7 @@ PRESET = {
             "max_length": 512,
         },
         "tiny": {
-            "vision": {"name_or_path": "tiny:scenes-vision", "feature_layer": -1, "select": "patch", "final_norm": False},
+            "vision": TINY_VISION,
             "llm": {"name_or_path": "tiny:llama"},
             # the Q-Former's sizes come from its BERT (tiny:bert: 128 wide, 2 layers, 4 heads, its own WordPiece)
             "connector": {"num_queries": 32, "num_layers": 2, "proj_dim": 64, "name_or_path": "tiny:bert"},

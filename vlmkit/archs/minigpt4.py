@@ -8,9 +8,11 @@ curated set of detailed descriptions (paper: ~3.5k pairs the stage-1 model wrote
 batch 12, lr 3e-5). At the tiny scale the Q-Former is `tiny:qformer` (the `blip2` preset's stage 1, trained on
 generated scenes), stage 1 reads scene and easy-VQA captions and stage 2 easy-VQA's questions.
 """
+from vlmkit.archs.blip2 import TINY_VISION, VISION
+
 PRESET = {
     "name": "minigpt4",
-    "vision": {"feature_layer": -1, "select": "cls_patch", "final_norm": True, "pad_to_square": False},
+    "vision": VISION,
     # sizes come from the trained Q-Former it loads (a vlmkit blip2 run or a BLIP-2 checkpoint)
     "connector": {"type": "qformer", "num_queries": 32},
     "template": "minigpt4",
@@ -31,7 +33,7 @@ PRESET = {
             "max_length": 512,
         },
         "tiny": {
-            "vision": {"name_or_path": "tiny:scenes-vision", "select": "patch", "final_norm": False},
+            "vision": TINY_VISION,
             "connector": {"name_or_path": "tiny:qformer"},
             "llm": {"name_or_path": "tiny:llama"},
             "max_length": 1024,  # easy-VQA instruction records: several turns after 32 image tokens

@@ -9,9 +9,11 @@ repository's finetune script: rank 10) and the Q-Former still training. The sour
 more detail; the stages are the repository's. At the tiny scale the Q-Former starts from `tiny:qformer` (the
 `blip2` preset's stage 1) and the LLM is any causal LM (`tiny:llama`).
 """
+from vlmkit.archs.blip2 import TINY_VISION, VISION
+
 PRESET = {
     "name": "visualglm",
-    "vision": {"feature_layer": -1, "select": "cls_patch", "final_norm": True, "pad_to_square": False},
+    "vision": VISION,
     "connector": {"type": "qformer", "num_queries": 32},
     "template": "visualglm",
     "answer_prompt": "",
@@ -30,7 +32,7 @@ PRESET = {
             "max_length": 1024,
         },
         "tiny": {
-            "vision": {"name_or_path": "tiny:scenes-vision", "select": "patch", "final_norm": False},
+            "vision": TINY_VISION,
             "connector": {"name_or_path": "tiny:qformer"},
             "llm": {"name_or_path": "tiny:llama"},
             "max_length": 1024,  # easy-VQA instruction records: several turns after 32 image tokens
