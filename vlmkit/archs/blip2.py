@@ -16,6 +16,11 @@ the Q-Former's BERT `tiny:bert`; stage 3 reads easy-VQA.
 # shared by the presets built on a BLIP-2 Q-Former (minigpt4, visualglm)
 VISION = {"feature_layer": -1, "select": "cls_patch", "final_norm": True, "pad_to_square": False}
 TINY_VISION = {"name_or_path": "tiny:scenes-vision", "feature_layer": -1, "select": "patch", "final_norm": False}
+# the tiny scale of a preset that starts from blip2's trained Q-Former (its stage 1, `tiny:qformer`)
+TINY_ON_QFORMER = {"vision": TINY_VISION, "connector": {"name_or_path": "tiny:qformer"},
+                   "llm": {"name_or_path": "tiny:llama"},
+                   "max_length": 1024}  # easy-VQA instruction records: several turns after 32 image tokens
+TINY_CAPTIONS = "scenes:caption,easy-vqa:captions"
 
 PRESET = {
     "name": "blip2",
@@ -54,7 +59,7 @@ PRESET = {
             "stages": [
                 {"mixture": "scenes:caption", "lr": {"connector": 1e-3}, "epochs": 15, "batch_size": 64,
                  "warmup_ratio": 0.03},
-                {"mixture": "scenes:caption,easy-vqa:captions", "lr": {"connector": 1e-3}, "epochs": 1,
+                {"mixture": TINY_CAPTIONS, "lr": {"connector": 1e-3}, "epochs": 1,
                  "batch_size": 32, "warmup_ratio": 0.03},
                 # one question per record (the Q-Former reads that question); the tower stays frozen at this scale:
                 # trained (lr 3e-4) it fit easy-VQA's 4,000 training images and scored 67-79% on the test images

@@ -8,7 +8,7 @@ curated set of detailed descriptions (paper: ~3.5k pairs the stage-1 model wrote
 batch 12, lr 3e-5). At the tiny scale the Q-Former is `tiny:qformer` (the `blip2` preset's stage 1, trained on
 generated scenes), stage 1 reads scene and easy-VQA captions and stage 2 easy-VQA's questions.
 """
-from vlmkit.archs.blip2 import TINY_VISION, VISION
+from vlmkit.archs.blip2 import TINY_CAPTIONS, TINY_ON_QFORMER, VISION
 
 PRESET = {
     "name": "minigpt4",
@@ -33,12 +33,9 @@ PRESET = {
             "max_length": 512,
         },
         "tiny": {
-            "vision": TINY_VISION,
-            "connector": {"name_or_path": "tiny:qformer"},
-            "llm": {"name_or_path": "tiny:llama"},
-            "max_length": 1024,  # easy-VQA instruction records: several turns after 32 image tokens
+            **TINY_ON_QFORMER,
             "stages": [
-                {"mixture": "scenes:caption,easy-vqa:captions", "lr": {"connector.language_projection": 3e-3},
+                {"mixture": TINY_CAPTIONS, "lr": {"connector.language_projection": 3e-3},
                  "batch_size": 32, "epochs": 1, "warmup_ratio": 0.03},
                 {"lr": {"connector.language_projection": 2e-3}, "batch_size": 16, "max_steps": 0, "epochs": 2,
                  "warmup_ratio": 0.03},

@@ -9,7 +9,7 @@ repository's finetune script: rank 10) and the Q-Former still training. The sour
 more detail; the stages are the repository's. At the tiny scale the Q-Former starts from `tiny:qformer` (the
 `blip2` preset's stage 1) and the LLM is any causal LM (`tiny:llama`).
 """
-from vlmkit.archs.blip2 import TINY_VISION, VISION
+from vlmkit.archs.blip2 import TINY_CAPTIONS, TINY_ON_QFORMER, VISION
 
 PRESET = {
     "name": "visualglm",
@@ -32,12 +32,9 @@ PRESET = {
             "max_length": 1024,
         },
         "tiny": {
-            "vision": TINY_VISION,
-            "connector": {"name_or_path": "tiny:qformer"},
-            "llm": {"name_or_path": "tiny:llama"},
-            "max_length": 1024,  # easy-VQA instruction records: several turns after 32 image tokens
+            **TINY_ON_QFORMER,
             "stages": [
-                {"mixture": "scenes:caption,easy-vqa:captions", "lr": {"connector": 1e-3}, "batch_size": 32,
+                {"mixture": TINY_CAPTIONS, "lr": {"connector": 1e-3}, "batch_size": 32,
                  "epochs": 1, "warmup_ratio": 0.03},
                 {"lr": {"connector": 5e-4, "llm": 1e-3}, "batch_size": 16, "epochs": 2, "warmup_ratio": 0.03,
                  "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
