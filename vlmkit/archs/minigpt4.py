@@ -1,6 +1,7 @@
 """MiniGPT-4 (Zhu et al., 2023): BLIP-2's frozen ViT and frozen Q-Former (32 queries) -> one trainable Linear
 (`llama_proj`) -> a frozen Vicuna. Nothing but that Linear ever trains: the stages name it inside the connector
-(`connector.language_projection`), so the Q-Former, loaded from a trained one, stays exactly as it was.
+(`connector.language_projection`; its learning rate is the connector's, `--pretrain.lr.connector`), so the
+Q-Former, loaded from a trained one, stays exactly as it was.
 
 Template `###Human: <Img><ImageHere></Img> instruction ###Assistant: answer###`. Two stages: (1) pretraining on
 a large image-caption mixture (paper: 20k steps of batch 256, ~5M pairs, lr 1e-4); (2) fine-tuning on a small
@@ -19,10 +20,10 @@ PRESET = {
     "answer_prompt": "",
     "stages": [
         {"name": "pretrain", "train": ["connector.language_projection"], "data": "captions",
-         "lr": {"connector.language_projection": 1e-4}, "epochs": 1, "batch_size": 256, "warmup_ratio": 0.25,
+         "lr": {"connector": 1e-4}, "epochs": 1, "batch_size": 256, "warmup_ratio": 0.25,
          "weight_decay": 0.05},
         {"name": "finetune", "train": ["connector.language_projection"], "data": "instructions",
-         "lr": {"connector.language_projection": 3e-5}, "max_steps": 400, "batch_size": 12, "warmup_ratio": 0.05,
+         "lr": {"connector": 3e-5}, "max_steps": 400, "batch_size": 12, "warmup_ratio": 0.05,
          "weight_decay": 0.05},
     ],
     "scales": {
@@ -35,9 +36,9 @@ PRESET = {
         "tiny": {
             **TINY_ON_QFORMER,
             "stages": [
-                {"mixture": TINY_CAPTIONS, "lr": {"connector.language_projection": 3e-3},
+                {"mixture": TINY_CAPTIONS, "lr": {"connector": 3e-3},
                  "batch_size": 32, "epochs": 1, "warmup_ratio": 0.03},
-                {"lr": {"connector.language_projection": 2e-3}, "batch_size": 16, "max_steps": 0, "epochs": 2,
+                {"lr": {"connector": 2e-3}, "batch_size": 16, "max_steps": 0, "epochs": 2,
                  "warmup_ratio": 0.03},
             ],
         },
