@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def backbones(tmp_path_factory):
-    """Directories: tokenizer (the project's BPE), a random Llama LM, CLIP and ResNet vision towers."""
+    """Directories: tokenizer (the project's BPE), a random Llama LM, CLIP and ResNet vision towers, a BERT, a T5."""
     from transformers import (AutoTokenizer, CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM, ResNetConfig,
                               ResNetModel)
 
@@ -42,7 +42,11 @@ def backbones(tmp_path_factory):
     from vlmkit.tiny.build import build_bert
 
     build_bert(root / "bert", verbose=False)  # the Q-Former's (random BERT, WordPiece tokenizer)
-    return {name: str(root / name) for name in ("tokenizer", "llm", "clip", "resnet", "bert")}
+    from families import save_family_llm
+
+    save_family_llm("t5", root / "t5")  # a Flan-T5-shaped encoder-decoder LM with a T5 tokenizer
+    return {name: str(root / name) for name in ("tokenizer", "llm", "clip", "resnet", "bert", "t5")}
+
 
 
 @pytest.fixture(scope="session")

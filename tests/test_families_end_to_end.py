@@ -1,4 +1,6 @@
 """Train through the CLI with an LLM of each tokenizer family and its natural template; answers must stop.
+`t5` is an encoder-decoder LM (Flan-T5's shape) behind llava-1.5's connector: the prompt in its encoder, the answer
+from its decoder.
 
 A random tiny Llama LM carries each family's tokenizer (tests/families.py). After a short instruction stage on
 three colours, greedy answers are the right colour and end on the template's stop before the token budget,
@@ -32,7 +34,8 @@ def colour_data(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family, template", [("llama", "vicuna_v1"), ("llama-legacy", "llama2"),
-                                              ("qwen2", "chatml"), ("qwen2", "vicuna_v1"), ("gpt2", "minigpt4")])
+                                              ("qwen2", "chatml"), ("qwen2", "vicuna_v1"), ("gpt2", "minigpt4"),
+                                              ("t5", "blip2_t5")])
 def test_each_family_trains_and_its_answers_stop(backbones, colour_data, tmp_path, family, template, capsys):
     from vlmkit.data.templates import get_template, resolve_stop
     from vlmkit.infer.chat import answer

@@ -135,13 +135,89 @@ def test_a_model_outside_the_format_is_refused_by_to_hf(make_model, tmp_path):
         to_hf(make_model("blip2"), tmp_path / "out")
 
 
-def test_encoder_decoder_llm_is_refused_with_a_reason(tokenizer, tmp_path):
-    case = dict(queries=4, frequency=2, layers=2,
-                text=dict(model_type="t5", d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8,
-                          decoder_start_token_id=0))
-    build_hf_blip2(tmp_path / "hf", tokenizer, case)
-    with pytest.raises(ConfigError, match="encoder-decoder"):
-        from_hf(tmp_path / "hf", verbose=False)
+T5_CASE = dict(queries=4, frequency=2, layers=2,
+               text=dict(model_type="t5", d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                         d_kv=8, relative_attention_num_buckets=8, decoder_start_token_id=0,
+                         feed_forward_proj="gated-gelu", tie_word_embeddings=False))
+
+
+@pytest.fixture(scope="module")
+def t5_tokenizer():
+    from families import build_tokenizer
+
+    tokenizer = build_tokenizer("t5")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tokenizer
+
+
+def test_flan_t5_variant_parity(t5_tokenizer, tmp_path):
+    """BLIP-2 with an encoder-decoder LLM (Flan-T5's gated-GELU T5): the queries and prompt go to the encoder, the
+    answer comes from the decoder. Same logits as transformers for given decoder inputs, same greedy tokens, the
+    renderer writes Blip2Processor's prompt, and the model survives save/load and to-hf."""
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from vlmkit.convert import to_hf
+    from vlmkit.data.render import render_conversation
+    from vlmkit.data.templates import get_template
+    from vlmkit.infer.generate import GenerationConfig, generate
+    from vlmkit.model.vlm import VisionLanguageModel
+
+    hf, processor = build_hf_blip2(tmp_path / "hf", t5_tokenizer, T5_CASE)
+    torch.manual_seed(1)
+    image = Image.fromarray((torch.rand(30, 44, 3) * 255).to(torch.uint8).numpy())
+    inputs = processor(images=[image], text=[PROMPT], return_tensors="pt")
+    queries = T5_CASE["queries"]
+    decoder_ids = torch.tensor([[0, 17, 5, 42, 9]])
+    with torch.no_grad():
+        expected = hf(**inputs, decoder_input_ids=decoder_ids).logits
+    model = from_hf(tmp_path / "hf", verbose=False)
+    assert model.llm.is_encoder_decoder and model.config.template == "blip2_t5"
+    ids = inputs["input_ids"][0].tolist()
+    assert ids[:queries] == [model.image_token_id] * queries and ids[-1] == t5_tokenizer.eos_token_id
+    rendered = render_conversation([{"role": "user", "content": "<image>\nwhat colour is the shape?"}],
+                                   get_template("blip2_t5"), model.tokenizer, num_image_tokens=queries,
+                                   add_generation_prompt=True)
+    assert rendered.input_ids == ids
+    with torch.no_grad():
+        _, logits = model(inputs["input_ids"], attention_mask=inputs["attention_mask"], image_counts=[1],
+                          pixel_values=inputs["pixel_values"], decoder_input_ids=decoder_ids)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+    steps = 6
+    out = hf.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, eos_token_id=None)
+    for use_cache in (True, False):
+        ours = generate(model, [ids], [1], pixel_values=inputs["pixel_values"], stop_ids=set(),
+                        config=GenerationConfig(max_new_tokens=steps, use_cache=use_cache))[0]
+        assert ours == out[0, 1:].tolist()  # transformers' output opens with the decoder start token
+
+    # the training loss is the decoder's cross-entropy on the answer, as transformers computes it from labels
+    answer = render_conversation([{"role": "user", "content": "<image>\nwhat colour is the shape?"},
+                                  {"role": "assistant", "content": "red"}], get_template("blip2_t5"),
+                                 model.tokenizer, num_image_tokens=queries)
+    input_ids, labels = answer.tensors()
+    first = next(i for i, label in enumerate(answer.labels) if label != -100)
+    assert answer.input_ids[:first] == ids and answer.input_ids[-1] == t5_tokenizer.eos_token_id
+    target = torch.tensor([answer.input_ids[first:]])
+    with torch.no_grad():
+        expected_loss = hf(**inputs, labels=target).loss
+        loss, _ = model(input_ids[None], labels=labels[None], image_counts=[1], pixel_values=inputs["pixel_values"])
+    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
+
+    model.save_pretrained(tmp_path / "ours")
+    again = VisionLanguageModel.from_pretrained(tmp_path / "ours").eval()
+    assert again.llm.is_encoder_decoder
+    with torch.no_grad():
+        _, relogits = again(inputs["input_ids"], attention_mask=inputs["attention_mask"], image_counts=[1],
+                            pixel_values=inputs["pixel_values"], decoder_input_ids=decoder_ids)
+    torch.testing.assert_close(relogits, expected, atol=1e-4, rtol=1e-4)
+    to_hf(again, tmp_path / "back")
+    back = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    back_inputs = Blip2Processor.from_pretrained(tmp_path / "back")(images=[image], text=[PROMPT],
+                                                                   return_tensors="pt")
+    assert back_inputs["input_ids"].tolist() == inputs["input_ids"].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(back(**back_inputs, decoder_input_ids=decoder_ids).logits, expected,
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_minigpt4_projection_on_a_blip2_checkpoint(tokenizer, tmp_path):

@@ -63,3 +63,23 @@ def test_a_run_with_kept_lora_adapters_is_served(make_model, tmp_path):
     loaded, served = _served_answer(tmp_path, "what color is it?", uri)
     assert has_lora(loaded.llm)
     assert served == _library_answer(model, "what color is it?", uri)
+
+
+def test_blip2_with_an_encoder_decoder_llm_is_served(backbones, tmp_path):
+    """BLIP-2's Flan-T5 variant: the server's batches run the prompt through the T5 encoder and decode from it."""
+    from vlmkit.config import from_name
+    from vlmkit.model.vlm import VisionLanguageModel
+
+    config = from_name("blip2", scale="tiny", vision={"name_or_path": backbones["clip"], "feature_layer": -1},
+                       llm={"name_or_path": backbones["t5"]}, template="blip2_t5",
+                       connector={"name_or_path": backbones["bert"], "num_layers": 2, "num_queries": 4})
+    torch.manual_seed(3)
+    model = VisionLanguageModel.from_config(config, verbose=False)
+    with torch.no_grad():
+        for param in model.llm.parameters():  # a T5 at its init answers one token; make the answer longer
+            param.add_(torch.randn_like(param) * 0.3)
+    model.save_pretrained(tmp_path / "model")
+    uri = png_uri((30, 200, 90), size=(40, 40))
+    loaded, served = _served_answer(tmp_path, "what shape is it?", uri)
+    assert loaded.llm.is_encoder_decoder
+    assert served == _library_answer(loaded, "what shape is it?", uri) and served

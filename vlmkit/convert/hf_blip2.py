@@ -4,7 +4,8 @@ The directory is read with `transformers` itself and its modules move into a vlm
 `Blip2VisionModel` as the tower (read through its `post_layernorm`, as BLIP-2 does), the query tokens, Q-Former
 and `language_projection` into a `qformer` connector with the same keys, and the causal LM as it is. Every Q-Former
 config field that changes the computation is mapped or refused. A checkpoint whose LLM is an encoder-decoder
-(Flan-T5) is refused with a reason: vlmkit's assembly has no encoder-decoder path yet.
+(Flan-T5) keeps it as one: the prompt with the queries goes to its encoder, the answer comes from its decoder
+(templates `blip2_t5`, `blip2_t5_caption`).
 """
 from __future__ import annotations
 
@@ -18,9 +19,6 @@ def arch_from_hf_config(hf_config, src: str, image_processor: dict):
     """The `blip2` preset's paper-scale config with this checkpoint's sizes, or a ConfigError naming the field."""
     from vlmkit.data.images import ImageTransform
 
-    if not hf_config.use_decoder_only_language_model:
-        raise ConfigError(f"{src}: its language model is a {hf_config.text_config.model_type} encoder-decoder; vlmkit "
-                          "imports BLIP-2 checkpoints with a decoder-only LLM (OPT, LLaMA-style) only, so far")
     q = hf_config.qformer_config
     for field, expected in (("hidden_act", "gelu"), ("position_embedding_type", "absolute")):
         value = getattr(q, field, expected)
@@ -39,11 +37,18 @@ def arch_from_hf_config(hf_config, src: str, image_processor: dict):
                                 "cross_attention_frequency": q.cross_attention_frequency,
                                 "text_input": bool(q.use_qformer_text_input), "instruction_aware": False,
                                 "proj_dim": hf_config.image_text_hidden_size},
-                     llm={"name_or_path": str(src)})
+                     llm={"name_or_path": str(src)},
+                     # Flan-T5: the prompt ends with </s> and the answer is the decoder's (templates blip2_t5*)
+                     **({} if hf_config.use_decoder_only_language_model else T5_TEMPLATES))
+
+
+# the blip2 preset's templates for an encoder-decoder LLM (Flan-T5): `--template blip2_t5
+# --generative.template blip2_t5_caption` on the command line
+T5_TEMPLATES = {"template": "blip2_t5", "stages__generative__template": "blip2_t5_caption"}
 
 
 def from_hf(src: str | os.PathLike, *, dtype=None, device_map=None, verbose: bool = True):
-    """A vlmkit `VisionLanguageModel` from a `Blip2ForConditionalGeneration` directory or hub id."""
+    """A vlmkit `VisionLanguageModel` from a `Blip2ForConditionalGeneration` directory or hub id (OPT or T5)."""
     import torch
     from transformers import AutoConfig, AutoTokenizer, Blip2ForConditionalGeneration
 

@@ -207,6 +207,25 @@ register(Template(
 register(dataclasses.replace(TEMPLATES["blip2"], name="blip2_caption", user_format="{content}", assistant_prefix="",
                              assistant_format="{content}", keep_user_text=False))
 
+# BLIP-2 with an encoder-decoder LLM (Flan-T5): the encoder reads `[queries] Question: q Answer:</s>` (Blip2Processor
+# tokenises the prompt with T5's tokenizer, which ends it with </s>), the decoder writes `a</s>` (LAVIS's
+# blip2_t5 targets end with </s>; SentencePiece T5 has no newline to stop at). The split between the two is the
+# first answer token (vlmkit.model.vlm.split_for_encoder_decoder).
+register(Template(
+    name="blip2_t5",
+    system="",
+    user_format="Question: {content}",
+    assistant_prefix=" Answer:{eos}",
+    assistant_format="{content}",
+    stop="{eos}",
+    image_format="<image>",
+    add_bos=False,
+    images_first=True,
+))
+# its caption pretraining: the encoder reads the queries (and </s>), the decoder writes the caption
+register(dataclasses.replace(TEMPLATES["blip2_t5"], name="blip2_t5_caption", user_format="{content}",
+                             assistant_prefix="{eos}", keep_user_text=False))
+
 # VisualGLM-6B (its model/chat.py): `<img>[queries]</img>问：q\n答：a\n问：…`, the image once before the first question;
 # an answer ends with the LLM's EOS (chat() stops on it). `visualglm_en` is the same code's English prompt (Q:/A:).
 register(Template(

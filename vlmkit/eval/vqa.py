@@ -71,7 +71,9 @@ def generate_answers(model, dataset, batch_size: int = 128, max_new_tokens: int 
     predictions = [None] * len(dataset)
     config = GenerationConfig(max_new_tokens=max_new_tokens)
     # a connector that reads the question makes each question's image tokens its own: no prefix to share
-    share_prefix = share_prefix and not getattr(model.connector, "reads_instruction", False)
+    # (and an encoder-decoder LLM's encoder reads each prompt whole)
+    share_prefix = share_prefix and not getattr(model.connector, "reads_instruction", False) \
+        and not model.require_llm("evaluation").is_encoder_decoder
     shared, rest = (_shared_prefix_batches(dataset, model.image_token_id, batch_size)
                     if share_prefix and features is not None else ([], list(range(len(dataset)))))
     order = sorted(rest, key=lambda i: len(dataset[i].input_ids))

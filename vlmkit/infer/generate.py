@@ -134,6 +134,10 @@ class Decoder:
     them in; `step` feeds every pending token and samples the next; `drop_finished` removes finished rows
     from the cache. `generate()` is one `add` and steps until all rows finish. With `use_cache=False` the
     whole sequence is recomputed every step (tests, debugging) and rows cannot join later.
+
+    An encoder-decoder LLM (Flan-T5): `add` runs the prompts through the encoder once and starts each row's
+    decoder at the start token; `step` extends the decoder (its own KV cache, against the encoder's states).
+    Rows leave as they finish; new rows cannot join a running batch (their encoder states would need padding).
     """
 
     def __init__(self, model, stop_ids: set[int] | None = None, use_cache: bool = True,
@@ -153,11 +157,14 @@ class Decoder:
         self.mask = None        # (rows, cached length)
         self.last = None        # (rows,) position of each row's last cached token
         self.pending = None     # (rows,) the token to feed next
+        self.seq2seq = model.llm.is_encoder_decoder
+        self.encoder = None     # encoder-decoder: (encoder states (rows, S, D), encoder mask (rows, S))
+        self.decoded = None     # encoder-decoder with use_cache=False: each row's decoder ids so far
 
     @property
     def can_join(self) -> bool:
         """Whether rows can be added now (no rows yet, or a cache whose rows can be padded and joined)."""
-        return not self.rows or (self.use_cache and _dynamic_layers(self.cache) is not None)
+        return not self.rows or (self.use_cache and not self.seq2seq and _dynamic_layers(self.cache) is not None)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -172,6 +179,9 @@ class Decoder:
         input_ids, mask = left_pad(prompts, model.tokenizer.pad_token_id)
         input_ids, mask = input_ids.to(device), mask.to(device)
         embeds, _ = model.embed(input_ids, image_counts, pixel_values, vision_features, record_ids)
+        if self.seq2seq:
+            self._start_decoder(embeds, mask, rows)
+            return
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = model.llm(embeds, attention_mask=mask, position_ids=positions, past_key_values=None,
                                   use_cache=self.use_cache, logits_to_keep=1)
@@ -203,6 +213,8 @@ class Decoder:
             raise RuntimeError("add_with_prefix starts a fresh batch with a KV cache")
         if getattr(self.model.connector, "reads_instruction", False):
             raise RuntimeError("the connector reads each prompt's question: its image tokens have no shared prefix")
+        if self.seq2seq:
+            raise RuntimeError("an encoder-decoder LLM's encoder reads the whole prompt at once: no prefix to share")
         model, device = self.model, self.model.device
         prefix_ids = prefix_ids.to(device)
         embeds, _ = model.embed(prefix_ids, [1] * len(prefix_ids), pixel_values, vision_features)
@@ -223,12 +235,37 @@ class Decoder:
         self.rows = list(rows)
         self._take(rows, self.pending)
 
+    def _start_decoder(self, embeds: torch.Tensor, mask: torch.Tensor, rows: list[Row]) -> None:
+        llm = self.model.llm
+        hidden = llm.encode(embeds, mask)
+        start = torch.full((len(rows), 1), llm.decoder_start_token_id, dtype=torch.long, device=mask.device)
+        logits, cache = llm.decode(start, hidden, mask, use_cache=self.use_cache)
+        self.encoder, self.cache = (hidden, mask), cache
+        self.decoded = start if not self.use_cache else None
+        self.pending = self._sample(logits[:, -1], rows)
+        self.rows = list(rows)
+        self._take(rows, self.pending)
+
+    def _step_decoder(self, fed: torch.Tensor) -> None:
+        llm = self.model.llm
+        hidden, mask = self.encoder
+        if self.use_cache:
+            logits, self.cache = llm.decode(fed[:, None], hidden, mask, past_key_values=self.cache, use_cache=True)
+        else:
+            self.decoded = torch.cat([self.decoded, fed[:, None]], dim=1)
+            logits, _ = llm.decode(self.decoded, hidden, mask)
+        self.pending = self._sample(logits[:, -1], self.rows)
+        self._take(self.rows, self.pending)
+
     @torch.no_grad()
     def step(self) -> None:
         """Feed every row's pending token and sample the next one."""
         model = self.model
         fed = self.pending.masked_fill(torch.tensor([r.finished for r in self.rows], device=self.pending.device),
                                        model.tokenizer.pad_token_id)
+        if self.seq2seq:
+            self._step_decoder(fed)
+            return
         new_embeds = model.llm.embed(fed[:, None])
         positions = (self.last + 1)[:, None]
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
@@ -252,7 +289,16 @@ class Decoder:
         keep = [i for i, row in enumerate(self.rows) if not row.finished]
         self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self.cache = self.embeds = self.mask = self.last = self.pending = None
+            self.cache = self.embeds = self.mask = self.last = self.pending = self.encoder = self.decoded = None
+            return done
+        if self.seq2seq:
+            index = torch.tensor(keep, device=self.pending.device)
+            self.pending = self.pending[index]
+            self.encoder = tuple(part[index] for part in self.encoder)
+            if self.use_cache:
+                self.cache.batch_select_indices(index)
+            else:
+                self.decoded = self.decoded[index]
             return done
         index = torch.tensor(keep, device=self.mask.device)
         self.mask, self.last, self.pending = self.mask[index], self.last[index], self.pending[index]

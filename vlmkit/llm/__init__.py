@@ -1,8 +1,12 @@
-"""Language models: any `transformers` causal LM behind one interface.
+"""Language models: any `transformers` causal LM behind one interface, and encoder-decoder LMs (Flan-T5) beside it.
 
 `LanguageModel(inputs_embeds, attention_mask, position_ids, past_key_values) -> (logits, cache)`.
 The assembly only needs the input embedding table, a forward on embeddings and a KV cache; an LLM with
 visual-expert layers (CogVLM) takes the same call plus the image-token mask.
+
+An encoder-decoder LM (`is_encoder_decoder`, BLIP-2's Flan-T5) is read through `encode` (the prompt, image
+tokens spliced in, as embeddings) and `decode` (decoder tokens against the encoder's states, with its own KV
+cache); `forward` is not used for it.
 """
 from __future__ import annotations
 
@@ -27,21 +31,49 @@ class LanguageModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "LanguageModel":
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig
 
         kwargs.setdefault("attn_implementation", "sdpa")
-        return cls(AutoModelForCausalLM.from_pretrained(path, **kwargs))
+        hf = AutoConfig.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code", False))
+        return cls(_auto_class(hf).from_pretrained(path, **kwargs))
 
     @classmethod
     def from_hf_config(cls, hf_config: dict) -> "LanguageModel":
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         hf = AutoConfig.for_model(**hf_config)
-        return cls(AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa"))
+        return cls(_auto_class(hf).from_config(hf, attn_implementation="sdpa"))
 
     @property
     def config(self):
         return self.causal_lm.config
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """An encoder-decoder LM (T5): the prompt goes to its encoder, the answer comes from its decoder."""
+        return bool(getattr(self.config, "is_encoder_decoder", False))
+
+    @property
+    def decoder_start_token_id(self) -> int:
+        start = getattr(self.config, "decoder_start_token_id", None)
+        return int(start if start is not None else self.config.pad_token_id)
+
+    def encode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The encoder's last hidden states (B, S, D) for a prompt given as embeddings."""
+        encoder = self.causal_lm.get_encoder()
+        return encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+
+    def decode(self, decoder_input_ids: torch.Tensor, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor,
+               decoder_mask=None, past_key_values=None, use_cache: bool = False):
+        """Decoder logits (B, T, V) for `decoder_input_ids` (the start token, then the answer so far) reading the
+        encoder's states; returns (logits, cache). With a cache, only the new decoder tokens are passed."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        outputs = self.causal_lm(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden),
+                                 attention_mask=encoder_mask, decoder_input_ids=decoder_input_ids,
+                                 decoder_attention_mask=decoder_mask, use_cache=use_cache,
+                                 **{self._cache_kwarg: past_key_values})
+        return outputs.logits, getattr(outputs, self._cache_kwarg, None)
 
     @property
     def hidden_size(self) -> int:
@@ -66,3 +98,10 @@ class LanguageModel(nn.Module):
                              use_cache=use_cache, logits_to_keep=logits_to_keep,
                              **{self._cache_kwarg: past_key_values})
         return outputs.logits, getattr(outputs, self._cache_kwarg, None)
+
+
+def _auto_class(hf_config):
+    """The transformers auto class for an LM config: seq-to-seq for encoder-decoders (T5), causal otherwise."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if getattr(hf_config, "is_encoder_decoder", False) else AutoModelForCausalLM

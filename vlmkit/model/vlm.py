@@ -90,6 +90,43 @@ def splice_image_features(inputs_embeds: torch.Tensor, image_token_mask: torch.T
                                         image_embeds.to(inputs_embeds.dtype).reshape(-1, inputs_embeds.shape[-1]))
 
 
+def split_for_encoder_decoder(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask, start_id: int,
+                              pad_id: int, image_token_id: int, record_ids=None):
+    """Rendered samples as an encoder-decoder LM reads them: each sample's tokens before its first supervised one
+    (system text, images, the first question and the assistant cue) are the encoder's input; the rest (the first
+    answer, and any later turns) is the decoder's sequence, fed after `start_id` and predicted one token ahead, with
+    the rendered labels (later questions are read, not learned). Returns right-padded (encoder_ids, encoder_mask,
+    decoder_input_ids, decoder_mask, decoder_labels). An image after the first answer has no place in the
+    encoder: a BadRecord naming the sample."""
+    rows = range(input_ids.shape[0])
+    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    encoders, decoders, targets = [], [], []
+    for i in rows:
+        ids, target = input_ids[i][real[i]].tolist(), labels[i][real[i]].tolist()
+        first = next((t for t, label in enumerate(target) if label != IGNORE_INDEX), len(ids))
+        if image_token_id in ids[first:]:
+            name = record_ids[i] if record_ids is not None else i
+            raise BadRecord(name, "has an image after its first answer; an encoder-decoder LLM reads the images in "
+                                  "its encoder, before the first answer", kind="image_count")
+        encoders.append(ids[:first])
+        decoders.append([start_id] + ids[first:-1] if first < len(ids) else [start_id])
+        targets.append(target[first:] if first < len(ids) else [IGNORE_INDEX])
+
+    def right_pad(sequences, value):
+        length = max(map(len, sequences))
+        out = torch.full((len(sequences), length), value, dtype=torch.long)
+        mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            out[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, :len(seq)] = 1
+        return out, mask
+
+    encoder_ids, encoder_mask = right_pad(encoders, pad_id)
+    decoder_ids, decoder_mask = right_pad(decoders, pad_id)
+    decoder_labels, _ = right_pad(targets, IGNORE_INDEX)
+    return encoder_ids, encoder_mask, decoder_ids, decoder_mask, decoder_labels
+
+
 class VisionLanguageModel(nn.Module):
     """A vision-language model assembled from parts; `config` is the preset it was built from."""
 
@@ -276,12 +313,20 @@ class VisionLanguageModel(nn.Module):
         return self.llm.causal_lm.get_input_embeddings().weight.device
 
     def forward(self, input_ids, attention_mask=None, labels=None, image_counts=None, pixel_values=None,
-                vision_features=None, record_ids=None, position_ids=None, objective: str = "lm"):
+                vision_features=None, record_ids=None, position_ids=None, objective: str = "lm",
+                decoder_input_ids=None):
         """Returns (loss or None, logits). With labels, logits are computed only where the loss needs them.
         `objective="blip2_qformer"`: BLIP-2's stage-1 losses instead, (sum, {"itc", "itm", "itg"}), through the
-        Q-Former alone (no LLM), on the text the labels supervise (vlmkit.train.blip2)."""
+        Q-Former alone (no LLM), on the text the labels supervise (vlmkit.train.blip2).
+
+        An encoder-decoder LLM (Flan-T5) reads each sample up to its first supervised token in its encoder (the
+        images, the prompt) and the rest in its decoder (`split_for_encoder_decoder`); without labels the logits
+        are the decoder's over `decoder_input_ids` (default: the start token alone)."""
         if objective == "blip2_qformer":
             return self.qformer_losses(input_ids, labels, image_counts, pixel_values, vision_features, record_ids)
+        if self.llm is not None and self.llm.is_encoder_decoder:
+            return self._seq2seq_forward(input_ids, attention_mask, labels, image_counts, pixel_values,
+                                         vision_features, record_ids, position_ids, decoder_input_ids)
         inputs_embeds, image_token_mask = self.embed(input_ids, image_counts, pixel_values, vision_features,
                                                      record_ids, labels=labels)
         attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
@@ -297,6 +342,35 @@ class VisionLanguageModel(nn.Module):
         logits = self.llm.logits(hidden[:, :-1][supervised])
         loss = F.cross_entropy(logits.float(), targets[supervised])
         return loss, logits
+
+    def _seq2seq_forward(self, input_ids, attention_mask, labels, image_counts, pixel_values, vision_features,
+                         record_ids, position_ids, decoder_input_ids):
+        if position_ids is not None:
+            raise ConfigError("packed sequences (position_ids) need a decoder-only LLM; this one is an encoder-decoder "
+                              f"({self.llm.config.model_type}): train without packing")
+        llm = self.llm
+        if labels is None:
+            encoder_ids, encoder_mask = input_ids, attention_mask
+            if decoder_input_ids is None:
+                decoder_input_ids = torch.full((input_ids.shape[0], 1), llm.decoder_start_token_id, dtype=torch.long)
+            decoder_mask = targets = None
+        else:
+            encoder_ids, encoder_mask, decoder_input_ids, decoder_mask, targets = split_for_encoder_decoder(
+                input_ids, labels, attention_mask, llm.decoder_start_token_id, self.tokenizer.pad_token_id,
+                self.image_token_id, record_ids)
+        if encoder_mask is None:
+            encoder_mask = torch.ones_like(encoder_ids)
+        inputs_embeds, _ = self.embed(encoder_ids, image_counts, pixel_values, vision_features, record_ids)
+        encoder_mask = encoder_mask.to(self.device)
+        hidden = llm.encode(inputs_embeds, encoder_mask)
+        logits, _ = llm.decode(decoder_input_ids.to(self.device), hidden, encoder_mask,
+                               decoder_mask=decoder_mask.to(self.device) if decoder_mask is not None else None)
+        if targets is None:
+            return None, logits
+        targets = targets.to(logits.device)
+        supervised = targets != IGNORE_INDEX
+        logits = logits[supervised]
+        return F.cross_entropy(logits.float(), targets[supervised]), logits
 
     def instruction_tokens(self, input_ids: torch.Tensor, image_counts: list[int], labels=None, device=None) -> dict:
         """For an instruction-aware Q-Former: each image's instruction in the Q-Former's tokens — the text of its
