@@ -145,6 +145,76 @@ def build_llama(path: Path, tokenizer_dir: Path, verbose: bool = True, seed: int
         print(f"[tiny] LM: loss {losses[0]:.2f} -> {sum(losses[-20:]) / 20:.3f} in {time.time() - start:.0f}s -> {path}")
 
 
+# -- an encoder-decoder LM (BLIP-2's Flan-T5 variant) -------------------------------------------------------------
+# Flan-T5's shape (gated GELU, untied LM head, relative position buckets) at the tiny LM's width, on its tokenizer
+T5_CONFIG = dict(d_model=128, d_ff=256, num_layers=4, num_decoder_layers=4, num_heads=4, d_kv=32,
+                 relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+T5_STEPS, T5_BATCH, T5_LR = 300, 32, 2e-3
+
+
+def _t5_pairs(tokenizer, seed: int = 0) -> list:
+    """Training questions and captions as the `blip2-t5` preset renders them without the image, split as the
+    model reads them: `Question: q Answer:</s>` to the encoder, `a</s>` from the decoder; a caption from an
+    empty prompt (`</s>`)."""
+    from vlmkit.data.render import render_conversation
+
+    pairs = []
+    for template, records in (("blip2_t5", easyvqa.instruction_records("train", seed=seed, max_turns=1)),
+                              ("blip2_t5_caption", easyvqa.caption_records("train"))):
+        for record in records:
+            messages = [{"role": "user" if turn["from"] == "human" else "assistant",
+                         "content": turn["value"].replace("<image>\n", "").replace("<image>", "")}
+                        for turn in record["conversations"]]
+            pairs.append(render_conversation(messages, TEMPLATES[template], tokenizer, num_image_tokens=0,
+                                             record_id=record["id"]))
+    return pairs
+
+
+def build_t5(path: Path, tokenizer_dir: Path, verbose: bool = True, seed: int = 0) -> None:
+    """A T5 encoder-decoder (Flan-T5's architecture at the tiny width) pretrained on the training split's
+    question-answer pairs and captions as prompt -> answer: what `blip2-t5` keeps frozen at the tiny scale."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    from vlmkit.model.vlm import split_for_encoder_decoder
+
+    start = time.time()
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id, **T5_CONFIG)
+    model = T5ForConditionalGeneration(config)
+    pairs = [Example(str(i), r.input_ids, r.labels, []) for i, r in enumerate(_t5_pairs(tokenizer, seed))]
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=T5_LR, weight_decay=0.01, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, T5_STEPS) / T5_STEPS)))
+    model.train()
+    losses = []
+    bar = tqdm(range(T5_STEPS), desc="[tiny] pretraining T5", disable=not verbose)
+    for _ in bar:
+        batch = collate(rng.sample(pairs, T5_BATCH), tokenizer.pad_token_id)
+        encoder_ids, encoder_mask, decoder_ids, decoder_mask, labels = split_for_encoder_decoder(
+            batch.input_ids, batch.labels, batch.attention_mask, config.decoder_start_token_id,
+            tokenizer.pad_token_id, image_id)
+        loss = model(input_ids=encoder_ids, attention_mask=encoder_mask, decoder_input_ids=decoder_ids,
+                     decoder_attention_mask=decoder_mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_info(tmp, {"kind": "T5ForConditionalGeneration", "parameters": sum(p.numel() for p in model.parameters()),
+                          "steps": T5_STEPS, "final_loss": sum(losses[-20:]) / 20, "seconds": time.time() - start})
+    if verbose:
+        print(f"[tiny] T5: loss {losses[0]:.2f} -> {sum(losses[-20:]) / 20:.3f} in {time.time() - start:.0f}s -> {path}")
+
+
 def _tensor(output) -> torch.Tensor:
     """CLIP's get_*_features return a tensor in transformers 4 and an output object in 5."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
