@@ -1,9 +1,10 @@
 """Exact loss masks and stops for every tokenizer family under every template.
 
-Llama (SentencePiece-style, legacy and not), Qwen2 and GPT-2 tokenizers are built offline with their own
+Llama (SentencePiece-style, legacy and not), Qwen2, GPT-2 and T5 tokenizers are built offline with their own
 transformers classes (tests/families.py). For multi-turn records with a system prompt and images, the decoded
 supervised tokens must be exactly each assistant turn plus its stop, and the whole sequence must decode to
-the rendered text.
+the rendered text. T5's SentencePiece normalises whitespace (its vocabulary has no newline, and it decodes
+"red </s>" as "red</s>"), so for it the spans are compared with whitespace removed.
 """
 import pytest
 
@@ -33,6 +34,11 @@ def family_tokenizer(request):
     return request.param, tokenizer
 
 
+def same_text(family):
+    """How decoded text is compared: exactly (up to the ends) or, for T5, with all whitespace removed."""
+    return (lambda text: "".join(text.split())) if family == "t5" else str.strip
+
+
 @pytest.mark.parametrize("template_name", ["vicuna_v1", "llama2", "chatml", "minigpt4"])
 def test_supervised_tokens_are_each_answer_and_its_stop(family_tokenizer, template_name):
     family, tokenizer = family_tokenizer
@@ -42,7 +48,8 @@ def test_supervised_tokens_are_each_answer_and_its_stop(family_tokenizer, templa
     answers = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
     spans = [tokenizer.decode(span) for span in supervised_spans(rendered)]
     expected = [(template.assistant_format.replace("{content}", answer) + stop.text).strip() for answer in answers]
-    assert [span.strip() for span in spans] == expected, family
+    norm = same_text(family)
+    assert [norm(span) for span in spans] == [norm(text) for text in expected], family
     # the sequence is the rendered text, tokenised once (images expanded to 3 placeholders each)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     assert rendered.input_ids.count(image_id) == 6 and rendered.num_images == 2
@@ -71,7 +78,8 @@ def test_stop_is_resolved_against_the_tokenizer(family_tokenizer):
 def test_captions_with_plain(family_tokenizer):
     family, tokenizer = family_tokenizer
     rendered = render_conversation(CAPTION, get_template("plain"), tokenizer, num_image_tokens=4)
-    assert [tokenizer.decode(s) for s in supervised_spans(rendered)] == ["a blue circle.\n"]
+    spans = [tokenizer.decode(s) for s in supervised_spans(rendered)]
+    assert spans == (["a blue circle."] if family == "t5" else ["a blue circle.\n"])  # T5 has no newline
     assert rendered.input_ids[:4] == [tokenizer.convert_tokens_to_ids("<image>")] * 4
 
 
@@ -99,6 +107,10 @@ def test_tokenizer_without_offsets_gets_the_same_mask(family_tokenizer):
         def __getattr__(self, name):
             return getattr(tokenizer, name)
 
+    if family == "t5":  # its decoding normalises whitespace, so the offsets cannot be recovered: a clear error
+        with pytest.raises(BadRecord, match="decoding does not give the text back"):
+            render_conversation(CONVERSATION, get_template("chatml"), Slow(), num_image_tokens=2)
+        return
     fast = render_conversation(CONVERSATION, get_template("chatml"), tokenizer, num_image_tokens=2)
     slow = render_conversation(CONVERSATION, get_template("chatml"), Slow(), num_image_tokens=2)
     assert (slow.input_ids, slow.labels) == (fast.input_ids, fast.labels)
