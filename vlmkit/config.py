@@ -72,6 +72,8 @@ class ConnectorConfig:
                                     "self-attention (BLIP-2's VQA fine-tuning gives the Q-Former the question; "
                                     "InstructBLIP its instruction), so the visual tokens depend on what is asked.",
                                     default=False)
+    dropout: float = _help("qformer: dropout on its hidden states and attention probabilities (BERT's and BLIP-2's "
+                           "0.1); a frozen Q-Former computes without it.", default=0.1)
     max_text_tokens: int = _help("qformer: stage-1 texts are cut and padded to this many Q-Former tokens (LAVIS's "
                                  "max_txt_len).", default=32)
 

@@ -191,6 +191,13 @@ def test_minigpt4_trains_only_the_projection_after_a_loaded_qformer(backbones, t
             assert torch.equal(value, after[key]), key  # loaded, and frozen through the stage
     entries = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert set(entries[0]["lr"]) == {"connector.language_projection"}
+    # a run directory (its config.json is the run's, the model is in model/) is a trained Q-Former too
+    assert (tmp_path / "run" / "config.json").exists()
+    again = VisionLanguageModel.from_config(config.__class__.from_dict({**config.to_dict(), "connector": {
+        **config.to_dict()["connector"], "name_or_path": str(tmp_path / "run")}}), verbose=False)
+    for key, value in again.connector.state_dict().items():
+        if not key.startswith("language_projection."):
+            assert torch.equal(value, after[key]), key
     # a Q-Former only works on the features it learned from: another tower, or the same read otherwise, is refused
     with pytest.raises(ConfigError, match="trained on the features of"):
         VisionLanguageModel.from_config(config.__class__.from_dict({**config.to_dict(), "vision": {

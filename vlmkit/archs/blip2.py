@@ -54,7 +54,9 @@ PRESET = {
             "vision": TINY_VISION,
             "llm": {"name_or_path": "tiny:llama"},
             # the Q-Former's sizes come from its BERT (tiny:bert: 128 wide, 2 layers, 4 heads, its own WordPiece)
-            "connector": {"num_queries": 32, "num_layers": 2, "proj_dim": 64, "name_or_path": "tiny:bert"},
+            # no dropout: a third of a stage-1 step here went to drawing its masks (0.42 -> 0.29 s per step)
+            "connector": {"num_queries": 32, "num_layers": 2, "proj_dim": 64, "name_or_path": "tiny:bert",
+                          "dropout": 0.0},
             "max_length": 512,  # easy-VQA's instruction records: several questions after 32 image tokens
             "stages": [
                 {"mixture": "scenes:caption", "lr": {"connector": 1e-3}, "epochs": 15, "batch_size": 64,
@@ -64,7 +66,7 @@ PRESET = {
                 # one question per record (the Q-Former reads that question); the tower stays frozen at this scale:
                 # trained (lr 3e-4) it fit easy-VQA's 4,000 training images and scored 67-79% on the test images
                 {"train": ["connector"], "mixture": "easy-vqa:questions", "lr": {"connector": 1e-3},
-                 "max_steps": 4000, "batch_size": 16, "warmup_ratio": 0.03},
+                 "max_steps": 8000, "batch_size": 16, "warmup_ratio": 0.03},  # 4,000: 87.7%, 8,000: 95.9%
             ],
         },
     },

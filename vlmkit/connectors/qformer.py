@@ -53,7 +53,8 @@ def qformer_config(config: ConnectorConfig, vision_hidden: int):
         vocab_size=config.vocab_size or 30522, hidden_size=width, num_hidden_layers=config.num_layers,
         num_attention_heads=heads, intermediate_size=config.intermediate_size or 4 * width,
         cross_attention_frequency=config.cross_attention_frequency, encoder_hidden_size=vision_hidden,
-        use_qformer_text_input=config.text_input, max_position_embeddings=config.text_positions or max(512, config.max_text_tokens))
+        use_qformer_text_input=config.text_input, max_position_embeddings=config.text_positions or max(512, config.max_text_tokens),
+        hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout)
 
 
 def load_text_tokenizer(path):
@@ -337,12 +338,12 @@ def _trained_qformer(path: str):
         if config.get("model_type") != "blip-2":
             return None
         directory = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
-    if (directory / "model" / "config.json").exists() and not (directory / "config.json").exists():
-        directory = directory / "model"  # a run directory: its newest stage
     file = directory / "config.json"
-    if not file.exists():
-        return None
-    saved = json.loads(file.read_text())
+    saved = json.loads(file.read_text()) if file.exists() else {}
+    if (directory / "model" / "config.json").exists() and saved.get("format") != "vlmkit" \
+            and saved.get("model_type") != "blip-2":
+        directory = directory / "model"  # a run directory (its config.json is the run's): its newest stage
+        saved = json.loads((directory / "config.json").read_text())
     if saved.get("format") == "vlmkit":
         return "vlmkit", directory, saved
     if saved.get("model_type") == "blip-2":
@@ -361,8 +362,8 @@ def _from_trained(config: ConnectorConfig, kind: str, directory: Path, saved: di
             raise ConfigError(f"--connector.name-or-path {directory}: its connector is {theirs.get('type')!r}, not a "
                               "Q-Former")
         sizes = {f.name: theirs[f.name] for f in dataclasses.fields(ConnectorConfig)
-                 if f.name in theirs and f.name not in ("name_or_path", "type", "instruction_aware")}  # the
-        # last is how the new model uses the Q-Former (MiniGPT-4's reads the image alone), not one of its sizes
+                 if f.name in theirs and f.name not in ("name_or_path", "type", "instruction_aware", "dropout")}
+        # the last two are how the new model uses the Q-Former (MiniGPT-4's reads the image alone), not its sizes
         tokenizer_dir = directory / CONNECTOR_TOKENIZER_DIR
         tokenizer = load_text_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
         vision = {key: saved["arch"]["vision"][key] for key in ("name_or_path", "feature_layer", "select", "final_norm")

@@ -13,7 +13,8 @@ from pathlib import Path
 from vlmkit.io import cache_home
 
 # v2: the LM corpus is rendered by the shared renderer (vlmkit.data.render); v3: LM init std 0.2, " yes" one token
-VERSION = "v3"
+# v4: tiny:qformer (blip2 stage 1) trains without dropout
+VERSION = "v4"
 PREFIX = "tiny:"
 NAMES = ("tokenizer", "llama", "vision", "scenes-vision", "bert", "qformer",  # qformer: blip2's stage 1, trained
          "t5")  # t5: an encoder-decoder LM (blip2-t5)
