@@ -105,6 +105,25 @@ def _lm_documents(tokenizer, seed: int = 0) -> list[str]:
     return documents
 
 
+def _step(model, optimizer, schedule, loss, losses: list, bar) -> None:
+    """One optimiser step of a tiny LM's pretraining (clipped at 1.0), its loss logged and shown."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    losses.append(loss.item())
+    bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
+def _save_lm(path: Path, model, tokenizer, kind: str, steps: int, losses: list, start: float) -> None:
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_info(tmp, {"kind": kind, "parameters": sum(p.numel() for p in model.parameters()), "steps": steps,
+                          "final_loss": sum(losses[-20:]) / 20, "seconds": time.time() - start})
+
+
 def build_llama(path: Path, tokenizer_dir: Path, verbose: bool = True, seed: int = 0) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -128,19 +147,8 @@ def build_llama(path: Path, tokenizer_dir: Path, verbose: bool = True, seed: int
     for _ in bar:
         batch = collate(rng.sample(encoded, LM_BATCH), tokenizer.pad_token_id)
         loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_info(tmp, {"kind": "LlamaForCausalLM", "parameters": sum(p.numel() for p in model.parameters()),
-                          "steps": LM_STEPS, "final_loss": sum(losses[-20:]) / 20,
-                          "seconds": time.time() - start})
+        _step(model, optimizer, schedule, loss, losses, bar)
+    _save_lm(path, model, tokenizer, "LlamaForCausalLM", LM_STEPS, losses, start)
     if verbose:
         print(f"[tiny] LM: loss {losses[0]:.2f} -> {sum(losses[-20:]) / 20:.3f} in {time.time() - start:.0f}s -> {path}")
 
@@ -199,18 +207,8 @@ def build_t5(path: Path, tokenizer_dir: Path, verbose: bool = True, seed: int = 
             tokenizer.pad_token_id, image_id)
         loss = model(input_ids=encoder_ids, attention_mask=encoder_mask, decoder_input_ids=decoder_ids,
                      decoder_attention_mask=decoder_mask, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_info(tmp, {"kind": "T5ForConditionalGeneration", "parameters": sum(p.numel() for p in model.parameters()),
-                          "steps": T5_STEPS, "final_loss": sum(losses[-20:]) / 20, "seconds": time.time() - start})
+        _step(model, optimizer, schedule, loss, losses, bar)
+    _save_lm(path, model, tokenizer, "T5ForConditionalGeneration", T5_STEPS, losses, start)
     if verbose:
         print(f"[tiny] T5: loss {losses[0]:.2f} -> {sum(losses[-20:]) / 20:.3f} in {time.time() - start:.0f}s -> {path}")
 
