@@ -13,8 +13,8 @@ from pathlib import Path
 from vlmkit.io import cache_home
 
 # v2: the LM corpus is rendered by the shared renderer (vlmkit.data.render); v3: LM init std 0.2, " yes" one token
-# v4: tiny:qformer (blip2 stage 1) trains without dropout
-VERSION = "v4"
+# v4: tiny:qformer (blip2 stage 1) trains without dropout; v5: the LM has 8 attention heads of 16 (was 4 of 32)
+VERSION = "v5"
 PREFIX = "tiny:"
 NAMES = ("tokenizer", "llama", "vision", "scenes-vision", "bert", "qformer",  # qformer: blip2's stage 1, trained
          "t5")  # t5: an encoder-decoder LM (blip2-t5)
