@@ -73,7 +73,8 @@ def test_sigkill_mid_stage_then_resume_repeats_the_losses(backbones, tmp_path, r
     process.send_signal(signal.SIGKILL)
     process.wait()
     steps = [p.name for p in checkpoint.checkpoints(run)]
-    assert steps and all(name.startswith("step-2-instruct-") for name in steps) and len(steps) <= 2
+    # --keep-last 2: a new checkpoint is written before the oldest is pruned, so a kill between the two leaves 3
+    assert steps and all(name.startswith("step-2-instruct-") for name in steps) and len(steps) <= 3
     out = finish(argv(backbones, tmp_path, run, *extra, "--resume"))
     assert "resuming stage 'instruct' at step" in out
     assert_same_losses(losses(run), reference[variant])
