@@ -66,7 +66,7 @@ def test_train_on_a_weighted_mixture(backbones, tmp_path, image_files):
     run = tmp_path / "run"
     argv = ["train", "--preset", "llava-1.5", "--run-dir", str(run), "--image-folder", str(tmp_path),
             "--stages", "instruct", "--instruct.mixture", f"{a}=2,{b}=0.5", "--instruct.batch-size", "4",
-            "--instruct.min-steps", "0",
+            "--instruct.min-steps", "0", "--instruct.epochs", "1",
             "--vision-tower", backbones["clip"], "--llm", backbones["llm"], "--workers", "0"]
     assert main(argv) == 0
     summary = json.loads((run / "summary.json").read_text())
