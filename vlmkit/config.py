@@ -113,6 +113,12 @@ class StageConfig:
                            "supervised tokens, normalised per token over the whole optimiser step.", default="lm")
     pack_to: int = _help("Pack samples into rows of this many tokens (0 = one sample per row, padded); attention "
                          "never crosses a sample and positions restart per sample.", default=0)
+    share_prefix: int = _help("Rows of up to this many samples of one image after one copy of their common prefix "
+                              "(system prompt, image) instead of one row per sample (0 = off): the stage batches an "
+                              "image's samples together, each attends to the prefix and to itself at its own "
+                              "positions, so the loss is the unshared one with fewer tokens computed (evaluation "
+                              "shares prefixes the same way). For many short questions per image; decoder-only "
+                              "LLMs. 4 measured best (benchmarks/shared_prefix.py).", default=0)
     image_size: int = _help("Image side in pixels for this stage (0 = the vision tower's preprocessor size). Qwen-VL "
                             "trains at 224 px and then at 448 px: a ViT's position embeddings are interpolated to the "
                             "new grid, a convolutional tower just sees more pixels, and the model is saved at the "

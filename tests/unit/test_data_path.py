@@ -158,6 +158,22 @@ def test_a_packed_stage_trains_like_the_padded_one(backbones, tmp_path, image_fi
     assert main(too_short) == 2
 
 
+def test_a_shared_prefix_stage_trains_like_the_padded_one(backbones, tmp_path, image_files):
+    """--STAGE.share-prefix writes an image's samples in rows after one copy of their common prefix: a step over
+    the whole data set (16 records on 3 images) has the padded step's tokens, loss and gradient, in 6 rows."""
+    data = write_records(tmp_path, image_files, "s", 16)
+    logs = [train_log(backbones, tmp_path, f"run{k}", data, "--instruct.max-steps", "1", "--instruct.batch-size",
+                      "16", "--instruct.share-prefix", k, "--workers", "0")[0] for k in ("0", "4")]
+    padded, shared = logs
+    assert padded["tokens"] == shared["tokens"] and padded["rows"] == 16 and shared["rows"] == 6  # 6+5+5 -> 2+2+2
+    assert padded["loss"] == pytest.approx(shared["loss"], rel=1e-5)
+    assert padded["grad_norm"] == pytest.approx(shared["grad_norm"], rel=1e-4)
+    both = ["train", "--run-dir", str(tmp_path / "both"), "--data", str(data), "--image-folder", str(tmp_path),
+            "--stages", "instruct", "--instruct.pack-to", "256", "--instruct.share-prefix", "4",
+            "--vision-tower", backbones["clip"], "--llm", backbones["llm"]]
+    assert main(both) == 2
+
+
 @pytest.mark.parametrize("trains", ["connector,llm", "connector"])
 def test_gradient_checkpointing_trains_the_same(backbones, tmp_path, image_files, monkeypatch, trains):
     """--gradient-checkpointing recomputes the LLM's activations in the backward pass: same losses and gradients,

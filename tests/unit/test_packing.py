@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from vlmkit.data.dataset import Example, collate
-from vlmkit.data.packing import block_diagonal_mask, collate_packed, pack_examples
+from vlmkit.data.packing import (block_diagonal_mask, collate_packed, collate_shared, image_grouped_batches,
+                                 pack_examples, shared_prefix_length)
 from vlmkit.data.render import IGNORE_INDEX, render_conversation
 from vlmkit.data.templates import get_template
 from vlmkit.errors import ConfigError
@@ -141,3 +142,104 @@ def test_packed_forward_matches_each_sample_alone(model, examples, attn):
             torch.testing.assert_close(loss_packed, loss_padded, atol=1e-6, rtol=1e-6)
     finally:
         model.llm.causal_lm.set_attn_implementation("sdpa")
+
+
+# -- shared prefixes: an image's questions in one row, the system prompt and image computed once -------------------
+
+QUESTIONS = [("what colour is the shape?", "red"), ("is there a circle?", "no"), ("what shape is it?", "triangle"),
+             ("does the image contain a red shape?", "yes")]
+
+
+def _question_examples(model, image: int, questions=QUESTIONS) -> list[Example]:
+    out = []
+    for q, (text, answer) in enumerate(questions):
+        messages = [{"role": "user", "content": f"<image>\n{text}"}, {"role": "assistant", "content": answer}]
+        r = render_conversation(messages, get_template("vicuna_v1"), model.tokenizer,
+                                num_image_tokens=model.num_image_tokens)
+        out.append(Example(f"img{image}-q{q}", r.input_ids, r.labels, [image]))
+    return out
+
+
+def test_shared_prefix_length_stops_before_the_answers_and_covers_the_image():
+    image = 50
+    a = Example("a", [1, 2, image, image, 3, 4, 5, 6], [IGNORE_INDEX] * 6 + [5, 6], [0])
+    b = Example("b", [1, 2, image, image, 3, 7, 8], [IGNORE_INDEX] * 6 + [8], [0])
+    assert shared_prefix_length([a, b], image) == 5  # [1, 2, img, img, 3]
+    # the same question twice: the prefix ends one token before the first answer token, never inside it
+    assert shared_prefix_length([a, a], image) == 5
+    # an image placeholder after the common part cannot be spliced into the prefix: nothing is shared
+    c = Example("c", [1, 9, image, image, 3, 7, 8], [IGNORE_INDEX] * 6 + [8], [0])
+    assert shared_prefix_length([a, c], image) == 0
+
+
+def test_collate_shared_lays_out_one_row_per_image():
+    image = 50
+    a = Example("a", [1, 2, image, 3, 4, 5], [IGNORE_INDEX] * 4 + [4, 5], [7])
+    b = Example("b", [1, 2, image, 3, 6, 8, 9], [IGNORE_INDEX] * 5 + [8, 9], [7])
+    c = Example("c", [1, 2, 4], [IGNORE_INDEX, IGNORE_INDEX, 4], [])
+    batch = collate_shared([a, c, b], pad_token_id=0, image_token_id=image)
+    assert batch.record_ids == [["a", "b"], ["c"]] and batch.image_counts == [1, 0]
+    assert batch.image_indices.tolist() == [7]  # the image once, for the row that shares it
+    assert batch.prefix_lengths.tolist() == [3, 0]
+    assert batch.input_ids.tolist() == [[1, 2, image, 3, 4, 5, 3, 6, 8, 9], [1, 2, 4] + [0] * 7]
+    assert batch.position_ids.tolist()[0] == [0, 1, 2, 3, 4, 5, 3, 4, 5, 6]  # each branch where it was alone
+    assert batch.sequence_ids.tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2, 2], [1, 1, 1] + [-1] * 7]
+    assert batch.labels.tolist()[0] == [IGNORE_INDEX] * 4 + [4, 5] + [IGNORE_INDEX] * 2 + [8, 9]
+    assert int((batch.labels != IGNORE_INDEX).sum()) == 5  # every supervised token kept
+    allowed = (block_diagonal_mask(batch.sequence_ids, prefix_lengths=batch.prefix_lengths)[0, 0] == 0).int()
+    assert allowed[6].tolist() == [1, 1, 1, 0, 0, 0, 1, 0, 0, 0]  # b's first token: the prefix and itself
+    assert allowed[5].tolist() == [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]  # a's last token: the prefix and a
+    assert allowed[9].tolist() == [1, 1, 1, 0, 0, 0, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prefix_loss_and_gradient_equal_the_unshared_batch(model, attn):
+    model.llm.causal_lm.set_attn_implementation(attn)
+    try:
+        examples = _question_examples(model, 0) + _question_examples(model, 1, QUESTIONS[:2]) + \
+            _question_examples(model, 2, QUESTIONS[2:3])
+        torch.manual_seed(0)
+        pixels = torch.rand(3, 3, 32, 32)
+        batch = collate_shared(examples, model.tokenizer.pad_token_id, model.image_token_id)
+        assert batch.image_counts == [1, 1, 1] and batch.prefix_lengths[:2].min() > model.num_image_tokens
+        padded = collate(examples, model.tokenizer.pad_token_id)
+        assert batch.input_ids.numel() < 0.7 * padded.input_ids.numel()
+
+        def loss_and_grad(*args, **kw):
+            model.zero_grad()
+            loss, _ = model(*args, **kw)
+            loss.backward()
+            return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+        mask = block_diagonal_mask(batch.sequence_ids, prefix_lengths=batch.prefix_lengths)
+        shared, shared_grads = loss_and_grad(batch.input_ids, mask, batch.labels, image_counts=batch.image_counts,
+                                             pixel_values=pixels[batch.image_indices], position_ids=batch.position_ids)
+        plain, plain_grads = loss_and_grad(padded.input_ids, padded.attention_mask, padded.labels,
+                                           image_counts=padded.image_counts, pixel_values=pixels[padded.image_indices])
+        torch.testing.assert_close(shared, plain, atol=1e-6, rtol=1e-5)
+        assert shared_grads.keys() == plain_grads.keys() and shared_grads
+        for name in plain_grads:
+            torch.testing.assert_close(shared_grads[name], plain_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+        # the check can fail: without the prefix in the mask the branches see neither the prompt nor the image
+        with torch.no_grad():
+            blind, _ = model(batch.input_ids, block_diagonal_mask(batch.sequence_ids), batch.labels,
+                             image_counts=batch.image_counts, pixel_values=pixels[batch.image_indices],
+                             position_ids=batch.position_ids)
+        assert abs(blind - plain) > 1e-3
+    finally:
+        model.zero_grad()
+        model.llm.causal_lm.set_attn_implementation("sdpa")
+
+
+def test_image_grouped_batches_keep_an_images_samples_together():
+    keys = [(i % 5,) for i in range(23)] + [(), ()]
+    batches = image_grouped_batches(keys, batch_size=4, seed=3)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(25)) and all(len(b) == 4 for b in batches[:-1])
+    runs = [keys[i] if keys[i] else ("alone", i) for i in flat]
+    assert len([k for j, k in enumerate(runs) if j == 0 or runs[j - 1] != k]) == 7  # 5 images + 2 text-only
+    assert batches == image_grouped_batches(keys, batch_size=4, seed=3)
+    assert batches != image_grouped_batches(keys, batch_size=4, seed=4)
+    # a mixture's epoch may repeat a sample: it stays with its image
+    repeated = image_grouped_batches(keys, 4, 0, indices=[0, 5, 0, 1])
+    assert sorted(i for b in repeated for i in b) == [0, 0, 1, 5]

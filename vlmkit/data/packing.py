@@ -16,8 +16,10 @@ block-diagonal mask lets samples attend across their boundaries.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vlmkit.data.dataset import Example
@@ -36,6 +38,8 @@ class PackedBatch:
     position_ids: torch.Tensor    # (B, L) restarting at 0 for every sample; 0 on padding
     sequence_ids: torch.Tensor    # (B, L) index of the sample within its row; -1 on padding
     pixel_values: torch.Tensor | None = None  # the batch's images, when a loader decoded them (as in Batch)
+    # (B,) tokens at the start of each row that all its samples attend to (`collate_shared`); None = 0 everywhere
+    prefix_lengths: torch.Tensor | None = None
 
 
 def pack_examples(examples: list[Example], pack_to: int) -> list[list[int]]:
@@ -89,16 +93,121 @@ def collate_packed(rows: list[list[Example]], pad_token_id: int) -> PackedBatch:
                        [[e.record_id for e in row] for row in rows], position_ids, sequence_ids)
 
 
-def block_diagonal_mask(sequence_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Additive attention mask (B, 1, L, L): 0 where query i may attend key j (same sample, j <= i), the
-    dtype's minimum elsewhere. Padding queries attend to themselves only, so their softmax has no NaN."""
+def block_diagonal_mask(sequence_ids: torch.Tensor, dtype: torch.dtype = torch.float32,
+                        prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Additive attention mask (B, 1, L, L): 0 where query i may attend key j (same sample, j <= i, or j in the
+    row's shared prefix: `prefix_lengths`), the dtype's minimum elsewhere. Padding queries attend to themselves
+    only, so their softmax has no NaN."""
     length = sequence_ids.shape[1]
     same = sequence_ids[:, :, None] == sequence_ids[:, None, :]
+    if prefix_lengths is not None:  # every sample of a row also sees the row's first prefix_lengths[row] tokens
+        positions = torch.arange(length, device=sequence_ids.device)
+        same = same | (positions[None, None, :] < prefix_lengths.to(sequence_ids.device)[:, None, None])
     causal = torch.ones(length, length, dtype=torch.bool, device=sequence_ids.device).tril()
     allowed = same & causal & (sequence_ids[:, None, :] >= 0)
     allowed |= torch.eye(length, dtype=torch.bool, device=sequence_ids.device)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=sequence_ids.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def _first_supervised(example: Example) -> int:
+    labels = np.asarray(example.labels)
+    hits = np.flatnonzero(labels != IGNORE_INDEX)
+    return int(hits[0]) if len(hits) else len(labels)
+
+
+def shared_prefix_length(examples: list[Example], image_token_id: int) -> int:
+    """How many leading tokens `examples` (one image's questions) can share: their common prefix, ending before
+    any sample's first supervised token (the token after the prefix is a sample's first, and nothing predicts it)
+    and covering every image placeholder (the image is spliced once, into the prefix). 0 when that is impossible."""
+    ids = [np.asarray(e.input_ids) for e in examples]
+    limit = min(min(len(a) for a in ids), min(_first_supervised(e) for e in examples) - 1)
+    length = 0
+    while length < limit and all(a[length] == ids[0][length] for a in ids[1:]):
+        length += 1
+    last_image = max((int(np.flatnonzero(a == image_token_id)[-1]) if (a == image_token_id).any() else -1)
+                     for a in ids)
+    return length if length > last_image else 0
+
+
+def collate_shared(examples: list[Example], pad_token_id: int, image_token_id: int,
+                   per_row: int = 0) -> PackedBatch:
+    """One row per image: the image's samples in the micro-batch share their common prefix (the system prompt and
+    the image), written once, and each sample follows it as its own branch, attending to the prefix and to itself
+    only, at the positions it would have alone. So every sample's logits and loss are those of the unshared batch
+    (`collate`), with the image's tokens computed once per row instead of once per question — as evaluation's
+    prefix cache does. Samples without an image, or whose prefix cannot be shared, get a row of their own.
+    `per_row` > 0 caps the samples of a row (an image with more gets several rows, each with the prefix): a
+    row's attention is quadratic in its length, most of it masked."""
+    groups: dict[tuple, list[Example]] = {}
+    for position, example in enumerate(examples):
+        key = tuple(example.image_indices) if example.image_indices else ("alone", position)
+        groups.setdefault(key, []).append(example)
+    if per_row > 0:
+        groups = {(key, start): group[start:start + per_row] for key, group in groups.items()
+                  for start in range(0, len(group), per_row)}
+    rows: list[tuple[int, list[Example]]] = []  # (prefix length, samples)
+    for group in groups.values():
+        prefix = shared_prefix_length(group, image_token_id) if len(group) > 1 else 0
+        rows += [(prefix, group)] if prefix else [(0, [e]) for e in group]
+    length = max(prefix + sum(len(e.input_ids) - prefix for e in group) for prefix, group in rows)
+    shape = (len(rows), length)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros(shape, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    sequence_ids = torch.full(shape, -1, dtype=torch.long)
+    for r, (prefix, group) in enumerate(rows):
+        first = group[0]
+        input_ids[r, :prefix] = torch.as_tensor(np.asarray(first.input_ids[:prefix]), dtype=torch.long)
+        position_ids[r, :prefix] = torch.arange(prefix)
+        sequence_ids[r, :prefix] = 0
+        start = prefix
+        for s, example in enumerate(group):
+            n = len(example.input_ids) - prefix
+            span = slice(start, start + n)
+            input_ids[r, span] = torch.as_tensor(np.asarray(example.input_ids[prefix:]), dtype=torch.long)
+            labels[r, span] = torch.as_tensor(np.asarray(example.labels[prefix:]), dtype=torch.long)
+            labels[r, start] = IGNORE_INDEX  # unsupervised by construction (shared_prefix_length)
+            position_ids[r, span] = torch.arange(prefix, prefix + n)
+            sequence_ids[r, span] = s + 1
+            start += n
+        attention_mask[r, :start] = 1
+    image_indices = torch.tensor([i for _, group in rows for i in group[0].image_indices], dtype=torch.long)
+    return PackedBatch(input_ids, attention_mask, labels, image_indices,
+                       [len(group[0].image_indices) for _, group in rows],
+                       [[e.record_id for e in group] for _, group in rows], position_ids, sequence_ids,
+                       prefix_lengths=torch.tensor([prefix for prefix, _ in rows], dtype=torch.long))
+
+
+def image_grouped_batches(image_keys: list[tuple], batch_size: int, seed: int,
+                          indices: list[int] | None = None) -> list[list[int]]:
+    """Shuffled batches in which an image's samples come together (for `collate_shared`): the images are shuffled,
+    then their samples, and the sequence is cut every `batch_size` samples. Each sample once per epoch, as with
+    `length_grouped_batches`; an image's samples may straddle two batches."""
+    rng = random.Random(seed)
+    order = list(range(len(image_keys))) if indices is None else list(indices)
+    groups: dict[tuple, list[int]] = {}
+    for index in order:
+        key = image_keys[index] if image_keys[index] else ("alone", index)
+        groups.setdefault(key, []).append(index)
+    blocks = list(groups.values())
+    rng.shuffle(blocks)
+    flat = []
+    for block in blocks:
+        rng.shuffle(block)
+        flat += block
+    return [flat[i:i + batch_size] for i in range(0, len(flat), batch_size)]
+
+
+class SharedPrefixCollate:
+    """A loader's collate for `share_prefix` stages: `collate_shared` with the model's image placeholder id."""
+
+    def __init__(self, image_token_id: int, per_row: int = 0):
+        self.image_token_id, self.per_row = image_token_id, per_row
+
+    def __call__(self, examples: list[Example], pad_token_id: int) -> PackedBatch:
+        return collate_shared(examples, pad_token_id, self.image_token_id, self.per_row)
 
 
 class PackingCollate:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from vlmkit.config import StageConfig
 from vlmkit.data.dataset import ConversationDataset, length_grouped_batches
 from vlmkit.data.loader import batch_loader
-from vlmkit.data.packing import PackingCollate
+from vlmkit.data.packing import PackingCollate, SharedPrefixCollate, image_grouped_batches
 from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.llm.lora import finish_stage
 from vlmkit.model.features import cache_features
@@ -210,6 +210,18 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
             raise ConfigError(f"stage {stage.name!r}: record {dataset[longest].record_id!r} has "
                               f"{len(dataset[longest].input_ids)} tokens, more than pack_to={stage.pack_to}")
         packing = {"collate_fn": PackingCollate(stage.pack_to)}
+    image_keys = None
+    if stage.share_prefix > 0:
+        if stage.pack_to:
+            raise ConfigError(f"stage {stage.name!r}: share_prefix and pack_to are two ways to lay out rows; set one")
+        if model.llm is None or model.llm.is_encoder_decoder:
+            raise ConfigError(f"stage {stage.name!r}: share_prefix needs a decoder-only LLM (the samples' branches "
+                              "share the prefix's keys inside one sequence)")
+        if getattr(model.connector, "reads_instruction", False):
+            raise ConfigError(f"stage {stage.name!r}: share_prefix cannot be used with a connector that reads the "
+                              "instruction (one image's rows would need one image embedding per question)")
+        image_keys = [tuple(dataset[i].image_indices) for i in range(len(dataset))]
+        packing = {"collate_fn": SharedPrefixCollate(model.image_token_id, stage.share_prefix)}
     # bf16 autocast where the model is (CUDA or CPU); the optimizer keeps the fp32 master weights
     # (under DeepSpeed the engine holds the module in bf16 itself)
     autocast = torch.autocast(model.device.type, dtype=torch.bfloat16) if bf16 and not zero else \
@@ -225,8 +237,10 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
         """(epoch, batch index in epoch, batch), from the saved position on."""
         epoch, skip = state.epoch, state.batch_in_epoch
         while True:
-            order = length_grouped_batches(dataset.lengths(), stage.batch_size, seed + epoch,
-                                           indices=dataset.mixture.epoch(seed, epoch))
+            indices = dataset.mixture.epoch(seed, epoch)
+            order = image_grouped_batches(image_keys, stage.batch_size, seed + epoch, indices=indices) \
+                if image_keys is not None else \
+                length_grouped_batches(dataset.lengths(), stage.batch_size, seed + epoch, indices=indices)
             shares = [info.shard(batch) if info.enabled else (batch, True) for batch in order[skip:]]
             loader = batch_loader(dataset, [indices for indices, _ in shares], pad_id, pixels=cached is None,
                                   workers=workers, **packing)

@@ -29,7 +29,8 @@ class LanguageModeling:
         pixels = batch.pixel_values if features is None else None
         attention_mask, extra = batch.attention_mask, {}
         if getattr(batch, "sequence_ids", None) is not None:  # packed rows: no attention across samples
-            attention_mask = block_diagonal_mask(batch.sequence_ids)
+            # (but to the row's shared prefix, when share_prefix wrote one)
+            attention_mask = block_diagonal_mask(batch.sequence_ids, prefix_lengths=getattr(batch, "prefix_lengths", None))
             extra["position_ids"] = batch.position_ids
         mean, _ = forward(batch.input_ids, attention_mask=attention_mask, labels=batch.labels,
                           image_counts=batch.image_counts, pixel_values=pixels, vision_features=features,

@@ -36,7 +36,8 @@ def stage_fingerprint(config: ArchConfig, stage, data: DataSpec, world_size: int
     return {"preset": config.name, "stage": stage.name, "seed": config.seed,
             "data": [f"{s.source}={s.weight:g}" for s in stage_sources(config, stage, data)],
             "image_folder": data.image_folder or "", "batch_size": stage.batch_size, "grad_accum": stage.grad_accum,
-            "pack_to": stage.pack_to, "world_size": world_size, "init": str(init or "")}
+            "pack_to": stage.pack_to, "share_prefix": stage.share_prefix, "world_size": world_size,
+            "init": str(init or "")}
 
 
 def _check_fingerprint(saved: dict, current: dict, found: Path) -> None:
