@@ -337,6 +337,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_data_glyphs(args) -> int:
+    from vlmkit.data.glyphs import write_glyphs
+
+    start = time.time()
+    path = write_glyphs(args.out, args.n, split=args.split, seed=args.seed, chars=args.chars, kinds=tuple(args.kinds))
+    print(f"wrote {args.n} {args.split} glyph records (seed {args.seed}) in {time.time() - start:.1f}s: {path}, "
+          f"images in {Path(args.out) / args.split}/")
+    print(f"train on them with e.g. vlmkit train --preset llava-1.5 --data {path} --image-folder {args.out} "
+          "--stages instruct")
+    return 0
+
+
 def cmd_data_scenes(args) -> int:
     from vlmkit.data.scenes import write_scenes
 
@@ -592,7 +604,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     from vlmkit.data import scenes  # the defaults below are write_scenes' own
 
     defaults = {name: param.default for name, param in inspect.signature(scenes.write_scenes).parameters.items()}
-    p = sub.add_parser("data", help="generate data sets (scenes of shapes with exact boxes)")
+    p = sub.add_parser("data", help="generate data sets (scenes of shapes with exact boxes; glyphs)")
     datasets = p.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     d = datasets.add_parser("scenes", help="seeded scenes of coloured shapes: captions, grounding, REC/REG, "
                                            "detection and VQA records",
@@ -611,6 +623,23 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     d.add_argument("--max-shapes", type=int, default=defaults["max_shapes"],
                    help="at most this many shapes a scene (the curriculum knob: 1 first, more later)")
     d.set_defaults(func=cmd_data_scenes)
+    from vlmkit.data import glyphs
+
+    g = datasets.add_parser("glyphs", help="seeded images of one coloured digit (or letter) on a textured "
+                                           "background, one question each: a small VQA set of a new domain",
+                            description="Write N seeded 64-px images of one character (PNGs in OUT/SPLIT/) and "
+                                        "OUT/SPLIT.json in LLaVA format, one question per record: which digit, "
+                                        "its colour, top or bottom, left or right, the background pattern: a "
+                                        "domain the tiny backbones were not pretrained on. Splits use separate "
+                                        "random streams; the same arguments give the same bytes.")
+    g.add_argument("--out", required=True, help="directory to write")
+    g.add_argument("--n", type=int, default=1500, help="number of images and records (default 1500)")
+    g.add_argument("--split", choices=list(glyphs.SPLIT_SALT), default="train")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chars", default=glyphs.DIGITS, help="characters to draw (default the digits 0-9)")
+    g.add_argument("--kinds", type=_parse_list, default=list(glyphs.QUESTIONS),
+                   help=f"comma-separated question kinds (default all: {','.join(glyphs.QUESTIONS)})")
+    g.set_defaults(func=cmd_data_glyphs)
 
     p = sub.add_parser("build-tiny", help="pretrain the tiny backbones into the cache (normally done on first need)")
     p.set_defaults(func=cmd_build_tiny)
