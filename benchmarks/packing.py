@@ -122,12 +122,14 @@ def make_steps(examples, mode: str, batch_size: int, pad_id: int, seed: int) -> 
     return steps
 
 
-def run_epoch(model, steps, pixels) -> list[float]:
+def run_epoch(model, steps, pixels, images_as: str = "pixel_values") -> list[float]:
+    """Each step's forward + backward time; `pixels` are indexed per step and passed as `images_as`
+    (`vision_features` for cached features of a frozen tower)."""
     times = []
     for step in steps:
         start = time.perf_counter()
         loss, _ = model(step["input_ids"], step["attention_mask"], step["labels"], image_counts=step["image_counts"],
-                        pixel_values=pixels[step["image_indices"]], position_ids=step.get("position_ids"))
+                        position_ids=step.get("position_ids"), **{images_as: pixels[step["image_indices"]]})
         loss.backward()
         model.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)

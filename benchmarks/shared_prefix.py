@@ -25,7 +25,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -33,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from packing import IMAGE_SIZE, build_model  # noqa: E402
+from packing import IMAGE_SIZE, build_model, run_epoch  # noqa: E402
 
 
 def make_steps(examples, mode: str, batch_size: int, pad_id: int, image_token_id: int, seed: int) -> list[dict]:
@@ -54,18 +53,6 @@ def make_steps(examples, mode: str, batch_size: int, pad_id: int, image_token_id
                           attention_mask=block_diagonal_mask(b.sequence_ids, prefix_lengths=b.prefix_lengths),
                           image_indices=b.image_indices, position_ids=b.position_ids, samples=len(indices)))
     return steps
-
-
-def run_epoch(model, steps, features) -> list[float]:
-    times = []
-    for step in steps:
-        start = time.perf_counter()
-        loss, _ = model(step["input_ids"], step["attention_mask"], step["labels"], image_counts=step["image_counts"],
-                        vision_features=features[step["image_indices"]], position_ids=step.get("position_ids"))
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def main(argv=None) -> dict:
@@ -103,16 +90,16 @@ def main(argv=None) -> dict:
             examples.append(Example(r["id"], rendered.input_ids, rendered.labels, [index[r["image"]]]))
     torch.manual_seed(args.seed)
     with torch.no_grad():  # the frozen tower's features, cached per image as the training loop does
-        pixels = model.encode_images(torch.rand(len(images), 3, IMAGE_SIZE, IMAGE_SIZE))
+        features = model.encode_images(torch.rand(len(images), 3, IMAGE_SIZE, IMAGE_SIZE))
     modes = ["padded", "shared"] + [f"shared x{k}" for k in args.per_row]
     steps = {m: make_steps(examples, m, args.batch_size, pad_id, model.image_token_id, args.seed) for m in modes}
     for mode in modes:  # warm-up
-        run_epoch(model, steps[mode][:2], pixels)
+        run_epoch(model, steps[mode][:2], features, "vision_features")
     load_before = os.getloadavg()
     times = {mode: [] for mode in modes}
     for _ in range(args.rounds):
         for mode in modes:
-            times[mode].append(run_epoch(model, steps[mode], pixels))
+            times[mode].append(run_epoch(model, steps[mode], features, "vision_features"))
     results = {}
     for mode in modes:
         seconds = sum(min(t) for t in zip(*times[mode]))

@@ -65,15 +65,18 @@ def pack_examples(examples: list[Example], pack_to: int) -> list[list[int]]:
     return rows
 
 
+def _empty_rows(count: int, length: int, pad_token_id: int) -> tuple[torch.Tensor, ...]:
+    """(input_ids, labels, attention_mask, position_ids, sequence_ids) of `count` all-padding rows."""
+    shape = (count, length)
+    return (torch.full(shape, pad_token_id, dtype=torch.long), torch.full(shape, IGNORE_INDEX, dtype=torch.long),
+            torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long),
+            torch.full(shape, -1, dtype=torch.long))
+
+
 def collate_packed(rows: list[list[Example]], pad_token_id: int) -> PackedBatch:
     """One batch from rows of examples (e.g. from `pack_examples`): each row's samples concatenated."""
     length = max(sum(len(e.input_ids) for e in row) for row in rows)
-    shape = (len(rows), length)
-    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
-    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros(shape, dtype=torch.long)
-    position_ids = torch.zeros(shape, dtype=torch.long)
-    sequence_ids = torch.full(shape, -1, dtype=torch.long)
+    input_ids, labels, attention_mask, position_ids, sequence_ids = _empty_rows(len(rows), length, pad_token_id)
     for r, row in enumerate(rows):
         start = 0
         for s, example in enumerate(row):
@@ -151,12 +154,7 @@ def collate_shared(examples: list[Example], pad_token_id: int, image_token_id: i
         prefix = shared_prefix_length(group, image_token_id) if len(group) > 1 else 0
         rows += [(prefix, group)] if prefix else [(0, [e]) for e in group]
     length = max(prefix + sum(len(e.input_ids) - prefix for e in group) for prefix, group in rows)
-    shape = (len(rows), length)
-    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
-    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros(shape, dtype=torch.long)
-    position_ids = torch.zeros(shape, dtype=torch.long)
-    sequence_ids = torch.full(shape, -1, dtype=torch.long)
+    input_ids, labels, attention_mask, position_ids, sequence_ids = _empty_rows(len(rows), length, pad_token_id)
     for r, (prefix, group) in enumerate(rows):
         first = group[0]
         input_ids[r, :prefix] = torch.as_tensor(np.asarray(first.input_ids[:prefix]), dtype=torch.long)
