@@ -28,7 +28,7 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 TEXTURES = ("plain", "stripes", "checks", "dots")
 SIZE = 64
 FONT_SIZES = (24, 34)  # pixel size range of the font (the glyph is about 0.7 of it tall)
-QUESTIONS = {  # kind -> (question, attribute answered); {what} = "digit" or "letter"
+QUESTIONS = {  # kind -> question (Glyph.answer gives the answer); {what} = "digit", "letter" or "character"
     "identity": "What {what} is shown?",
     "color": "What colour is the {what}?",
     "vertical": "Is the {what} at the top or the bottom?",
@@ -108,7 +108,7 @@ def glyph_images(n: int, split: str, seed: int = 0, chars: str = DIGITS):
 def write_glyphs(out_dir, n: int, split: str = "train", seed: int = 0, chars: str = DIGITS,
                  kinds=tuple(QUESTIONS)) -> Path:
     """`n` one-question records of `split` under `out_dir` (PNGs in `{split}/`, `{split}.json` in LLaVA format,
-    image paths relative to `out_dir`); each record asks one question of a kind drawn in turn from `kinds`.
+    image paths relative to `out_dir`); each record asks one question, its kind drawn (seeded) from `kinds`.
     Returns the JSON's path."""
     if n < 1:
         raise ConfigError(f"the number of glyph images must be at least 1, got {n}")
