@@ -130,3 +130,40 @@ def caption_records(split: str = "train", caption_prompt: str = "Describe the im
                         "conversations": [{"from": "human", "value": f"<image>\n{caption_prompt}"},
                                           {"from": "gpt", "value": caption}]})
     return records
+
+
+def _named(words: list[str], names: tuple[str, ...]) -> str | None:
+    return next((w for w in words if w in names), None)
+
+
+def match_records(split: str = "train", answer_prompt: str = "") -> list[dict]:
+    """Yes/no questions whose named colour or shape is the image's own, one single-turn record each.
+
+    easy-VQA asks "is there a red shape?" about an image of 1 colour in 8, so 88% of its plain colour questions
+    are non-matches ("no"), and a tiny model can answer them all from the question (issue 15: it learnt negation
+    and never a colour match). For every yes/no question of the split that names another colour (or shape) than
+    the image's, this writes its twin: the same sentence naming the image's own, with the opposite answer. The
+    image's colour and shape are read off its own questions (`image_attributes`); nothing comes from the test split.
+    Mixed in with a weight (`easy-vqa:matches=0.25`), a seeded share of the twins is drawn anew every epoch.
+    """
+    questions, paths = load_split(split)
+    attrs = image_attributes(questions)
+    records, seen = [], set()
+    for i, q in enumerate(questions):
+        if q.answer not in ("yes", "no"):
+            continue
+        words = re.findall(r"[a-z]+", q.text.lower())
+        own = attrs.get(q.image_id, {})
+        for kind, names in (("color", COLORS), ("shape", SHAPES)):
+            named = _named(words, names)
+            if named is None or kind not in own or own[kind] == named:
+                continue
+            text = re.sub(rf"\b{named}\b", own[kind], q.text)
+            if (q.image_id, text) in seen:  # "is there a red shape?" and "is there a blue shape?" share a twin
+                continue
+            seen.add((q.image_id, text))
+            answer = "no" if q.answer == "yes" else "yes"
+            records.append({"id": f"easyvqa-{split}-match{i}", "image": paths[q.image_id],
+                            "conversations": [{"from": "human", "value": "<image>\n" + _question_turn(text, answer_prompt)},
+                                              {"from": "gpt", "value": answer}]})
+    return records

@@ -1,7 +1,7 @@
 """Where a stage's data comes from: named sources, weighted into a mixture.
 
 A source is a LLaVA JSON/JSONL file (with its image folder) or a built-in source registered by name
-(`easy-vqa:captions`, `easy-vqa:instructions`, `easy-vqa:questions`; generated scenes later). A stage's
+(`easy-vqa:captions`, `easy-vqa:instructions`, `easy-vqa:questions`, `easy-vqa:matches`; generated scenes later). A stage's
 `mixture` lists sources with sampling weights and, optionally, each its own template and answer prompt:
 
     --instruct.mixture "easy-vqa:instructions=1,data/mine.json=0.5"     # inline: SOURCE[=WEIGHT],...
@@ -67,6 +67,12 @@ def _easyvqa_captions(config, stage, answer_prompt):
 def _easyvqa_instructions(config, stage, answer_prompt):
     from vlmkit.data import easyvqa
     return easyvqa.instruction_records("train", answer_prompt, seed=config.seed, max_turns=stage.max_turns)
+
+
+@register_source("easy-vqa:matches")
+def _easyvqa_matches(config, stage, answer_prompt):
+    from vlmkit.data import easyvqa
+    return easyvqa.match_records("train", answer_prompt)
 
 
 @register_source("easy-vqa:questions")
