@@ -243,7 +243,8 @@ def cmd_serve(args) -> int:
                              max_queue=args.max_queue, max_batch=args.max_batch, batch_wait=args.batch_wait,
                              allow_image_urls=args.allow_image_urls, temperature=args.temperature,
                              image_url_timeout=args.image_url_timeout,
-                             image_url_allow_networks=tuple(args.image_url_allow_network))
+                             image_url_allow_networks=tuple(args.image_url_allow_network),
+                             body_timeout=args.body_timeout, allowed_hosts=tuple(args.allowed_host))
     api_key = args.api_key or os.environ.get("VLMKIT_API_KEY") or None
     print(f"vlmkit: serving {name!r} ({model.config.name}) on http://{args.host}:{args.port}/ "
           f"— chat page at /, OpenAI API at /v1" + (", API key required" if api_key else ""), flush=True)
@@ -556,6 +557,12 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                    help="seconds for a whole image-URL fetch (name lookup, connects, redirects, every read)")
     p.add_argument("--image-url-allow-network", action="append", default=[], metavar="CIDR",
                    help="a non-public network that image URLs may reach (repeatable; default: public addresses only)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client has to send its whole request body (a trickling client loses its place)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a host name clients may address this server by when it has no --api-key (repeatable; "
+                        "IP addresses and localhost always may). Without an API key, requests naming another host "
+                        "(DNS rebinding) or coming from another site's page (Origin) are refused")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_allow_pickle(p)
     _add_device(p)

@@ -447,7 +447,7 @@ def test_a_request_still_uploading_holds_its_place_in_the_queue(served_model, ca
     with LiveServer(create_app_for(served_model, settings)) as live:
         upload = socket.create_connection(("127.0.0.1", live.port), timeout=10)
         try:
-            upload.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            upload.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                            b"Content-Length: 10000\r\n\r\n{\"messages\": [")  # and the rest never comes
             assert _until_pending(live, 1) == 1
             refused = httpx.post(live.url + "/v1/chat/completions", json=hello, timeout=30)

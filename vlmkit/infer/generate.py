@@ -85,10 +85,14 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, sorted_idx = probs.sort(-1, descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely token
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+        keep[..., 0] = True  # the most likely token, even when top_p is below float32's resolution
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter(-1, sorted_idx, sorted_probs)
     probs = (probs / probs.sum(-1, keepdim=True)).cpu()  # the seeded generator lives on the CPU
+    if not torch.isfinite(probs).all():
+        raise ValueError(f"sampling at temperature {temperature} gave non-finite probabilities (the logits were "
+                         "not finite, or the temperature too small for float32)")
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
 
 
@@ -100,6 +104,7 @@ class Row:
     on_token: Callable[[int], bool] | None = None  # True: this row needs no more tokens
     tokens: list[int] | None = None
     finished: bool = False
+    error: Exception | None = None  # sampling failed for this row alone: it finished with this error
 
     def __post_init__(self):
         self.tokens = [] if self.tokens is None else self.tokens
@@ -318,8 +323,12 @@ class Decoder:
     def _sample(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
         tokens = logits.argmax(-1)
         for i, row in enumerate(rows):
-            if row.config.temperature > 0:
-                tokens[i] = sample_next(logits[i:i + 1], row.config.temperature, row.config.top_p, row.generator)[0]
+            if row.config.temperature > 0 and not row.finished:
+                try:
+                    tokens[i] = sample_next(logits[i:i + 1], row.config.temperature, row.config.top_p,
+                                            row.generator)[0]
+                except (ValueError, RuntimeError) as exc:  # this row's settings or logits: it alone ends
+                    row.error, row.finished = exc, True
         return tokens
 
     def _take(self, rows: list[Row], tokens: torch.Tensor) -> None:
@@ -371,4 +380,7 @@ def generate(model, prompts: list[list[int]], image_counts: list[int] | None = N
         decoder.add(prompts, rows, image_counts, pixel_values, vision_features, record_ids)
     while not all(row.finished for row in rows):
         decoder.step()
+    for row in rows:
+        if row.error is not None:
+            raise row.error
     return [row.tokens for row in rows]

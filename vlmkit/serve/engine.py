@@ -337,18 +337,50 @@ class Job:
 
     def _send(self, text: str) -> None:
         if len(text) > self._sent:
-            self.emit(("delta", text[self._sent:]))
+            self.tell(("delta", text[self._sent:]))
             self._sent = len(text)
+
+    def tell(self, event: tuple) -> None:
+        """Pass an event to the listener; one that fails (its event loop closed: the client is gone) cancels the
+        job instead of failing the batch it runs in."""
+        try:
+            self.emit(event)
+        except Exception:  # noqa: BLE001  the listener's failure is this job's alone
+            log.warning("a request's listener failed; cancelling it", exc_info=True)
+            self.cancelled = True
 
     def finish(self) -> None:
         if not self._stopped:
             self._send(self._text().strip())
         reason = "stop" if self._stopped or len(self.tokens) < self.config.max_new_tokens else "length"
-        self.emit(("done", reason, {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.tokens)}))
+        self.tell(("done", reason, {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.tokens)}))
+
+
+_LONGEST_PIECE: dict[int, int] = {}  # id(tokenizer) -> characters of its longest vocabulary entry
+
+
+def longest_piece(tokenizer) -> int:
+    """No token covers more characters of text than the tokenizer's longest vocabulary entry, so a text of n
+    characters is at least n / longest_piece(tokenizer) tokens: a bound known before tokenising."""
+    key = id(tokenizer)
+    if key not in _LONGEST_PIECE:
+        _LONGEST_PIECE[key] = max((len(piece) for piece in tokenizer.get_vocab()), default=1) or 1
+    return _LONGEST_PIECE[key]
+
+
+def prompt_char_limit(model) -> int:
+    """Characters of message text beyond which a prompt cannot fit the model's context, whatever they are."""
+    return context_length(model) * longest_piece(model.tokenizer)
 
 
 def prepare(model, request: ChatRequest, settings: ServeSettings) -> Job:
     """Decode and transform the images, render the prompt, check it against the context: a Job or ApiError."""
+    characters = sum(len(message["content"]) for message in request.messages)
+    limit = prompt_char_limit(model)
+    if characters > limit:  # refused before tokenising: a 20 MB prompt would hold a thread for seconds
+        raise ApiError(400, f"messages: the text is {characters:,} characters; no more than {limit:,} can fit the "
+                            f"model's context of {context_length(model)} tokens", "messages",
+                       "context_length_exceeded")
     pixels = []
     for ref in request.images:
         data = ref.data if ref.data is not None else fetch_image(ref, settings)
@@ -397,11 +429,19 @@ class Engine:
         self._pending = 0
         self._arriving = 0  # requests being read and prepared: an idle worker waits briefly for them
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="vlmkit-engine", daemon=True)
+        self._jobs: dict[int, Job] = {}  # id(row) -> job, for the rows being decoded
+        self._admitting: list[Job] = []  # jobs taken from the queue and not yet decoding
+        self.restarts = 0   # times the worker died of an error outside a request's own and was restarted
+        self.working = False  # the worker loop is running (False before start, after stop, while restarting)
+        self._thread = threading.Thread(target=self._supervise, name="vlmkit-engine", daemon=True)
 
     @property
     def pending(self) -> int:
         return self._pending
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.working
 
     def start(self) -> None:
         self._thread.start()
@@ -468,17 +508,37 @@ class Engine:
         self._done(len(jobs) - len(live))  # the client left before its turn
         return live
 
+    def _supervise(self) -> None:
+        """Run the worker loop; if it dies of anything (a bug, not a request's own failure, which fails that
+        request alone), fail the jobs it held and start it again, so the server never stops answering."""
+        while True:
+            self.working = True
+            try:
+                self._run()
+                self.working = False
+                return
+            except BaseException as exc:  # noqa: BLE001  whatever killed the loop, the engine goes on
+                self.working = False
+                self.restarts += 1
+                log.error("the engine's worker failed; restarting it (restart %d):\n%s", self.restarts,
+                          traceback.format_exc())
+                held = list(self._jobs.values()) + [job for job in self._admitting if job not in self._jobs.values()]
+                self._jobs, self._admitting = {}, []
+                if held:
+                    self._fail(held, exc)
+
     def _run(self) -> None:
         decoder, last_size = Decoder(self.model), 1
-        jobs: dict[int, Job] = {}  # id(row) -> job
+        jobs = self._jobs
         while True:
             room = self.settings.max_batch - len(decoder)
             if not self._stopping and room > 0 and decoder.can_join and (not len(decoder) or not self._queue.empty()):
-                new = self._take(room, idle=not len(decoder), last_size=last_size)
+                new = self._admitting = self._take(room, idle=not len(decoder), last_size=last_size)
                 if new:
                     if not len(decoder):
                         last_size = len(new)
                     self._admit(decoder, new, jobs)
+                self._admitting = []
             elif self._stopping and not len(decoder):
                 return
             if not len(decoder):
@@ -496,25 +556,47 @@ class Engine:
                 decoder = Decoder(self.model)
 
     def _admit(self, decoder: Decoder, new: list[Job], jobs: dict[int, Job]) -> None:
-        rows = [Row(job.config, torch.Generator().manual_seed(job.config.seed) if job.config.seed is not None
-                    else None, job.push) for job in new]
-        pixels = [p for job in new for p in job.pixels]
+        """Prefill `new` together and join them to the batch. A job that cannot start (its seed, its prefill)
+        fails alone: when the group's prefill fails, each job is tried by itself."""
+        rows, ready = [], []
+        for job in new:
+            try:
+                generator = torch.Generator().manual_seed(job.config.seed) if job.config.seed is not None else None
+            except Exception as exc:  # noqa: BLE001  this job's settings: it alone fails
+                self._fail([job], exc)
+                continue
+            rows.append(Row(job.config, generator, job.push))
+            ready.append(job)
+        if not ready:
+            return
+        pixels = [p for job in ready for p in job.pixels]
         try:
-            decoder.add([job.input_ids for job in new], rows, [len(job.pixels) for job in new],
+            decoder.add([job.input_ids for job in ready], rows, [len(job.pixels) for job in ready],
                         pixel_values=torch.stack(pixels) if pixels else None)
-        except Exception as exc:  # noqa: BLE001  the prefill failed: these jobs fail, the running ones go on
-            self._fail(new, exc)
+        except Exception as exc:  # noqa: BLE001  the prefill failed: the running jobs go on
+            if len(ready) == 1 or not decoder.can_join:
+                self._fail(ready, exc)
+                return
+            for job in ready:  # find which of them fails: each alone
+                self._admit(decoder, [job], jobs)
             return
         self.batches += 1
-        jobs.update({id(row): job for row, job in zip(rows, new)})
+        jobs.update({id(row): job for row, job in zip(rows, ready)})
 
     def _finish(self, rows: list[Row], jobs: dict[int, Job]) -> None:
         for row in rows:
-            jobs.pop(id(row)).finish()
-            self._done()
+            job = jobs.pop(id(row))
+            if row.error is not None:
+                self._fail([job], row.error)
+            else:
+                try:
+                    job.finish()
+                finally:
+                    self._done()
 
-    def _fail(self, failed: list[Job], exc: Exception) -> None:
-        log.error("generation failed for %d request(s):\n%s", len(failed), traceback.format_exc())
+    def _fail(self, failed: list[Job], exc: BaseException) -> None:
+        log.error("generation failed for %d request(s):\n%s", len(failed),
+                  "".join(traceback.format_exception(exc)))
         for job in failed:
-            job.emit(("error", 500, f"the model failed while generating: {type(exc).__name__}: {exc}"))
+            job.tell(("error", 500, f"the model failed while generating: {type(exc).__name__}: {exc}"))
         self._done(len(failed))

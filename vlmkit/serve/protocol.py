@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,12 +37,21 @@ class ServeSettings:
     # the image hosts are known ones on the server's own network (the tests allow 127.0.0.1)
     image_url_allow_networks: tuple = ()
     temperature: float = 0.0       # for requests that give none (0 = greedy, as `vlmkit chat`)
+    body_timeout: float = 30.0     # seconds to receive a whole body: a client trickling bytes loses its place
+    # host names (besides IP addresses and localhost) that requests may name in their Host header when the server
+    # has no API key: a web page on another name that resolves to this machine (DNS rebinding) is refused
+    allowed_hosts: tuple = ()
+    max_image_side: int = 8192     # either side of an image, before padding and resizing
+    max_image_aspect: float = 20.0  # long side / short side
 
     def __post_init__(self):
         if isinstance(self.image_url_allow_networks, str):
             self.image_url_allow_networks = (self.image_url_allow_networks,)
         self.image_url_allow_networks = tuple(ipaddress.ip_network(network, strict=False)
                                               for network in self.image_url_allow_networks)
+        if isinstance(self.allowed_hosts, str):
+            self.allowed_hosts = (self.allowed_hosts,)
+        self.allowed_hosts = tuple(host.lower() for host in self.allowed_hosts)
 
 
 class ApiError(Exception):
@@ -91,12 +101,19 @@ def _bad(message: str, param: str | None = None, code: str | None = None, status
     return ApiError(status, f"{param}: {message}" if param else message, param, code)
 
 
+SEED_RANGE = (-2**63, 2**64 - 1)  # what a torch.Generator takes
+MIN_TOP_P = 1e-6  # smaller values are below float32's resolution of a probability sum: use temperature 0 for greedy
+MIN_TEMPERATURE = 1e-3  # logits / a smaller temperature overflow float32; 0 (greedy) is accepted as such
+
+
 def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(f"must be a number, got {type(value).__name__}", name, "invalid_type")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _bad(f"must be a finite number, got {value}", name, "invalid_value")
     if value > high or value < low or (low_open and value == low):
         bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
         raise _bad(f"{value} is outside {bound}", name, "invalid_value")
@@ -139,6 +156,15 @@ def _image_part(part: dict, param: str, settings: ServeSettings) -> ImageRef:
                "invalid_image_url")
 
 
+def _unicode(text: str, param: str) -> None:
+    """JSON escapes can write lone surrogates (\\ud800), which are not characters: no tokenizer takes them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _bad(f"the text is not valid Unicode: {exc.object[exc.start:exc.end]!r} at character {exc.start} "
+                   "is a lone surrogate", param, "invalid_text") from None
+
+
 def _content(message: dict, param: str, role: str, images: list[ImageRef], settings: ServeSettings) -> str:
     content = message.get("content")
     if isinstance(content, str):
@@ -157,6 +183,7 @@ def _content(message: dict, param: str, role: str, images: list[ImageRef], setti
             text = part.get("text")
             if not isinstance(text, str):
                 raise _bad("a text part needs a 'text' string", where, "invalid_type")
+            _unicode(text, where)
             if IMAGE_TOKEN in text:
                 raise _bad(f"the text contains {IMAGE_TOKEN}, which marks where images go; send images as "
                            "image_url parts", where, "reserved_token")
@@ -224,6 +251,10 @@ def parse_chat_request(body, settings: ServeSettings, model_name: str) -> ChatRe
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise _bad("must be a string or a list of up to 4 non-empty strings", "stop", "invalid_value")
+    if any(len(s) > 256 for s in stop):
+        raise _bad("a stop string may be at most 256 characters", "stop", "invalid_value")
+    for s in stop:
+        _unicode(s, "stop")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("must be true or false", "stream", "invalid_type")
@@ -233,9 +264,17 @@ def parse_chat_request(body, settings: ServeSettings, model_name: str) -> ChatRe
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise _bad("must be an integer", "seed", "invalid_type")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise _bad(f"must be within [-2**63, 2**64 - 1], got {seed}", "seed", "invalid_value")
+    temperature = _number(body, "temperature", settings.temperature, 0.0, 2.0)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise _bad(f"{temperature} is below {MIN_TEMPERATURE}; use 0 for greedy decoding", "temperature",
+                   "invalid_value")
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
+    if top_p < MIN_TOP_P:
+        raise _bad(f"{top_p} is below {MIN_TOP_P}; use temperature 0 for greedy decoding", "top_p", "invalid_value")
     return ChatRequest(messages=messages, images=images, max_tokens=max_tokens,
-                       temperature=_number(body, "temperature", settings.temperature, 0.0, 2.0),
-                       top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+                       temperature=temperature, top_p=top_p,
                        stop=stop, stream=stream, include_usage=bool(options.get("include_usage")), seed=seed)
 
 
