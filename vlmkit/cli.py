@@ -122,11 +122,18 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def _image_limits(args):
+    from vlmkit.data.images import ImageLimits
+
+    return ImageLimits(args.max_image_pixels, args.max_image_side, args.max_image_aspect)
+
+
 def _data_spec(args):
     from vlmkit.data.sources import DataSpec
 
     return DataSpec(instructions=args.data, captions=getattr(args, "caption_data", None),
-                    image_folder=args.image_folder, skip_bad=args.skip_bad)
+                    image_folder=args.image_folder, skip_bad=args.skip_bad, confine_images=args.confine_images,
+                    image_limits=_image_limits(args))
 
 
 def cmd_train(args) -> int:
@@ -175,6 +182,7 @@ def cmd_eval(args) -> int:
     if args.task is None and args.data is not None and args.data.startswith("scenes:"):
         raise VlmkitError(f"--data {args.data} is generated scenes: add --task rec|reg|caption|vqa")
     model, path = load_run(args.run, args.allow_pickle, args.device, args.dtype)
+    model.image_transform = dataclasses.replace(model.image_transform, limits=_image_limits(args))
     out_dir = Path(args.run) if (Path(args.run) / "model").exists() else path
     if args.task == "retrieval":
         from vlmkit.eval.retrieval import run_retrieval_eval
@@ -194,7 +202,7 @@ def cmd_eval(args) -> int:
                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, stages_ran=stages_ran)
         return 0
     run_eval(model, args.data or "easy-vqa", args.split or "test", args.image_folder, args.skip_bad, out_dir,
-             args.limit, args.batch_size, max_new_tokens=args.max_new_tokens or 8)
+             args.limit, args.batch_size, max_new_tokens=args.max_new_tokens or 8, confine_images=args.confine_images)
     return 0
 
 
@@ -205,6 +213,7 @@ def cmd_chat(args) -> int:
     if args.draw and not (args.image and args.question):
         raise VlmkitError("--draw needs --image and a question (it draws the boxes of that one answer)")
     model, _ = load_run(args.run, args.allow_pickle, args.device, args.dtype)
+    model.image_transform = dataclasses.replace(model.image_transform, limits=_image_limits(args))
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed)
     if args.question:
@@ -239,7 +248,8 @@ def cmd_serve(args) -> int:
     model, path = load_run(args.run, args.allow_pickle, args.device, args.dtype)
     name = args.model_name or (Path(args.run).resolve().name if path.name == "model" else path.resolve().name)
     settings = ServeSettings(max_body_bytes=args.max_body_bytes, max_images=args.max_images,
-                             max_image_pixels=args.max_image_pixels, max_tokens=args.max_tokens,
+                             max_image_pixels=args.max_image_pixels, max_image_side=args.max_image_side,
+                             max_image_aspect=args.max_image_aspect, max_tokens=args.max_tokens,
                              max_queue=args.max_queue, max_batch=args.max_batch, batch_wait=args.batch_wait,
                              allow_image_urls=args.allow_image_urls, temperature=args.temperature,
                              image_url_timeout=args.image_url_timeout,
@@ -374,6 +384,20 @@ def _add_device(parser) -> None:
                              "halves the memory; default: as saved, float32)")
 
 
+def _add_image_limits(parser, pixels: int = 64_000_000, side: int = 16_384, aspect: float = 50.0,
+                      confine: bool = True) -> None:
+    group = parser.add_argument_group("image limits (checked on each image's header, before decoding)")
+    group.add_argument("--max-image-pixels", type=int, default=pixels,
+                       help="largest image (width x height), and largest image made of it by padding to a square "
+                            "or resizing")
+    group.add_argument("--max-image-side", type=int, default=side, help="longest side of an image")
+    group.add_argument("--max-image-aspect", type=float, default=aspect, help="largest long side / short side")
+    if confine:
+        group.add_argument("--confine-images", action="store_true",
+                           help="refuse records whose image paths lead outside --image-folder (absolute paths, '..', "
+                                "links out of it); without it such paths are read as written")
+
+
 def _add_allow_pickle(parser) -> None:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="read pickled .bin/.pt weights (with torch.load(weights_only=True)); only for files you "
@@ -461,6 +485,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                         "or you are logged in). train_log.jsonl and loss.png are always written")
     if config is not None and command == "train":
         add_config_arguments(p, config)
+    _add_image_limits(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="the main job: tiny llava-1.5 on easy-VQA, both stages, full test evaluation",
@@ -506,6 +531,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                    help="answer token budget (0 = 8 without --task; with it 1.25 x the longest reference + 4)")
     _add_allow_pickle(p)
     _add_device(p)
+    _add_image_limits(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("chat", help="ask about an image (one answer) or chat interactively (no question)")
@@ -522,6 +548,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                    help="draw the boxes the answer holds (read in the run's box format) on the image, into OUT.png")
     _add_allow_pickle(p)
     _add_device(p)
+    _add_image_limits(p, confine=False)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="serve a run over an OpenAI-compatible API, with a web chat page at /",
@@ -539,8 +566,6 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the run's directory name)")
     p.add_argument("--max-body-bytes", type=int, default=20 * 1024 * 1024, help="largest request body")
     p.add_argument("--max-images", type=int, default=4, help="images per request")
-    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
-                   help="largest decoded image (width x height); checked before decoding")
     p.add_argument("--max-tokens", type=int, default=512,
                    help="cap on a request's max_tokens, and the default when a request gives none")
     p.add_argument("--max-queue", type=int, default=256, help="requests queued or running; more get 429")
@@ -564,6 +589,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                         "IP addresses and localhost always may). Without an API key, requests naming another host "
                         "(DNS rebinding) or coming from another site's page (Origin) are refused")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_image_limits(p, pixels=4096 * 4096, side=8192, aspect=20.0, confine=False)
     _add_allow_pickle(p)
     _add_device(p)
     p.set_defaults(func=cmd_serve)

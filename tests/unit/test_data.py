@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from vlmkit.data.dataset import ConversationDataset, collate, length_grouped_batches, load_llava_json
-from vlmkit.data.images import ImageTransform, load_image
+from vlmkit.data.images import ImageLimits, ImageTransform, load_image
 from vlmkit.data.templates import get_template
 from vlmkit.errors import BadRecord, VlmkitError
 
@@ -112,7 +112,7 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     small = tmp_path / "small.png"
     Image.new("RGB", (100, 100)).save(small)
     with pytest.raises(BadRecord, match="100x100 pixels, more than the limit of 5,000"):
-        load_image(small, "small", max_pixels=5000)
+        load_image(small, "small", ImageLimits(max_pixels=5000))
 
 
 def test_transform_matches_clip_image_processor(tmp_path):

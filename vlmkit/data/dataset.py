@@ -47,7 +47,11 @@ def load_llava_json(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def record_images(record: dict, image_folder: str | os.PathLike | None, record_id) -> list[str]:
+def record_images(record: dict, image_folder: str | os.PathLike | None, record_id, confine: bool = False
+                  ) -> list[str]:
+    """The record's image paths: relative ones under `image_folder`, absolute ones as written. With `confine`
+    (--confine-images), a path that leads outside the folder (absolute, `..`, or a symbolic link out of it) is a
+    bad record: data from someone else then reads only the folder it came with."""
     images = record.get("image", record.get("images"))
     if images is None:
         return []
@@ -55,8 +59,19 @@ def record_images(record: dict, image_folder: str | os.PathLike | None, record_i
         images = [images]
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
         raise BadRecord(record_id, "'image' must be a file name or a list of file names", kind="schema")
+    if any("\x00" in name for name in images):
+        raise BadRecord(record_id, "an image path contains a NUL character", kind="schema")
     folder = Path(image_folder) if image_folder else None
-    return [str(folder / name) if folder is not None and not os.path.isabs(name) else name for name in images]
+    paths = [str(folder / name) if folder is not None and not os.path.isabs(name) else name for name in images]
+    if confine:
+        if folder is None:
+            raise BadRecord(record_id, "--confine-images needs --image-folder", kind="schema")
+        root = folder.resolve()
+        for name, path in zip(images, paths):
+            if not Path(path).resolve().is_relative_to(root):
+                raise BadRecord(record_id, f"image {name!r} is outside --image-folder {folder} (refused by "
+                                           "--confine-images)", kind="outside_folder")
+    return paths
 
 
 @dataclass
@@ -111,7 +126,7 @@ class ConversationDataset(Dataset):
     def __init__(self, records: list[dict], tokenizer, template: Template, transform: ImageTransform, *,
                  num_image_tokens: int, max_length: int | None = None, image_folder=None, skip_bad: bool = False,
                  source: str | None = None, mode: str = "train", answer_prompt: str = "",
-                 verbose: bool = True):
+                 verbose: bool = True, confine_images: bool = False):
         self.examples: list[Example] = []
         self.images: list[str] = []
         self.image_owners: list[str] = []  # the first record that uses each image, for error messages
@@ -126,10 +141,10 @@ class ConversationDataset(Dataset):
             record_id = record.get("id", f"#{position}") if isinstance(record, dict) else f"#{position}"
             try:
                 example, paths = self._prepare(record, record_id, tokenizer, template, num_image_tokens,
-                                               max_length, image_folder, mode, answer_prompt)
+                                               max_length, image_folder, mode, answer_prompt, confine_images)
                 for path in paths:
                     if path not in image_index:
-                        check_image(path, record_id)
+                        check_image(path, record_id, transform=transform)
             except BadRecord as error:
                 error.source = error.source or source
                 if not skip_bad:
@@ -185,13 +200,13 @@ class ConversationDataset(Dataset):
 
     @staticmethod
     def _prepare(record, record_id, tokenizer, template, num_image_tokens, max_length, image_folder, mode,
-                 answer_prompt) -> tuple[Example, list[str]]:
+                 answer_prompt, confine_images=False) -> tuple[Example, list[str]]:
         if not isinstance(record, dict):
             raise BadRecord(record_id, f"a record must be an object, got {type(record).__name__}", kind="schema")
         conversation = record.get("conversations")
         if not isinstance(conversation, list) or not conversation:
             raise BadRecord(record_id, "has no 'conversations' list", kind="schema")
-        images = record_images(record, image_folder, record_id)
+        images = record_images(record, image_folder, record_id, confine_images)
         messages = normalise_messages(conversation, record_id)
         placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages if m["role"] == "user")
         if placeholders != len(images):
@@ -229,7 +244,8 @@ class ConversationDataset(Dataset):
         was read is a BadRecord naming the record that uses it."""
         indices = [int(i) for i in image_indices]
         try:
-            tensors = [self.transform(load_image(self.images[i], self.image_owners[i])) for i in indices]
+            tensors = [self.transform(load_image(self.images[i], self.image_owners[i], transform=self.transform))
+                       for i in indices]
         except BadRecord as error:
             raise BadRecord(error.record_id, error.reason, error.kind, self.source) from None
         return torch.stack(tensors) if tensors else torch.zeros(0)

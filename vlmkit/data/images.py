@@ -10,7 +10,7 @@ import io
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,67 +20,125 @@ from PIL import Image, UnidentifiedImageError
 from vlmkit.errors import BadRecord, ConfigError
 
 MAX_IMAGE_PIXELS = 64_000_000
+MAX_IMAGE_SIDE = 16_384
+MAX_IMAGE_ASPECT = 50.0
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _RESAMPLE = {0: Image.NEAREST, 1: Image.LANCZOS, 2: Image.BILINEAR, 3: Image.BICUBIC, 4: Image.BOX, 5: Image.HAMMING}
 
 
-def load_image(path: str | os.PathLike, record_id="?", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open an image as RGB, or raise BadRecord naming the record and what is wrong with the file."""
-    path = Path(path)
-    if not path.exists():
-        raise BadRecord(record_id, f"image file not found: {path}", kind="missing_image")
-    return _decode(path, f"image {path}", record_id, max_pixels)
+@dataclass(frozen=True)
+class ImageLimits:
+    """How large an image may be, judged on its header before any pixel is decoded: its pixels, each side, its
+    aspect ratio, and the pixels of every image the transform makes of it (the padded square, the resized image).
+    A 1 x 40000 PNG is 238 bytes with 40,000 pixels; padded to a square it would be 1.6 billion."""
+    max_pixels: int = MAX_IMAGE_PIXELS      # --max-image-pixels: decoded, padded or resized
+    max_side: int = MAX_IMAGE_SIDE          # --max-image-side
+    max_aspect: float = MAX_IMAGE_ASPECT    # --max-image-aspect: long side / short side
+
+    def check(self, width: int, height: int, label: str, record_id, transform: ImageTransform | None = None) -> None:
+        """Raise BadRecord (kind image_too_large) naming the limit and its flag, or return."""
+        def refuse(what: str, limit: str, flag: str) -> BadRecord:
+            return BadRecord(record_id, f"{label} {what}, more than the limit of {limit} ({flag} raises it)",
+                             kind="image_too_large")
+
+        if width < 1 or height < 1:
+            raise BadRecord(record_id, f"{label} declares {width}x{height} pixels", kind="corrupt_image")
+        if width * height > self.max_pixels:
+            raise refuse(f"declares {width}x{height} pixels", f"{self.max_pixels:,}", "--max-image-pixels")
+        if max(width, height) > self.max_side:
+            raise refuse(f"declares {width}x{height} pixels: a side of {max(width, height):,}", f"{self.max_side:,}",
+                         "--max-image-side")
+        aspect = max(width, height) / min(width, height)
+        if aspect > self.max_aspect:
+            raise refuse(f"is {width}x{height} pixels: an aspect ratio of {aspect:,.1f}", f"{self.max_aspect:g}",
+                         "--max-image-aspect")
+        for step, (w, h) in (transform.working_sizes(width, height) if transform is not None else []):
+            if w * h > self.max_pixels:
+                raise refuse(f"({width}x{height}) would be {w}x{h} pixels once {step}", f"{self.max_pixels:,}",
+                             "--max-image-pixels")
 
 
-def check_image(path: str | os.PathLike, record_id="?", max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
-    """Read only an image's header (format, size): the file exists, is an image and is within the pixel limit.
-    Decoding waits until a batch needs the pixels."""
+def _limits(limits: ImageLimits | None, transform) -> ImageLimits:
+    if limits is not None:
+        return limits
+    return getattr(transform, "limits", None) or ImageLimits()
+
+
+def _regular_file(path: Path, record_id) -> None:
+    """A FIFO, a device or a directory named as an image would hang or fail the reader: refuse it by name."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise BadRecord(record_id, f"image file not found: {path}", kind="missing_image") from None
+    except OSError as exc:
+        raise BadRecord(record_id, f"cannot read image {path}: {exc.strerror}", kind="missing_image") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else \
+            "not a regular file"
+        raise BadRecord(record_id, f"image {path} is {kind}, not a regular file", kind="not_a_file")
+
+
+def load_image(path: str | os.PathLike, record_id="?", limits: ImageLimits | None = None,
+               transform: ImageTransform | None = None) -> Image.Image:
+    """Open an image as RGB, or raise BadRecord naming the record and what is wrong with the file. `limits`
+    default to the transform's (each transform carries the limits of the command that made it)."""
     path = Path(path)
-    if not path.exists():
-        raise BadRecord(record_id, f"image file not found: {path}", kind="missing_image")
+    _regular_file(path, record_id)
+    return _decode(path, f"image {path}", record_id, _limits(limits, transform), transform)
+
+
+def check_image(path: str | os.PathLike, record_id="?", limits: ImageLimits | None = None,
+                transform: ImageTransform | None = None) -> tuple[int, int]:
+    """Read only an image's header (format, size): the file exists, is a regular file, is an image and is within
+    the limits. Decoding waits until a batch needs the pixels."""
+    path = Path(path)
+    _regular_file(path, record_id)
+    limits = _limits(limits, transform)
     label = f"image {path}"
     try:
-        with Image.open(path) as image:
+        with _opened(path, label, record_id, limits) as image:
             width, height = image.size
-    except Image.DecompressionBombError as exc:
-        raise _bomb(exc, label, record_id, max_pixels) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise BadRecord(record_id, f"cannot decode {label}: {exc}", kind="corrupt_image") from None
-    if width * height > max_pixels:
-        raise BadRecord(record_id, f"{label} declares {width}x{height} pixels, more than the limit of "
-                                   f"{max_pixels:,}", kind="image_too_large")
+    limits.check(width, height, label, record_id, transform)
     return width, height
+
+
+def _opened(source, label: str, record_id, limits: ImageLimits) -> Image.Image:
+    try:
+        return Image.open(source)
+    except Image.DecompressionBombError as exc:  # PIL refuses in open() itself, before our check can run
+        raise _bomb(exc, label, record_id, limits.max_pixels) from None
 
 
 def _bomb(exc, label: str, record_id, max_pixels: int) -> BadRecord:
     declared = re.search(r"\((\d+) pixels\)", str(exc))
     size = f"{int(declared.group(1)):,} pixels" if declared else "too many pixels"
     return BadRecord(record_id, f"{label} declares {size}, more than the limit of {max_pixels:,} "
-                                "(a decompression bomb); it was not decoded", kind="image_too_large")
+                                "(a decompression bomb; --max-image-pixels raises the limit); it was not decoded",
+                     kind="image_too_large")
 
 
-def decode_image(data: bytes, label: str = "image", record_id="?", max_pixels: int = MAX_IMAGE_PIXELS
-                 ) -> Image.Image:
-    """Decode image bytes (an upload, a data: URI) as RGB under the same pixel limit as files."""
+def decode_image(data: bytes, label: str = "image", record_id="?", limits: ImageLimits | None = None,
+                 transform: ImageTransform | None = None) -> Image.Image:
+    """Decode image bytes (an upload, a data: URI) as RGB under the same limits as files."""
     if not data:
         raise BadRecord(record_id, f"{label} is empty (0 bytes)", kind="corrupt_image")
-    return _decode(io.BytesIO(data), label, record_id, max_pixels)
+    return _decode(io.BytesIO(data), label, record_id, _limits(limits, transform), transform)
 
 
-def _decode(source, label: str, record_id, max_pixels: int) -> Image.Image:
+def _decode(source, label: str, record_id, limits: ImageLimits, transform) -> Image.Image:
     try:
-        with Image.open(source) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise BadRecord(record_id, f"{label} declares {width}x{height} pixels, more than the limit "
-                                           f"of {max_pixels:,}", kind="image_too_large")
+        with _opened(source, label, record_id, limits) as image:
+            limits.check(*image.size, label, record_id, transform)
             image.load()
-            return image.convert("RGB")
+            return image if image.mode == "RGB" else image.convert("RGB")
     except BadRecord:
         raise
-    except Image.DecompressionBombError as exc:  # PIL refuses in open() itself, before our check can run
-        raise _bomb(exc, label, record_id, max_pixels) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise BadRecord(record_id, f"cannot decode {label}: {exc}", kind="corrupt_image") from None
 
@@ -106,6 +164,7 @@ class ImageTransform:
     rescale_factor: float = 1 / 255
     resize_exact: bool = False
     normalize: bool = True
+    limits: ImageLimits = field(default_factory=ImageLimits, compare=False, repr=False)  # not a pixel setting
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, pad_to_square: bool | None = None) -> ImageTransform:
@@ -188,18 +247,28 @@ class ImageTransform:
     def save(self, directory) -> None:
         (Path(directory) / "preprocessor_config.json").write_text(json.dumps(self.to_config(), indent=2))
 
+    def _resized(self, width: int, height: int) -> tuple[int, int]:
+        if self.resize_exact:
+            return self.crop[1], self.crop[0]
+        # as transformers: the short edge becomes `size`, the long edge int(size * long / short)
+        if width <= height:
+            return self.size, int(self.size * height / width)
+        return int(self.size * width / height), self.size
+
+    def working_sizes(self, width: int, height: int) -> list[tuple[str, tuple[int, int]]]:
+        """The (width, height) of each image this transform makes on its way from a width x height image."""
+        sizes = []
+        if self.pad_to_square and width != height:
+            side = max(width, height)
+            width = height = side
+            sizes.append(("padded to a square", (side, side)))
+        sizes.append(("resized", self._resized(width, height)))
+        return sizes
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
         if self.pad_to_square:
             image = expand_to_square(image, tuple(int(m * 255) for m in self.mean))
-        width, height = image.size
-        if self.resize_exact:
-            new_size = (self.crop[1], self.crop[0])
-        else:
-            # as transformers: the short edge becomes `size`, the long edge int(size * long / short)
-            if width <= height:
-                new_size = (self.size, int(self.size * height / width))
-            else:
-                new_size = (int(self.size * width / height), self.size)
+        new_size = self._resized(*image.size)
         if new_size != image.size:
             image = image.resize(new_size, _RESAMPLE.get(self.resample, Image.BICUBIC))
         left = (image.width - self.crop[1]) // 2

@@ -16,6 +16,7 @@ resumed run reads exactly what the uninterrupted one would have. A stage without
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlmkit.data.images import ImageLimits
 from vlmkit.errors import ConfigError
 
 EASY_VQA = "easy-vqa"
@@ -35,6 +37,8 @@ class DataSpec:
     captions: str | None = None  # default: easy-VQA captions when instructions are easy-VQA
     image_folder: str | None = None
     skip_bad: bool = False
+    confine_images: bool = False  # refuse image paths that lead outside the image folder
+    image_limits: ImageLimits | None = None  # None: the model's transform's (the defaults)
 
 
 @dataclass
@@ -179,10 +183,14 @@ def build_dataset(model, records: list[dict], source: str, template_name: str,
 
     builtin = source.startswith((EASY_VQA, f"{SCENES}:"))
     folder = None if builtin else (image_folder or data.image_folder)
-    return ConversationDataset(records, model.tokenizer, get_template(template_name), model.image_transform,
+    transform = model.image_transform
+    if data.image_limits is not None and data.image_limits != transform.limits:
+        transform = dataclasses.replace(transform, limits=data.image_limits)
+    return ConversationDataset(records, model.tokenizer, get_template(template_name), transform,
                                num_image_tokens=model.num_image_tokens, max_length=model.config.max_length,
                                image_folder=folder, skip_bad=data.skip_bad, source=source, mode=mode,
-                               answer_prompt=answer_prompt, verbose=verbose)
+                               answer_prompt=answer_prompt, verbose=verbose,
+                               confine_images=data.confine_images and not builtin)
 
 
 def stage_dataset(model, config, stage, data: DataSpec,

@@ -179,7 +179,8 @@ def plot_confusion(report: dict, out_file: Path, max_labels: int = 20) -> None:
 
 
 def run_eval(model, data: str, split: str, image_folder, skip_bad: bool, out_dir, limit: int = 0,
-             batch_size: int = 128, verbose: bool = True, max_new_tokens: int = 8) -> dict:
+             batch_size: int = 128, verbose: bool = True, max_new_tokens: int = 8, confine_images: bool = False
+             ) -> dict:
     """Evaluate on 'easy-vqa' (a split) or a LLaVA JSON file, print one summary line, write the report."""
     from vlmkit.data import easyvqa
     from vlmkit.data.dataset import load_llava_json
@@ -196,7 +197,8 @@ def run_eval(model, data: str, split: str, image_folder, skip_bad: bool, out_dir
     # answer noise: 7% on a digits set it fits)
     answer_prompt = model.config.answer_prompt if data == EASY_VQA else ""
     dataset = build_dataset(model, records, source, model.config.template,
-                            DataSpec(instructions=data, image_folder=image_folder, skip_bad=skip_bad),
+                            DataSpec(instructions=data, image_folder=image_folder, skip_bad=skip_bad,
+                                     confine_images=confine_images),
                             mode="prompt", answer_prompt=answer_prompt, verbose=verbose)
     report = evaluate(model, dataset, batch_size=batch_size, max_new_tokens=max_new_tokens, verbose=verbose)
     report["skipped"] = dict(dataset.skipped.counts)

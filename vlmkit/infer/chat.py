@@ -16,7 +16,11 @@ def render_prompt(model, messages: list[dict], record_id="chat", max_length: int
 
 def answer(model, messages: list[dict], images: list, config: GenerationConfig | None = None) -> str:
     """Reply to `messages` (role/content, `<image>` where each image goes); images are PIL images or paths."""
-    pixels = [model.image_transform(load_image(i, "chat") if isinstance(i, str) else i.convert("RGB"))
+    transform = model.image_transform
+    for image in images:
+        if not isinstance(image, str):  # a PIL image the caller decoded: its geometry is still bounded
+            transform.limits.check(*image.size, "the image", "chat", transform)
+    pixels = [transform(load_image(i, "chat", transform=transform) if isinstance(i, str) else i.convert("RGB"))
               for i in images]
     rendered = render_prompt(model, messages, max_length=model.config.max_length)
     import torch

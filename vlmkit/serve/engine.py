@@ -385,10 +385,10 @@ def prepare(model, request: ChatRequest, settings: ServeSettings) -> Job:
     for ref in request.images:
         data = ref.data if ref.data is not None else fetch_image(ref, settings)
         try:
-            image = decode_image(data, f"the image at {ref.param}", "request", settings.max_image_pixels)
+            image = decode_image(data, f"the image at {ref.param}", "request", settings.image_limits,
+                                 model.image_transform)
         except BadRecord as exc:
-            raise ApiError(400, exc.reason + (" (the server's --max-image-pixels)"
-                                              if exc.kind == "image_too_large" else ""), ref.param, exc.kind)
+            raise ApiError(400, exc.reason, ref.param, exc.kind)
         pixels.append(model.image_transform(image))
     try:
         with _RENDER_LOCK:

@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from vlmkit.data.images import ImageLimits
 from vlmkit.data.render import IMAGE_TOKEN
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -43,6 +44,10 @@ class ServeSettings:
     allowed_hosts: tuple = ()
     max_image_side: int = 8192     # either side of an image, before padding and resizing
     max_image_aspect: float = 20.0  # long side / short side
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(self.max_image_pixels, self.max_image_side, self.max_image_aspect)
 
     def __post_init__(self):
         if isinstance(self.image_url_allow_networks, str):
