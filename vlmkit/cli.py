@@ -154,7 +154,8 @@ def cmd_train(args) -> int:
 
         return memory_plan_main(config, args.gpus, args.gpu_memory_gb)
     result = train_run(config, args.run_dir, _data_spec(args), stages=stages, resume=args.resume,
-                       overwrite=args.overwrite, report_to=args.report_to, init=args.init)
+                       overwrite=args.overwrite, report_to=args.report_to, init=args.init,
+                       allow_pickle=args.allow_pickle)
     print(f"done in {result['seconds']:.0f}s; model in {Path(args.run_dir) / 'model'}; "
           f"loss curve {Path(args.run_dir) / 'loss.png'}")
     return 0
@@ -486,6 +487,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     if config is not None and command == "train":
         add_config_arguments(p, config)
     _add_image_limits(p)
+    _add_allow_pickle(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="the main job: tiny llava-1.5 on easy-VQA, both stages, full test evaluation",

@@ -82,7 +82,9 @@ class ConnectorConfig:
 class LLMConfig:
     name_or_path: str = _help("Hugging Face causal LM: a local directory or a hub id.", default="tiny:llama")
     trust_remote_code: bool = _help("Run the model's own code from its directory (ChatGLM-6B ships its model as "
-                                    "remote code): only for a checkpoint you trust.", default=False)
+                                    "remote code): only for a checkpoint you trust. Taken from this command line or "
+                                    "Python call alone: a preset, a saved config or --init never turns it on.",
+                                    default=False)
 
 
 @dataclass
@@ -284,12 +286,24 @@ def from_name(name: str, scale: str = "tiny", **overrides) -> ArchConfig:
     """
     from vlmkit.archs import preset_data
 
-    data = preset_data(name, scale)
+    data = without_remote_code(preset_data(name, scale))  # only the caller's overrides can turn it on
     nested = {k: v for k, v in overrides.items() if "__" not in k}
     dotted = {k.replace("__", "."): v for k, v in overrides.items() if "__" in k}
     data = deep_merge(data, nested)
     data = apply_dotted(data, dotted)
     return ArchConfig.from_dict(data)
+
+
+def without_remote_code(data):
+    """A config (dict or ArchConfig) from a preset or a file, with `llm.trust_remote_code` off: running a
+    checkpoint's own Python is decided by the command that loads it, never by what a file or preset says."""
+    if isinstance(data, ArchConfig):
+        data.llm.trust_remote_code = False
+        return data
+    data = copy.deepcopy(data)
+    if isinstance(data.get("llm"), dict):
+        data["llm"]["trust_remote_code"] = False
+    return data
 
 
 def field_help(cls, name: str) -> str:

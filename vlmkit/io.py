@@ -58,27 +58,117 @@ def check_local_path(name_or_path: str, what: str) -> None:
         raise ConfigError(f"{what} {text!r}: no such file or directory{hint}")
 
 
+MANIFEST = "manifest.json"
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a directory's contents to the disk (a directory: its entries, so a rename survives)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def file_digest(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def write_manifest(root: Path) -> None:
+    """List every file under `root` with its size and SHA-256, written last: a directory whose manifest is there
+    and agrees with the files is complete, whatever a crash or a power cut did to it."""
+    import json
+
+    entries = {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": file_digest(p)}
+               for p in _files(root) if p.name != MANIFEST}
+    (root / MANIFEST).write_text(json.dumps({"version": 1, "files": entries}, indent=1))
+
+
+def verify_manifest(root: str | os.PathLike) -> str | None:
+    """What is wrong with a directory written with a manifest (None: every file is there, whole and unchanged;
+    also None for a directory written before manifests, which cannot be checked)."""
+    import json
+
+    root = Path(root)
+    manifest = root / MANIFEST
+    if not manifest.exists():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"its {MANIFEST} is unreadable ({type(exc).__name__})"
+    for name, entry in files.items():
+        path = root / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != entry["size"]:
+            return f"{name} is {size:,} bytes, {entry['size']:,} were written"
+        if file_digest(path) != entry["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then every directory, deepest first."""
+    for path in _files(root):
+        fsync_path(path)
+    for directory in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        fsync_path(directory)
+    fsync_path(root)
+
+
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike):
+def atomic_dir(target: str | os.PathLike, manifest: bool = True):
     """Yield a temporary directory next to `target`; on success it replaces `target` in one rename.
 
-    A crash leaves either the old directory or the new one, never a half-written one.
+    Before the rename a manifest of the files (sizes, checksums) is written last and every file and directory is
+    fsynced; after it, the parent directory. A crash, a kill or a power cut leaves either the old directory or
+    the new one, never a half-written one, and `verify_manifest` can tell.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        if manifest:
+            write_manifest(tmp)
+        fsync_tree(tmp)
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             os.replace(target, old)
         os.replace(tmp, target)
+        fsync_path(target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The entries of a JSON-lines log; a line that does not parse (torn by a crash mid-write) is left out."""
+    import json
+
+    entries = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
 
 
 @contextlib.contextmanager
@@ -89,8 +179,18 @@ def loading(what: str, name: str):
 
     try:
         yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        flag = " (add --llm.trust-remote-code to this command if you trust that code)" if what.startswith("--llm") \
+            else " (vlmkit runs no code from a vision tower's or connector's checkpoint)"
+        raise ConfigError(f"{what} {name!r}: the model is defined by Python code in its checkpoint, and this command "
+                          f"did not ask to run it{flag}") from None
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = " (it is not in the local Hugging Face cache, and the Hub cannot be reached: download it first, " \
                "or point the flag at a local directory)" if "huggingface.co" in str(exc) else ""
+        if "no file named model.safetensors" in str(exc):
+            hint = (" (vlmkit reads weights from safetensors; a backbone with only pickled weights loads with "
+                    "--allow-pickle, if you trust the files)")
         raise ConfigError(f"{what} {name!r}: could not be loaded: {first}{hint}") from None

@@ -7,7 +7,7 @@ float noise, and the measured difference is printed).
 """
 from __future__ import annotations
 
-import errno
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -112,28 +112,107 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_cleanly(backbones, tmp_path, refer
     assert_same_losses(losses(run), reference["full"])
 
 
-def test_failed_checkpoint_write_keeps_the_previous_one(backbones, tmp_path, monkeypatch, capsys):
-    """A disk that fills up after the first checkpoint: training goes on and says the first is intact."""
-    from vlmkit.cli import main
+def _pause_at_first_checkpoint(backbones, tmp_path, run, *extra):
+    process = start(argv(backbones, tmp_path, run, *extra), script=HERE / "pause_after_checkpoint.py")
+    first = run / "checkpoints" / checkpoint.step_dir_name(1, "instruct", 3)
+    wait_for(first.exists, process)
+    return process, first
+
+
+def _after_fault(process, first, cause: str) -> str:
+    """The run went on past its failed checkpoints, then stopped at the stage's end with one clear line."""
+    out, _ = process.communicate(timeout=240)
+    assert "Traceback" not in out, out
+    assert f"could not write checkpoint {checkpoint.step_dir_name(1, 'instruct', 6)} ({cause}); the previous " \
+           f"checkpoint {first} is intact; training goes on" in out, out
+    assert process.returncode == 2 and out.strip().splitlines()[-1].startswith("vlmkit: error: could not write"), out
+    assert cause in out.strip().splitlines()[-1]
+    assert checkpoint.damage(first) is None and not list(first.parent.glob(".*"))  # no half-written leftovers
+    return out
+
+
+def test_a_file_size_limit_mid_run_keeps_the_previous_checkpoint(backbones, tmp_path, reference):
+    """RLIMIT_FSIZE lowered under the running process after its first checkpoint: every later write of a large
+    file fails in the kernel (EFBIG; the run ignores SIGXFSZ, which would kill it), training goes on, and
+    --resume repeats the uninterrupted run's losses from the last good checkpoint."""
+    import resource
 
     make_images(tmp_path)
     run = tmp_path / "run"
-    real_save_file, calls = checkpoint.save_file, []
+    process, first = _pause_at_first_checkpoint(backbones, tmp_path, run)
+    limit = 64 * 1024  # above the log's size, below the model's
+    resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    _after_fault(process, first, "File too large")
+    out = finish(argv(backbones, tmp_path, run, "--resume"))
+    assert f"resuming stage 'instruct' at step 3 from {first}" in out
+    assert_same_losses(losses(run), reference["full"])
 
-    def full_disk(tensors, path, *args, **kwargs):
-        calls.append(path)
-        if len(calls) > 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_save_file(tensors, path, *args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "save_file", full_disk)
-    assert main(argv(backbones, tmp_path, run, "--instruct.max-steps", "7")) == 0
-    out = capsys.readouterr().out
-    first = run / "checkpoints" / checkpoint.step_dir_name(1, "instruct", 3)
-    assert f"could not write checkpoint {checkpoint.step_dir_name(1, 'instruct', 6)} (No space left on device); " \
-           f"the previous checkpoint {first} is intact" in out
-    assert not list((run / "checkpoints").glob(".*"))  # the failed write left no temporary directory
-    assert (run / "checkpoints" / "2-instruct" / "model.safetensors").exists()
+def test_a_full_file_system_mid_run_keeps_the_previous_checkpoint(backbones, tmp_path, reference):
+    """A real full disk: the run directory on a small tmpfs, filled up after the first checkpoint (safetensors
+    raises its own SafetensorError for ENOSPC, which used to crash the run)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN); the file-size-limit test covers it")
+    try:
+        make_images(tmp_path)
+        run = mount / "run"
+        process, first = _pause_at_first_checkpoint(backbones, tmp_path, run)
+        ballast = mount / "ballast"
+        with open(ballast, "wb") as handle:  # fill the disk, leaving 32 KB for the log's lines
+            free = shutil.disk_usage(mount).free
+            handle.write(b"\0" * max(0, free - 32 * 1024))
+        _after_fault(process, first, "No space left on device")
+        ballast.unlink()
+        out = finish(argv(backbones, tmp_path, run, "--resume"))
+        assert f"resuming stage 'instruct' at step 3 from {first}" in out
+        assert_same_losses(losses(run), reference["full"])
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize("damage", ["empty state", "truncated weights", "changed byte", "missing manifest file"])
+def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_used(backbones, tmp_path, reference, damage):
+    """What a power cut can leave of files that were never fsynced, and a torn last log line: --resume names the
+    damage, sets the checkpoint aside and repeats the uninterrupted run's losses from the previous one."""
+    make_images(tmp_path)
+    run = tmp_path / "run"
+    process = start(argv(backbones, tmp_path, run, "--keep-last", "3"))
+    wait_for(lambda: len([p for p in checkpoint.checkpoints(run)]) >= 2 and logged_steps(run) >= 8, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    *_, previous, newest = checkpoint.checkpoints(run)
+    if damage == "empty state":
+        (newest / checkpoint.STATE_NAME).write_text("")
+    elif damage == "truncated weights":
+        weights = newest / checkpoint.MODEL_DIR / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "changed byte":
+        weights = newest / checkpoint.OPTIMIZER_NAME
+        data = bytearray(weights.read_bytes())
+        data[-7] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    else:
+        (newest / checkpoint.OPTIMIZER_NAME).unlink()
+    with open(run / "train_log.jsonl", "a") as log:
+        log.write('{"stage": "instruct", "st')  # the line a crash tore
+    out = finish(argv(backbones, tmp_path, run, "--resume"))
+    assert f"warning: checkpoint {newest.name} is damaged (" in out, out
+    step = int(previous.name.rsplit("-", 1)[1])
+    assert f"resuming stage 'instruct' at step {step} from {previous}" in out
+    assert_same_losses(losses(run), reference["full"])
+
+
+def test_keep_last_below_one_is_refused(backbones, tmp_path, capsys):
+    from vlmkit.cli import main
+
+    make_images(tmp_path)
+    assert main(argv(backbones, tmp_path, tmp_path / "run", "--keep-last", "0")) != 0
+    assert "--keep-last 0: keep at least 1" in capsys.readouterr().err
 
 
 def test_a_fresh_run_refuses_old_checkpoints_and_resume_refuses_other_settings(backbones, tmp_path, capsys):

@@ -249,3 +249,14 @@ def test_minigpt4_projection_on_a_blip2_checkpoint(tokenizer, tmp_path):
                    tmp_path / "other.pth")
         from_minigpt4(tmp_path / "other.pth", str(tmp_path / "hf"), str(tmp_path / "vicuna"), allow_pickle=True,
                       verbose=False)
+
+
+def test_an_opt_whose_embeddings_are_narrower_than_its_width_is_refused_in_one_line(tokenizer, tmp_path):
+    """BLIP-2 with an OPT whose word_embed_proj_dim differs from hidden_size: transformers loads it and mixes the
+    widths silently; the import names the two fields instead."""
+    case = {**CASES["opt-every-other-layer"]}
+    case["text"] = {**case["text"], "word_embed_proj_dim": 16}
+    build_hf_blip2(tmp_path / "hf", tokenizer, case)
+    with pytest.raises(ConfigError, match=r"word_embed_proj_dim=16 but text_config.hidden_size=32") as info:
+        from_hf(tmp_path / "hf", verbose=False)
+    assert "\n" not in str(info.value)

@@ -28,7 +28,7 @@ PRESET = {
         "paper": {  # the ViT and Q-Former of a BLIP-2 checkpoint; ChatGLM-6B through its own code
             "vision": {"name_or_path": "Salesforce/blip2-opt-2.7b"},
             "connector": {"name_or_path": "Salesforce/blip2-opt-2.7b"},
-            "llm": {"name_or_path": "THUDM/chatglm-6b", "trust_remote_code": True},
+            "llm": {"name_or_path": "THUDM/chatglm-6b"},  # its own code: add --llm.trust-remote-code
             "max_length": 1024,
         },
         "tiny": {

@@ -27,6 +27,13 @@ def arch_from_hf_config(hf_config, src: str, image_processor: dict):
     if q.encoder_hidden_size != hf_config.vision_config.hidden_size:
         raise ConfigError(f"{src}: qformer_config.encoder_hidden_size={q.encoder_hidden_size} but the vision tower is "
                           f"{hf_config.vision_config.hidden_size} wide")
+    text = hf_config.text_config
+    embed = getattr(text, "word_embed_proj_dim", None)
+    if embed is not None and embed != text.hidden_size:
+        raise ConfigError(f"{src}: text_config.word_embed_proj_dim={embed} but text_config.hidden_size="
+                          f"{text.hidden_size}: language_projection writes {text.hidden_size}-wide tokens where the "
+                          f"LLM's input embeddings are {embed} wide (transformers mixes the two silently); vlmkit "
+                          "does not import this checkpoint")
     transform = ImageTransform.from_config(image_processor, source=f"{src} image processor")
     return from_name("blip2", scale="paper",
                      vision={"name_or_path": str(src), "feature_layer": -1, "select": "cls_patch", "final_norm": True,
@@ -72,7 +79,13 @@ def from_hf(src: str | os.PathLike, *, dtype=None, device_map=None, verbose: boo
         kwargs["dtype"] = dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
-    hf = Blip2ForConditionalGeneration.from_pretrained(src, **kwargs)
+    try:
+        hf = Blip2ForConditionalGeneration.from_pretrained(src, **kwargs)
+    except RuntimeError as exc:  # a tensor whose shape its own config contradicts
+        first = str(exc).strip().splitlines()
+        raise ConfigError(f"{src}: its weights disagree with its config.json: "
+                          f"{next((line.strip() for line in first if 'size mismatch' in line), first[0] if first else exc)}"
+                          ) from None
     llm = LanguageModel(hf.language_model)
     transform = ImageTransform.from_config(image_processor, pad_to_square=arch.vision.pad_to_square)
     model = VisionLanguageModel._assemble(arch, hf.vision_model, llm, prepare_tokenizer(tokenizer, llm), transform)
@@ -81,7 +94,11 @@ def from_hf(src: str | os.PathLike, *, dtype=None, device_map=None, verbose: boo
     connector.to(device=weight.device, dtype=weight.dtype)
     state = {"query_tokens": hf.query_tokens, **{f"qformer.{k}": v for k, v in hf.qformer.state_dict().items()},
              **{f"language_projection.{k}": v for k, v in hf.language_projection.state_dict().items()}}
-    missing, unexpected = connector.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = connector.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise ConfigError(f"{src}: the Q-Former's weights disagree with its config.json: {mismatch}") from None
     missing = [k for k in missing if not k.startswith(_STAGE1_PARTS)]
     if missing or unexpected:
         raise ConfigError(f"{src}: the Q-Former's weights do not map onto vlmkit's (missing {missing[:4]}, "

@@ -61,30 +61,75 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own cap on a header
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict, int]:
+    """A safetensors file's tensor entries and where their data starts, every entry checked against the file
+    before anything is allocated: a known dtype, a shape of non-negative integers, offsets that are in order,
+    do not overlap, hold exactly shape x itemsize bytes and end within the file. Any fault is a ConfigError
+    naming the file and the tensor (a hostile header would otherwise allocate what it claims)."""
+    import math
+    import struct
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) != 8:
+            raise ConfigError(f"{path}: not a safetensors file (shorter than its header)")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(size - 8, MAX_HEADER_BYTES):
+            raise ConfigError(f"{path}: not a safetensors file (its header claims {length:,} bytes; the file has "
+                              f"{size:,})")
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise ConfigError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ConfigError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    header.pop("__metadata__", None)
+    base, data_size = 8 + length, size - 8 - length
+    entries = []
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise ConfigError(f"{where}: its entry needs dtype, shape and data_offsets")
+        if info["dtype"] not in _ST_DTYPES:
+            raise ConfigError(f"{where} has dtype {info['dtype']!r}, which vlmkit does not read")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ConfigError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise ConfigError(f"{where}: data_offsets {offsets!r} are not [start, end] with 0 <= start <= end")
+        expected = math.prod(shape) * _ST_DTYPES[info["dtype"]].itemsize
+        if offsets[1] - offsets[0] != expected:
+            raise ConfigError(f"{where}: {offsets[1] - offsets[0]:,} bytes of data for shape {shape} "
+                              f"{info['dtype']} ({expected:,} bytes)")
+        if offsets[1] > data_size:
+            raise ConfigError(f"{path}: truncated or damaged (tensor {name!r} ends at byte {offsets[1]:,} of the "
+                              f"data, past the end of the file's {data_size:,})")
+        entries.append((offsets[0], offsets[1], name))
+    entries.sort()
+    for (_, end, first), (start, _, second) in zip(entries, entries[1:]):
+        if start < end:
+            raise ConfigError(f"{path}: tensors {first!r} and {second!r} overlap in the file")
+    return header, base
+
+
 def stream_safetensors(path: str | Path, dtype: torch.dtype | None = None, device=None):
     """Yield (name, tensor) from a safetensors file one tensor at a time, each read with plain file reads,
     cast to `dtype` (floating tensors only) and moved to `device` before the next is read.
 
     The whole file is never in memory at once (neither as a copy nor as mapped pages, which count towards the
     process's resident memory): loading an fp32 checkpoint in bf16 peaks at the bf16 model plus the largest
-    single tensor. That is how a 7B LLM goes onto a GPU without materialising in fp32 in CPU memory."""
-    import struct
-
+    single tensor. That is how a 7B LLM goes onto a GPU without materialising in fp32 in CPU memory. The
+    header is validated first (`read_safetensors_header`)."""
     path = Path(path)
+    header, base = read_safetensors_header(path)
     with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) != 8:
-            raise ConfigError(f"{path}: not a safetensors file (shorter than its header)")
-        (length,) = struct.unpack("<Q", head)
-        try:
-            header = json.loads(handle.read(length))
-        except ValueError:
-            raise ConfigError(f"{path}: not a safetensors file (its header is not JSON)") from None
-        header.pop("__metadata__", None)
-        base = 8 + length
         for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            if info["dtype"] not in _ST_DTYPES:
-                raise ConfigError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which vlmkit does not read")
             start, end = info["data_offsets"]
             raw = torch.empty(end - start, dtype=torch.uint8)
             handle.seek(base + start)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file, save_model
 from torch import nn
 
-from vlmkit.config import ArchConfig, LoRAConfig
+from vlmkit.config import ArchConfig, LoRAConfig, without_remote_code
 from vlmkit.connectors import build_connector
 from vlmkit.convert.weights import load_into, read_state_dict, stream_safetensors
 from vlmkit.data.images import ImageTransform
@@ -146,7 +146,7 @@ class VisionLanguageModel(nn.Module):
     # -- construction --------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: ArchConfig, verbose: bool = True, device=None, dtype=None, with_llm: bool = True,
-                    **load_kwargs) -> "VisionLanguageModel":
+                    allow_pickle: bool = False, **load_kwargs) -> "VisionLanguageModel":
         """Build from the backbones a config names (hub ids, local directories or 'tiny:…').
 
         The backbones load in fp32 (the master weights training needs), or in `dtype`. With `device`/`dtype`
@@ -175,6 +175,8 @@ class VisionLanguageModel(nn.Module):
         # fp32 unless asked: transformers 5 loads a checkpoint in the dtype its config names (Vicuna's is fp16),
         # and training needs fp32 master weights (bf16 compute comes from autocast or FSDP's policy)
         load_kwargs.setdefault("dtype", dtype if dtype is not None else torch.float32)
+        # safetensors only: a backbone with pickled weights alone (pytorch_model.bin) is refused unless asked for
+        load_kwargs.setdefault("use_safetensors", None if allow_pickle else True)
         if device is not None and torch.device(device).type != "cpu":
             load_kwargs.setdefault("device_map", torch.device(device))
         llm, llm_hidden = None, None
@@ -205,7 +207,7 @@ class VisionLanguageModel(nn.Module):
             llm_kwargs["trust_remote_code"] = True
         return LanguageModel.from_pretrained(llm_path, **llm_kwargs)
 
-    def attach_llm(self, verbose: bool = True) -> None:
+    def attach_llm(self, verbose: bool = True, allow_pickle: bool = False) -> None:
         """Load the LLM that `config.llm` names into a model built without one (BLIP-2 after its stage 1), where
         the model is, in its dtype; the tokenizer keeps its ids (the embeddings grow to its length)."""
         from vlmkit.io import check_local_path, loading
@@ -216,7 +218,7 @@ class VisionLanguageModel(nn.Module):
         path = resolve(self.config.llm.name_or_path, verbose=verbose)
         check_local_path(path, "--llm.name-or-path")
         weight = next(self.connector.parameters())
-        kwargs = {"dtype": weight.dtype}
+        kwargs = {"dtype": weight.dtype, "use_safetensors": None if allow_pickle else True}
         if weight.device.type != "cpu":
             kwargs["device_map"] = weight.device
         with loading("--llm.name-or-path", path):
@@ -466,9 +468,11 @@ class VisionLanguageModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device=None, dtype=None,
-                        allow_pickle: bool = False) -> "VisionLanguageModel":
+                        allow_pickle: bool = False, trust_remote_code: bool = False) -> "VisionLanguageModel":
         """Load a vlmkit checkpoint. Weights are read from safetensors; a checkpoint that only has pickled
-        weights (.bin/.pt) is refused unless `allow_pickle` (then read with torch.load(weights_only=True))."""
+        weights (.bin/.pt) is refused unless `allow_pickle` (then read with torch.load(weights_only=True)).
+        The saved config never turns on `llm.trust_remote_code` (a later `attach_llm` would run the code of the
+        directory it names); `trust_remote_code` here does."""
         from transformers import AutoTokenizer
 
         directory = Path(directory)
@@ -482,7 +486,8 @@ class VisionLanguageModel(nn.Module):
         weights = directory / WEIGHTS_NAME
         if not weights.exists() and not any(directory.glob("*.bin")) and not any(directory.glob("*.pt")):
             raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}")
-        config = ArchConfig.from_dict(saved["arch"])
+        config = without_remote_code(ArchConfig.from_dict(saved["arch"]))
+        config.llm.trust_remote_code = trust_remote_code
         transform = ImageTransform.from_pretrained(directory, pad_to_square=config.vision.pad_to_square)
         tokenizer = AutoTokenizer.from_pretrained(directory)
         # built on the meta device (no memory, no random initialisation), then each tensor is read, cast and

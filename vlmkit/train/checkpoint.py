@@ -8,8 +8,10 @@ A step checkpoint `checkpoints/step-N-STAGE-SSSSSSS/` holds
 Under FSDP the optimizer state stays sharded: every rank writes its own shards with
 `torch.distributed.checkpoint` into `optimizer.dcp/` (instead of optimizer.safetensors, which then holds only
 the RNG states), and a resumed run reads them back into its own shards; the model is gathered once into model/.
-It is written into a temporary directory and renamed into place (vlmkit.io.atomic_dir), so a crash or a
-kill at any moment leaves either the previous set of checkpoints or the new one, never a half-written one.
+It is written into a temporary directory, fsynced with a manifest of its files (sizes, SHA-256) written last,
+and renamed into place (vlmkit.io.atomic_dir), so a crash, a kill or a power cut at any moment leaves either the
+previous set of checkpoints or the new one; `--resume` verifies the manifest and falls back to the previous
+complete checkpoint when the newest is damaged.
 Checkpoints are taken between optimiser steps, so the gradient-accumulation position is always 0.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlmkit.io import atomic_dir
+from vlmkit.io import atomic_dir, verify_manifest
 
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
@@ -188,6 +190,38 @@ def checkpoints(run_dir: Path) -> list[Path]:
 def latest(run_dir: Path) -> Path | None:
     found = checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint (None: it is complete and readable): its manifest's files, sizes and
+    checksums, and for a step checkpoint its state file."""
+    problem = verify_manifest(path / MODEL_DIR if is_step_checkpoint(path) else path) or verify_manifest(path)
+    if problem:
+        return problem
+    if is_step_checkpoint(path):
+        try:
+            payload = json.loads((path / STATE_NAME).read_text())
+            TrainState(**payload["state"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"its {STATE_NAME} is unreadable ({type(exc).__name__}: {exc})"
+        if not (path / MODEL_DIR / "model.safetensors").exists() and not (path / MODEL_DIR / "config.json").exists():
+            return "its model is missing"
+    return None
+
+
+def latest_intact(run_dir: Path, log=print) -> Path | None:
+    """The newest checkpoint that is complete; each damaged newer one is reported and set aside (renamed to
+    `.damaged-NAME`, which the next --resume deletes) so that pruning and later resumes skip it."""
+    for path in reversed(checkpoints(run_dir)):
+        problem = damage(path)
+        if problem is None:
+            return path
+        aside = path.parent / f".damaged-{path.name}"
+        shutil.rmtree(aside, ignore_errors=True)
+        path.rename(aside)
+        log(f"warning: checkpoint {path.name} is damaged ({problem}); set aside as {aside.name}, "
+            "using the previous complete one")
+    return None
 
 
 def is_step_checkpoint(path: Path) -> bool:

@@ -74,6 +74,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(value):
+    """Rank 0's `value` on every rank (a picklable object made by this program, never read from a file)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
 
 

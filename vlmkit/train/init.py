@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.config import ArchConfig, apply_dotted, deep_merge
+from vlmkit.config import ArchConfig, apply_dotted, deep_merge, without_remote_code
 from vlmkit.errors import ConfigError
 
 _PARTS = ("vision", "connector", "llm")
@@ -40,7 +40,7 @@ def init_config(source: str) -> ArchConfig:
 
     found = _vlmkit_dir(source)
     if found is not None:
-        return ArchConfig.from_dict(json.loads((found / "config.json").read_text())["arch"])
+        return without_remote_code(ArchConfig.from_dict(json.loads((found / "config.json").read_text())["arch"]))
     check_local_path(source, "--init")
     if Path(source).is_dir() and not (Path(source) / "config.json").exists():
         raise ConfigError(f"--init {source}: a directory without config.json (expected a vlmkit run or checkpoint, "
@@ -52,7 +52,8 @@ def init_config(source: str) -> ArchConfig:
 
 def with_overrides(config: ArchConfig, overrides: dict) -> ArchConfig:
     """`config` with the command line's run and stage settings; the parts are the model's own."""
-    parts = sorted(key.replace("__", ".") for key in overrides if key.split("__")[0] in _PARTS)
+    parts = sorted(key.replace("__", ".") for key in overrides if key.split("__")[0] in _PARTS
+                   and key != "llm__trust_remote_code")  # not a part: whether this command runs the LLM's code
     if parts:
         raise ConfigError(f"--init keeps the model's parts and their weights; {', '.join('--' + p for p in parts)} "
                           "cannot change them (train from backbones without --init to pick other parts)")
@@ -61,14 +62,14 @@ def with_overrides(config: ArchConfig, overrides: dict) -> ArchConfig:
     return ArchConfig.from_dict(apply_dotted(deep_merge(config.to_dict(), nested), dotted))
 
 
-def load_init(source: str, device=None, allow_pickle: bool = False):
+def load_init(source: str, device=None, allow_pickle: bool = False, trust_remote_code: bool = False):
     """The model at `source`, in fp32, loaded straight onto `device`."""
     from vlmkit.model.vlm import VisionLanguageModel
 
     found = _vlmkit_dir(source)
     if found is not None:
         return VisionLanguageModel.from_pretrained(found, device=device, dtype=torch.float32,
-                                                   allow_pickle=allow_pickle)
+                                                   allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     from vlmkit.convert.hf_llava import from_hf
 
     target = torch.device(device) if device is not None else torch.device("cpu")

@@ -1,8 +1,9 @@
 """The loss curve of a run, from its JSONL log, as a PNG."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from vlmkit.io import read_jsonl
 
 
 def plot_loss(log_file: Path, out_file: Path) -> Path | None:
@@ -11,7 +12,7 @@ def plot_loss(log_file: Path, out_file: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(log_file).read_text().splitlines() if line.strip()]
+    rows = [entry for entry in read_jsonl(log_file) if "loss" in entry and "step" in entry]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)

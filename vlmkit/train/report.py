@@ -34,6 +34,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from vlmkit.errors import ConfigError
+from vlmkit.io import read_jsonl
 
 REPORTERS = ("none", "tensorboard", "wandb")
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -240,10 +241,9 @@ def global_step_offset(log_file: Path, stage: str | None = None) -> int:
     path = Path(log_file)
     if not path.exists():
         return 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
+    for entry in read_jsonl(path):
+        if "stage" not in entry or "step" not in entry:
             continue
-        entry = json.loads(line)
         if entry["stage"] == stage:
             break
         if entry["stage"] != current:

@@ -22,7 +22,7 @@ import torch
 from vlmkit.config import ArchConfig
 from vlmkit.data.sources import DataSpec, build_dataset, stage_dataset  # noqa: F401 (build_dataset: public here too)
 from vlmkit.errors import ConfigError, VlmkitError
-from vlmkit.io import resolve_device
+from vlmkit.io import read_jsonl, resolve_device
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.train import checkpoint, distributed, report
 from vlmkit.train.loop import train_stage
@@ -72,11 +72,17 @@ def _clear_or_refuse(run_dir: Path, overwrite: bool, log, delete: bool = True) -
 
 def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = None, stages: list[str] | None = None,
               resume: bool = False, verbose: bool = True, log=print, overwrite: bool = False,
-              report_to: list[str] | None = None, init: str | None = None) -> dict:
+              report_to: list[str] | None = None, init: str | None = None, allow_pickle: bool = False) -> dict:
     """Train `config`'s stages (or those named) into `run_dir`. `init`: start from that model (a vlmkit run or
     checkpoint, or a Hugging Face LLaVA directory or hub id; see vlmkit.train.init) instead of the backbones
-    `config` names; `config` is then that model's, with run and stage settings changed."""
+    `config` names; `config` is then that model's, with run and stage settings changed. `allow_pickle`: backbones
+    and checkpoints with pickled weights only (pytorch_model.bin) load (with torch.load(weights_only=True));
+    whether an LLM's own code runs is `config.llm.trust_remote_code`, which only the caller sets."""
     data = data or DataSpec()
+    if config.keep_last < 1:
+        raise ConfigError(f"--keep-last {config.keep_last}: keep at least 1 step checkpoint (a run that kept none "
+                          "would have nothing to resume from)")
+    _ignore_file_size_signal()
     info = distributed.setup()  # torchrun: join the process group; rank 0 alone writes
     report.check_reporters(report_to or ["none"])  # every rank: a missing package fails before the model is built
     if not info.is_main:
@@ -104,7 +110,8 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
     if resume and info.is_main:
         for path in checkpoint.remove_partial(run_dir):
             log(f"removed {path.name}: a checkpoint whose writing was interrupted")
-    found = checkpoint.latest(run_dir) if resume else None
+    found = checkpoint.latest_intact(run_dir, log) if resume and info.is_main else None
+    found = distributed.broadcast_object(found) if info.enabled else found
     if found is not None:
         if checkpoint.is_step_checkpoint(found):
             resume_from = checkpoint.load_resume(found)
@@ -112,19 +119,24 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
                 stage = config.stages[resume_from.state.stage_index]
                 _check_fingerprint(resume_from.state.fingerprint,
                                    stage_fingerprint(config, stage, data, info.world_size, init), found)
-            model = VisionLanguageModel.from_pretrained(found / checkpoint.MODEL_DIR, device=target)
+            model = VisionLanguageModel.from_pretrained(found / checkpoint.MODEL_DIR, device=target,
+                                                        allow_pickle=allow_pickle,
+                                                        trust_remote_code=config.llm.trust_remote_code)
             first = resume_from.state.stage_index
             log(f"resuming stage {resume_from.state.stage!r} at step {resume_from.state.step} from {found}")
             if info.is_main:
                 _truncate_log(log_file, config, resume_from.state)
         else:
-            model, first = VisionLanguageModel.from_pretrained(found, device=target), int(found.name.split("-")[0])
+            model = VisionLanguageModel.from_pretrained(found, device=target, allow_pickle=allow_pickle,
+                                                        trust_remote_code=config.llm.trust_remote_code)
+            first = int(found.name.split("-")[0])
             log(f"resuming after stage {config.stages[first - 1].name!r} from {found}")
             # the stages still to run use this run's settings (a --max-length or --template fixed after a failed
             # stage); the parts stay as built (the connector's config holds the sizes read from its BERT)
             saved = model.config
             model.config = dataclasses.replace(config, vision=saved.vision, connector=saved.connector,
-                                               llm=saved.llm)
+                                               llm=dataclasses.replace(saved.llm,
+                                                                       trust_remote_code=config.llm.trust_remote_code))
             if info.is_main:
                 _truncate_log(log_file, config, checkpoint.TrainState(first, "", 0))
     elif resume:
@@ -139,11 +151,12 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
         if init:
             from vlmkit.train.init import load_init
 
-            model = load_init(init, device=target)
+            model = load_init(init, device=target, allow_pickle=allow_pickle,
+                              trust_remote_code=config.llm.trust_remote_code)
             model.config = config  # its own config, with this run's stage settings
             log(f"--init: starting from {init} ({config.name}, template {config.template})")
         else:  # without its LLM when the first stage to run does not use one (BLIP-2's stage 1)
-            model = VisionLanguageModel.from_config(config, verbose=verbose, device=target,
+            model = VisionLanguageModel.from_config(config, verbose=verbose, device=target, allow_pickle=allow_pickle,
                                                     with_llm=_stage_needs_llm(selected[0]) if selected else True)
     model.to(target)  # a no-op for what was loaded there; buffers made at init
     if model.device.type == "cuda":  # TF32 matmuls on Ampere and later, as LLaVA's scripts set (--tf32 True)
@@ -158,7 +171,7 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
                                          purge_step=purge)
     try:
         _run_stages(model, config, run_dir, data, selected, first, resume_from, info, log_file, summary, reporter,
-                    verbose, log, init)
+                    verbose, log, init, allow_pickle)
     finally:
         reporter.close()
     summary["seconds"] = time.time() - start
@@ -169,7 +182,7 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
 
 
 def _run_stages(model, config, run_dir, data, selected, first, resume_from, info, log_file, summary, reporter,
-                verbose, log, init) -> None:
+                verbose, log, init, allow_pickle=False) -> None:
     log(f"model: {config.name} ({config.scale}); {model.num_image_tokens} image tokens per image; "
         f"{sum(p.numel() for p in model.parameters()):,} parameters")
 
@@ -180,7 +193,7 @@ def _run_stages(model, config, run_dir, data, selected, first, resume_from, info
             continue
         phase = time.time()
         if model.llm is None and _stage_needs_llm(stage):
-            model.attach_llm(verbose=verbose)
+            model.attach_llm(verbose=verbose, allow_pickle=allow_pickle)
             log(f"stage {stage.name!r}: loaded the language model {config.llm.name_or_path} "
                 f"({sum(p.numel() for p in model.llm.parameters()):,} parameters)")
         if stage.image_size or base_size != model.image_transform.crop[0]:
@@ -222,6 +235,16 @@ def _run_stages(model, config, run_dir, data, selected, first, resume_from, info
         summary["stages"].append(result)
 
 
+def _ignore_file_size_signal() -> None:
+    """Past a file-size limit (ulimit -f) a write raises SIGXFSZ, whose default action kills the process; ignored,
+    the write fails with EFBIG instead, which a checkpoint write reports while training goes on."""
+    import signal
+    import threading
+
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 def _stage_needs_llm(stage) -> bool:
     from vlmkit.train.objectives import needs_llm
 
@@ -230,6 +253,24 @@ def _stage_needs_llm(stage) -> bool:
 
 def _silent(*_args, **_kwargs) -> None:
     pass
+
+
+try:
+    from safetensors import SafetensorError
+except ImportError:  # older safetensors
+    from safetensors.safetensors_rust import SafetensorError
+
+# what a failed write raises: the OS's errors, and safetensors' own for the same (its "No space left on device")
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def _why(exc: BaseException) -> str:
+    """The OS's words for a failed write ("No space left on device"), also out of safetensors' longer message."""
+    import re
+
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    found = re.search(r"I/O error: (.+?) \(os error \d+\)", text)
+    return found.group(1) if found else text
 
 
 def _step_saver(model, run_dir: Path, keep_last: int, log, sharded: bool = False):
@@ -244,9 +285,10 @@ def _step_saver(model, run_dir: Path, keep_last: int, log, sharded: bool = False
         previous = checkpoint.latest(run_dir)
         try:
             checkpoint.save_checkpoint(target, model, optimizer, scheduler, state)
-        except OSError as exc:  # disk full, quota, permissions: training goes on, the last good checkpoint stays
-            log(f"warning: could not write checkpoint {target.name} ({exc.strerror or exc}); "
-                + (f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"))
+        except WRITE_ERRORS as exc:  # disk full, file too large, quota, permissions: training goes on
+            log(f"warning: could not write checkpoint {target.name} ({_why(exc)}); "
+                + (f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists")
+                + "; training goes on")
             return None
         checkpoint.prune(run_dir, keep_last)
         log(f"checkpoint: {target}")
@@ -257,9 +299,9 @@ def _step_saver(model, run_dir: Path, keep_last: int, log, sharded: bool = False
 def _write_or_explain(model, target: Path, run_dir: Path, state_dict: dict | None = None) -> None:
     try:
         model.save_pretrained(target, state_dict=state_dict)
-    except OSError as exc:
+    except WRITE_ERRORS as exc:
         previous = checkpoint.latest(run_dir)
-        raise VlmkitError(f"could not write {target} ({exc.strerror or exc}); "
+        raise VlmkitError(f"could not write {target} ({_why(exc)}); "
                           + (f"the previous checkpoint {previous} is intact" if previous else
                              "there is no earlier checkpoint")) from None
 
@@ -270,9 +312,10 @@ def _truncate_log(log_file: Path, config: ArchConfig, state: checkpoint.TrainSta
         return
     order = {stage.name: i for i, stage in enumerate(config.stages)}
     kept = []
-    for line in log_file.read_text().splitlines():
-        entry = json.loads(line)
+    for entry in read_jsonl(log_file):  # a line torn by the crash is dropped with the rest after the checkpoint
+        if "stage" not in entry or "step" not in entry:
+            continue
         index = order.get(entry["stage"], -1)
         if index < state.stage_index or (index == state.stage_index and entry["step"] <= state.step):
-            kept.append(line)
+            kept.append(json.dumps(entry))
     log_file.write_text("".join(f"{line}\n" for line in kept))
