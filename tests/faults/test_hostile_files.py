@@ -8,6 +8,7 @@ import struct
 
 import pytest
 import torch
+from hostile import HEADERS, safetensors_file
 
 from vlmkit.errors import ConfigError
 
@@ -101,42 +102,14 @@ def test_backbones_with_only_pickled_weights_need_allow_pickle(backbones, tmp_pa
     torch.testing.assert_close(model.llm.causal_lm.lm_head.weight, state["lm_head.weight"])
 
 
-def _safetensors(path, header: dict, data: bytes = b"", length: int | None = None):
-    text = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(text) if length is None else length) + text + data)
-    return path
-
-
-# name: (header, data bytes, header length override, words in the error)
-LYING_HEADERS = {
-    "a header length of 2**63": ({}, b"", 2**63, "its header claims"),
-    "a tensor of 2**40 bytes in a 64-byte file": ({"a": {"dtype": "F32", "shape": [2**38],
-                                                         "data_offsets": [0, 2**40]}}, b"\0" * 64, None,
-                                                  "past the end of the file"),
-    "offsets that disagree with the shape": ({"a": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 32]}},
-                                             b"\0" * 64, None, "32 bytes of data for shape [4, 4] F32 (64 bytes)"),
-    "a negative dimension": ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, None,
-                             "not a list of non-negative integers"),
-    "end before start": ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}}, b"\0" * 8, None,
-                         "0 <= start <= end"),
-    "overlapping tensors": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                             "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, None,
-                            "overlap"),
-    "an unknown dtype": ({"a": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}}, b"\0" * 16, None,
-                         "'F128'"),
-    "a header that is a list": ([1, 2], b"", None, "not a JSON object"),
-    "an entry without offsets": ({"a": {"dtype": "F32", "shape": [1]}}, b"\0" * 4, None, "needs dtype, shape"),
-}
-
-
-@pytest.mark.parametrize("name", list(LYING_HEADERS))
+@pytest.mark.parametrize("name", list(HEADERS))
 def test_a_lying_safetensors_header_is_refused_before_allocating(tmp_path, name):
     import tracemalloc
 
     from vlmkit.convert.weights import stream_safetensors
 
-    header, data, length, words = LYING_HEADERS[name]
-    path = _safetensors(tmp_path / "x.safetensors", header, data, length)
+    header, data, length, words = HEADERS[name]
+    path = safetensors_file(tmp_path / "x.safetensors", header, data, length)
     tracemalloc.start()
     try:
         with pytest.raises(ConfigError) as info:
@@ -159,6 +132,6 @@ def test_a_checkpoint_with_a_lying_header_is_refused_by_from_pretrained(make_mod
     name = next(k for k in header if k != "__metadata__")
     header[name]["shape"] = [2**38]  # claims a terabyte
     header[name]["data_offsets"][1] = header[name]["data_offsets"][0] + 2**40
-    _safetensors(weights, header, bytes(raw[8 + length:]))
+    safetensors_file(weights, header, bytes(raw[8 + length:]))
     with pytest.raises(ConfigError, match="truncated or damaged"):
         VisionLanguageModel.from_pretrained(tmp_path / "ckpt")

@@ -10,49 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from hostile import NORMAL, SERVE
 from live import LiveServer, image_message, png_uri
 
-NORMAL = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-
-# name: (raw body bytes, headers beyond the defaults, status, code, words the message must contain)
-HOSTILE = {
-    "seed past 2**64": (json.dumps({**NORMAL, "seed": 2**64, "temperature": 1}).encode(), {}, 400, "invalid_value",
-                        "seed"),
-    "seed below -2**63": (json.dumps({**NORMAL, "seed": -2**63 - 1}).encode(), {}, 400, "invalid_value", "seed"),
-    "top_p below float32": (json.dumps({**NORMAL, "top_p": 1e-46, "temperature": 1}).encode(), {}, 400,
-                            "invalid_value", "top_p"),
-    "temperature too small": (json.dumps({**NORMAL, "temperature": 1e-300}).encode(), {}, 400, "invalid_value",
-                              "temperature"),
-    "NaN temperature": (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', {}, 400,
-                        "invalid_json", "NaN"),
-    "Infinity top_p": (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": -Infinity}', {}, 400,
-                       "invalid_json", "Infinity"),
-    "float overflow": (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}', {}, 400,
-                       "invalid_value", "finite"),
-    "nested 90,000 deep": (b'{"messages": ' + b"[" * 90_000 + b"]" * 90_000 + b"}", {}, 400, "invalid_json",
-                            "deeper than 32"),
-    "lone surrogate": (b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}]}', {}, 400, "invalid_text",
-                       "lone surrogate"),
-    "lone surrogate in stop": (b'{"messages": [{"role": "user", "content": "hi"}], "stop": "\\udfff"}', {}, 400,
-                               "invalid_text", "stop"),
-    "invalid UTF-8 bytes": (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', {}, 400, "invalid_json",
-                            "not valid JSON"),
-    "prompt of 150,000 characters": (json.dumps({"messages": [{"role": "user", "content": "x" * 150_000}]}).encode(),
-                                     {}, 400, "context_length_exceeded", "characters"),
-    "max_tokens of 10**30": (json.dumps({**NORMAL, "max_tokens": 10**30}).encode(), {}, 400, "max_tokens_too_large",
-                             "cap"),
-    "stop string of 10,000 characters": (json.dumps({**NORMAL, "stop": "x" * 10_000}).encode(), {}, 400,
-                                         "invalid_value", "256"),
-    "a form POST": (b"messages=hi", {"Content-Type": "application/x-www-form-urlencoded"}, 415,
-                    "unsupported_media_type", "must be JSON"),
-    "a text/plain POST": (json.dumps(NORMAL).encode(), {"Content-Type": "text/plain"}, 415, "unsupported_media_type",
-                          "text/plain"),
-    "a foreign Host (DNS rebinding)": (json.dumps(NORMAL).encode(), {"Host": "attacker.example:8000"}, 403,
-                                       "forbidden_origin", "attacker.example"),
-    "a foreign Origin": (json.dumps(NORMAL).encode(), {"Origin": "http://attacker.example"}, 403, "forbidden_origin",
-                         "attacker.example"),
-    "a null Origin": (json.dumps(NORMAL).encode(), {"Origin": "null"}, 403, "forbidden_origin", "'null'"),
-}
+# the corpus's served cases (tests/hostile.py) that need no image: each beside four normal requests
+HOSTILE = {name: case for name, case in SERVE.items() if case[0] is not None}
 
 
 def _post(url, raw: bytes, headers: dict | None = None) -> httpx.Response:

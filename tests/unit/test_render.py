@@ -95,3 +95,22 @@ def test_visualglm_writes_the_image_once_then_its_questions(tokenizer):
         assert text == (f"{bos}<img><image><image></img>{q}what color is the shape?\n{a}blue{eos}\n"
                         f"{q}is it a circle?\n{a}no{eos}\n")
         assert [tokenizer.decode(s) for s in supervised_spans(rendered)] == [f"blue{eos}", f"no{eos}"]
+
+
+def test_a_tokenizer_that_drops_characters_is_named_with_them():
+    """A BPE without byte fallback or unknown token drops what its vocabulary lacks; the error says so, with the
+    characters, instead of a mask error about turns that its shifted spans used to produce."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from vlmkit.data.render import encode_with_offsets
+    from vlmkit.errors import BadRecord
+
+    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz?")}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    ids, offsets = encode_with_offsets(tokenizer, "is it a cafe?", "ok")
+    assert len(ids) == len(offsets) == 10
+    with pytest.raises(BadRecord, match=r"record 'r7': the tokenizer .* drops the character\(s\) 'é'"):
+        encode_with_offsets(tokenizer, "is it a café?", "r7")

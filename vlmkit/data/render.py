@@ -189,7 +189,9 @@ def encode_with_offsets(tokenizer, text: str, record_id="?") -> tuple[list[int],
     """Token ids of `text` (no special tokens added) and the character span each one covers."""
     if getattr(tokenizer, "is_fast", False):
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return list(encoded["input_ids"]), [tuple(span) for span in encoded["offset_mapping"]]
+        offsets = [tuple(span) for span in encoded["offset_mapping"]]
+        _check_coverage(tokenizer, text, offsets, record_id)
+        return list(encoded["input_ids"]), offsets
     # no offsets (a Python tokenizer, e.g. tiktoken-based): the end of token k is the length of the decoded
     # first k tokens, which is exact when decoding gives the text back
     ids = list(tokenizer.encode(text, add_special_tokens=False))
@@ -205,6 +207,22 @@ def encode_with_offsets(tokenizer, text: str, record_id="?") -> tuple[list[int],
         offsets.append((min(previous, end), end))
         previous = max(previous, end)
     return ids, offsets
+
+
+def _check_coverage(tokenizer, text: str, offsets: list[tuple[int, int]], record_id) -> None:
+    """Every character that is not whitespace lies in some token's span, or the tokenizer dropped it (a BPE
+    without byte fallback and without an unknown token, for characters its vocabulary lacks): the model would
+    never see it, and the spans around it no longer line up with the turns."""
+    covered = bytearray(len(text))
+    for start, end in offsets:
+        covered[start:end] = b"\x01" * max(0, min(end, len(text)) - start)
+    dropped = sorted({text[i] for i in range(len(text)) if not covered[i] and not text[i].isspace()})
+    if dropped:
+        shown = ", ".join(repr(c) for c in dropped[:8]) + (" …" if len(dropped) > 8 else "")
+        raise BadRecord(record_id, f"the tokenizer ({type(tokenizer).__name__}) drops the character(s) {shown}: its "
+                                   "vocabulary has no token for them and it has no byte fallback or unknown token; "
+                                   "remove them from the data or use a tokenizer that covers them",
+                        kind="tokenization")
 
 
 def _token_is_supervised(text: str, supervised_chars: bytearray, start: int, end: int, tokenizer, token: int,
