@@ -252,3 +252,13 @@ def test_original_llava_layout_imports_with_the_same_logits(tokenizer, backbones
     with torch.no_grad():
         torch.testing.assert_close(trusted(ids, attention_mask=inputs["attention_mask"], image_counts=[1],
                                            pixel_values=inputs["pixel_values"])[1], logits)
+
+
+def test_an_import_whose_tensors_disagree_with_its_config_is_refused_in_one_line(tokenizer, tmp_path):
+    build_hf_llava(tmp_path / "hf", tokenizer, CASES["default-penultimate-gqa"])
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["text_config"]["intermediate_size"] += 8  # the MLP's weights no longer fit the config
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"disagree with its config.json: .*mlp") as info:
+        from_hf(tmp_path / "hf", verbose=False)
+    assert "\n" not in str(info.value)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from vlmkit.config import from_name
+from vlmkit.convert.weights import hf_from_pretrained
 from vlmkit.errors import ConfigError
 
 
@@ -79,13 +80,7 @@ def from_hf(src: str | os.PathLike, *, dtype=None, device_map=None, verbose: boo
         kwargs["dtype"] = dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
-    try:
-        hf = Blip2ForConditionalGeneration.from_pretrained(src, **kwargs)
-    except RuntimeError as exc:  # a tensor whose shape its own config contradicts
-        first = str(exc).strip().splitlines()
-        raise ConfigError(f"{src}: its weights disagree with its config.json: "
-                          f"{next((line.strip() for line in first if 'size mismatch' in line), first[0] if first else exc)}"
-                          ) from None
+    hf = hf_from_pretrained(Blip2ForConditionalGeneration, src, **kwargs)
     llm = LanguageModel(hf.language_model)
     transform = ImageTransform.from_config(image_processor, pad_to_square=arch.vision.pad_to_square)
     model = VisionLanguageModel._assemble(arch, hf.vision_model, llm, prepare_tokenizer(tokenizer, llm), transform)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import ArchConfig, from_name
+from vlmkit.convert.weights import hf_from_pretrained
 from vlmkit.errors import ConfigError
 
 VLMKIT_SIDECAR = "vlmkit_arch.json"  # the preset (template, stages…) travels with an export for a lossless return
@@ -126,7 +127,7 @@ def from_hf(src: str | os.PathLike, *, preset: str = "llava-1.5", dtype=None, de
         kwargs["dtype"] = dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
-    hf = LlavaForConditionalGeneration.from_pretrained(src, **kwargs)
+    hf = hf_from_pretrained(LlavaForConditionalGeneration, src, **kwargs)
     llm = LanguageModel(causal_lm_from_parts(hf.config.text_config, hf.model.language_model, hf.lm_head))
     transform = ImageTransform.from_config(image_processor, pad_to_square=arch.vision.pad_to_square)
     model = VisionLanguageModel._assemble(arch, hf.model.vision_tower, llm, prepare_tokenizer(tokenizer, llm),

@@ -182,3 +182,19 @@ def load_into(module: torch.nn.Module, tensors, source: str = "the checkpoint", 
         raise ConfigError(f"{source} does not match the model its config describes (missing {missing[:5]}"
                           f"{'…' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                           f"{'…' if len(unexpected) > 5 else ''})")
+
+
+def hf_from_pretrained(model_class, src: str, **kwargs):
+    """`model_class.from_pretrained(src, **kwargs)`, with a checkpoint whose tensors disagree with its own
+    config.json refused in one line naming the tensor and both shapes (transformers logs a table and raises
+    "look at the above report"; with ignore_mismatched_sizes it would silently re-initialise them)."""
+    model, info = model_class.from_pretrained(src, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs)
+    mismatched = sorted(info.get("mismatched_keys") or [], key=str)
+    if mismatched:
+        first = mismatched[0]
+        name, saved, expected = (first[0], first[1], first[2]) if isinstance(first, (tuple, list)) and len(first) == 3 \
+            else (first, "?", "?")
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise ConfigError(f"{src}: its weights disagree with its config.json: {name} is {tuple(saved)} in the file, "
+                          f"{tuple(expected)} by the config{more}")
+    return model
