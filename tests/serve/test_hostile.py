@@ -199,3 +199,42 @@ def test_health_is_503_while_the_engine_is_not_running(served_model):
         engine.stop()  # the worker has ended: no request would ever be answered
         response = httpx.get(live.url + "/health")
         assert response.status_code == 503 and response.json()["status"] == "unavailable"
+
+
+def test_a_job_whose_prefill_fails_fails_alone(served_model):
+    """Two jobs admitted together, one with pixels the tower cannot take: the group's prefill fails, each job is
+    tried by itself, the bad one gets its own 500 and the good one its answer."""
+    import torch
+
+    from vlmkit.infer.generate import GenerationConfig
+    from vlmkit.serve.engine import Engine, Job
+    from vlmkit.serve.protocol import ServeSettings
+
+    from vlmkit.data.render import render_conversation
+    from vlmkit.data.templates import get_template
+
+    ids = render_conversation([{"role": "user", "content": "<image>\nwhat colour?"}],
+                              get_template(served_model.config.template), served_model.tokenizer,
+                              num_image_tokens=served_model.num_image_tokens, add_generation_prompt=True).input_ids
+    good_pixels = served_model.image_transform(__import__("PIL.Image").Image.new("RGB", (40, 30), (255, 0, 0)))
+    engine = Engine(served_model, ServeSettings(max_tokens=4, batch_wait=0.5))
+    outcomes: dict[str, list] = {"good": [], "bad": []}
+    done = threading.Event()
+
+    def listener(name):
+        def emit(event):
+            outcomes[name].append(event)
+            if event[0] != "delta" and all(any(e[0] != "delta" for e in v) for v in outcomes.values()):
+                done.set()
+        return emit
+
+    for name, pixels in (("bad", torch.zeros(3, 7, 7)), ("good", good_pixels)):
+        engine.submit(Job(ids, [pixels], GenerationConfig(max_new_tokens=3), [], emit=listener(name),
+                          _tokenizer=served_model.tokenizer))
+    engine.start()
+    try:
+        assert done.wait(30)
+        assert outcomes["good"][-1][0] == "done" and outcomes["bad"][-1][:2] == ("error", 500)
+        assert _until_pending(engine, 0) == 0 and engine.restarts == 0
+    finally:
+        engine.stop()
