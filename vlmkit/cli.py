@@ -385,7 +385,7 @@ def _add_device(parser) -> None:
                              "halves the memory; default: as saved, float32)")
 
 
-def _add_image_limits(parser, pixels: int = 64_000_000, side: int = 16_384, aspect: float = 50.0,
+def _add_image_limits(parser, pixels: int = 40_000_000, side: int = 16_384, aspect: float = 50.0,
                       confine: bool = True) -> None:
     group = parser.add_argument_group("image limits (checked on each image's header, before decoding)")
     group.add_argument("--max-image-pixels", type=int, default=pixels,
