@@ -146,7 +146,7 @@ REFUSALS = {
                                 "cap of 24"),
     "prompt over the context": (_ask("circle " * 600), 400, "messages", "context_length_exceeded",
                                 "context is 512"),
-    "prompt + max_tokens over the context": (_ask("circle " * 470, max_tokens=24), 400, "max_tokens",
+    "prompt + max_tokens over the context": (_ask("circle " * 495, max_tokens=24), 400, "max_tokens",
                                              "context_length_exceeded", "ask for at most"),
     "n=2": (_ask("hi", n=2), 400, "n", "invalid_value", "only n=1"),
     "unknown model": ({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "model",

@@ -126,6 +126,10 @@ register(Template(
            "The assistant gives helpful, detailed, and polite answers to the user's questions.",
 ))
 
+# The same turns without the system prompt: the tiny scale's template. A 4-layer LM learns to compare a colour
+# in the image with the question's poorly behind 31 constant tokens (issue 32: 90.05% -> 96.26% on the demo).
+register(dataclasses.replace(TEMPLATES["vicuna_v1"], name="vicuna_v1_nosys", system=""))
+
 # LLaVA-1.5's stage-1 template: the image, then the caption, nothing else.
 register(Template(
     name="plain",
