@@ -213,10 +213,13 @@ def _check_coverage(tokenizer, text: str, offsets: list[tuple[int, int]], record
     """Every character that is not whitespace lies in some token's span, or the tokenizer dropped it (a BPE
     without byte fallback and without an unknown token, for characters its vocabulary lacks): the model would
     never see it, and the spans around it no longer line up with the turns."""
-    covered = bytearray(len(text))
-    for start, end in offsets:
-        covered[start:end] = b"\x01" * max(0, min(end, len(text)) - start)
-    dropped = sorted({text[i] for i in range(len(text)) if not covered[i] and not text[i].isspace()})
+    dropped, reached = set(), 0  # the text up to `reached` is covered; only the gaps between spans are read
+    for start, end in sorted(offsets):
+        if start > reached:
+            dropped.update(c for c in text[reached:start] if not c.isspace())
+        reached = max(reached, end)
+    dropped.update(c for c in text[reached:] if not c.isspace())
+    dropped = sorted(dropped)
     if dropped:
         shown = ", ".join(repr(c) for c in dropped[:8]) + (" …" if len(dropped) > 8 else "")
         raise BadRecord(record_id, f"the tokenizer ({type(tokenizer).__name__}) drops the character(s) {shown}: its "

@@ -356,16 +356,15 @@ class Job:
         self.tell(("done", reason, {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.tokens)}))
 
 
-_LONGEST_PIECE: dict[int, int] = {}  # id(tokenizer) -> characters of its longest vocabulary entry
-
-
 def longest_piece(tokenizer) -> int:
     """No token covers more characters of text than the tokenizer's longest vocabulary entry, so a text of n
-    characters is at least n / longest_piece(tokenizer) tokens: a bound known before tokenising."""
-    key = id(tokenizer)
-    if key not in _LONGEST_PIECE:
-        _LONGEST_PIECE[key] = max((len(piece) for piece in tokenizer.get_vocab()), default=1) or 1
-    return _LONGEST_PIECE[key]
+    characters is at least n / longest_piece(tokenizer) tokens: a bound known before tokenising (computed once
+    per tokenizer and kept on it)."""
+    found = getattr(tokenizer, "_vlmkit_longest_piece", None)
+    if found is None:
+        found = max((len(piece) for piece in tokenizer.get_vocab()), default=1) or 1
+        tokenizer._vlmkit_longest_piece = found
+    return found
 
 
 def prompt_char_limit(model) -> int:

@@ -195,7 +195,7 @@ def latest(run_dir: Path) -> Path | None:
 def damage(path: Path) -> str | None:
     """What is wrong with a checkpoint (None: it is complete and readable): its manifest's files, sizes and
     checksums, and for a step checkpoint its state file."""
-    problem = verify_manifest(path / MODEL_DIR if is_step_checkpoint(path) else path) or verify_manifest(path)
+    problem = verify_manifest(path)  # a step checkpoint's manifest lists its model/ files too
     if problem:
         return problem
     if is_step_checkpoint(path):
