@@ -343,6 +343,7 @@ def cmd_demo(args) -> int:
     print(f"\neasy-VQA test accuracy {report['accuracy']:.2%} over {report['total']} questions; "
           f"wall time {total / 60:.1f} min; everything is in {run_dir}/")
     (run_dir / "demo.json").write_text(json.dumps({"accuracy": report["accuracy"], "total": report["total"],
+                                                   "per_kind": report.get("per_kind", {}),
                                                    "phases_seconds": phases, "wall_seconds": total,
                                                    "chat": {"question": question.text, "answer": reply,
                                                             "reference": question.answer}}, indent=2))

@@ -138,6 +138,9 @@ class StageConfig:
     warmup_ratio: float = _help("Fraction of steps spent in linear warm-up before the cosine decay.", default=0.03)
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     max_grad_norm: float = _help("Gradient clipping norm (0 = off).", default=1.0)
+    batch_norm: str = _help("BatchNorm layers of a part that trains: 'frozen' (eval mode, the pretrained running "
+                            "statistics kept) or 'train' (normalised by each batch's statistics, running ones "
+                            "updated, as in the tower's pretraining; for batches of 32 or more).", default="frozen")
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 

@@ -53,3 +53,32 @@ def test_matches_are_a_builtin_source_with_the_answer_prompt():
         max_turns = 1
     records = BUILTIN["easy-vqa:matches"](None, Stage(), "Answer briefly.")
     assert records[0]["conversations"][0]["value"].endswith("\nAnswer briefly.")
+
+
+def test_question_kinds_partition_the_test_split_and_follow_the_image():
+    questions, _ = easyvqa.load_split("test")
+    attrs = easyvqa.image_attributes(questions)
+    kinds = Counter(easyvqa.question_kind(q, attrs.get(q.image_id, {})) for q in questions)
+    assert set(kinds) == set(easyvqa.KINDS) and sum(kinds.values()) == len(questions)
+    # 1 colour yes/no question in 8 names the image's own colour (8 colours, named at random)
+    share = kinds["colour y/n match"] / (kinds["colour y/n match"] + kinds["colour y/n other"])
+    assert 0.09 < share < 0.15
+    red = easyvqa.Question("is there a red shape in the image?", "yes", 0)
+    assert easyvqa.question_kind(red, {"color": "red"}) == "colour y/n match"
+    assert easyvqa.question_kind(red, {"color": "blue"}) == "colour y/n other"
+    assert easyvqa.question_kind(easyvqa.Question("is no circle present?", "no", 0), {}) == "shape y/n negated"
+    assert easyvqa.question_kind(easyvqa.Question("what color is the shape?", "teal", 0), {}) == "what colour"
+
+
+def test_kind_accuracy_counts_rows_of_the_split_only():
+    questions, _ = easyvqa.load_split("test")
+    attrs = easyvqa.image_attributes(questions)
+    rows = [{"id": f"easyvqa-test-q{i}", "correct": i % 2 == 0} for i in range(200)]
+    rows.append({"id": "mine-7", "correct": True})  # another source: not counted
+    report = easyvqa.kind_accuracy(rows, "test")
+    assert sum(v["total"] for v in report.values()) == 200
+    for kind, v in report.items():
+        expected = [i % 2 == 0 for i in range(200)
+                    if easyvqa.question_kind(questions[i], attrs.get(questions[i].image_id, {})) == kind]
+        assert (v["correct"], v["total"]) == (sum(expected), len(expected))
+        assert v["accuracy"] == sum(expected) / len(expected)

@@ -119,6 +119,28 @@ def test_freezing_per_stage(make_model):
     assert "vision 0 (frozen)" in logs[0] and "llm 0 (frozen)" in logs[0]
 
 
+def test_batch_norm_trains_only_when_asked_and_only_in_a_trained_part(make_model):
+    from vlmkit.errors import ConfigError
+
+    model = make_model(vision="resnet", feature_layer=-1)
+    norms = [m for m in model.vision.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms
+    apply_stage_freezing(model, ["connector", "llm", "vision"], log=lambda *_: None)
+    assert model.vision.training and not any(m.training for m in norms)  # default: running statistics kept
+    pixels = torch.rand(4, 3, 32, 32)
+    before = [m.running_mean.clone() for m in norms]
+    model.vision(pixels)
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, norms))
+    apply_stage_freezing(model, ["connector", "llm", "vision"], log=lambda *_: None, batch_norm="train")
+    assert all(m.training for m in norms)
+    model.vision(pixels)  # normalised by the batch; the running statistics move towards it
+    assert all(not torch.equal(b, m.running_mean) for b, m in zip(before, norms))
+    apply_stage_freezing(model, ["connector", "llm"], log=lambda *_: None, batch_norm="train")
+    assert not model.vision.training and not any(m.training for m in norms)  # a frozen part stays frozen
+    with pytest.raises(ConfigError, match="batch_norm must be one of 'frozen', 'train', not 'on'"):
+        apply_stage_freezing(model, ["connector"], log=lambda *_: None, batch_norm="on")
+
+
 def test_checkpoint_with_other_parameter_names_is_a_clear_error(make_model, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -69,6 +69,42 @@ def image_attributes(questions: list[Question]) -> dict[int, dict[str, str]]:
     return attrs
 
 
+KINDS = ("what colour", "what shape", "colour y/n match", "colour y/n other", "shape y/n plain", "shape y/n negated")
+
+
+def question_kind(question: Question, attrs: dict[str, str]) -> str:
+    """The skill a question tests, for a per-kind breakdown of accuracy (`KINDS`): what colour / what shape;
+    a yes/no colour question naming the image's own colour ("match": 1 in 8 of them, the hard ones) or another;
+    a yes/no shape question, plain or negated ("is there not a circle?", "is no circle present?"). `attrs` is the
+    image's entry of `image_attributes` for the question's split."""
+    if question.answer in COLORS:
+        return "what colour"
+    if question.answer in SHAPES:
+        return "what shape"
+    words = re.findall(r"[a-z]+", question.text.lower())
+    colour = _named(words, COLORS)
+    if colour is not None:
+        return "colour y/n match" if attrs.get("color") == colour else "colour y/n other"
+    return "shape y/n negated" if {"not", "no"} & set(words) else "shape y/n plain"
+
+
+def kind_accuracy(rows: list[dict], split: str = "test") -> dict[str, dict]:
+    """Accuracy per `question_kind` of evaluation rows (`{"id": "easyvqa-{split}-q{i}", "correct": ...}`, as
+    `question_records` names them); rows of other sources are left out."""
+    questions, _ = load_split(split)
+    attrs = image_attributes(questions)
+    tally = {kind: [0, 0] for kind in KINDS}
+    prefix = f"easyvqa-{split}-q"
+    for row in rows:
+        if not row["id"].startswith(prefix):
+            continue
+        question = questions[int(row["id"][len(prefix):])]
+        counts = tally[question_kind(question, attrs.get(question.image_id, {}))]
+        counts[0] += bool(row["correct"])
+        counts[1] += 1
+    return {kind: {"accuracy": c / n, "correct": c, "total": n} for kind, (c, n) in tally.items() if n}
+
+
 def caption_of(attrs: dict[str, str]) -> str | None:
     if "color" in attrs and "shape" in attrs:
         return f"a {attrs['color']} {attrs['shape']}"

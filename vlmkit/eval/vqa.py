@@ -202,8 +202,13 @@ def run_eval(model, data: str, split: str, image_folder, skip_bad: bool, out_dir
                             mode="prompt", answer_prompt=answer_prompt, verbose=verbose)
     report = evaluate(model, dataset, batch_size=batch_size, max_new_tokens=max_new_tokens, verbose=verbose)
     report["skipped"] = dict(dataset.skipped.counts)
+    if data == EASY_VQA:
+        report["per_kind"] = easyvqa.kind_accuracy(report["predictions"], split)
     json_path, png_path = write_report(report, out_dir, name)
     skipped = f"; {dataset.skipped.summary()}" if dataset.skipped.total else ""
     print(f"accuracy {report['accuracy']:.2%} ({report['correct']}/{report['total']}) on {source}{skipped} "
           f"in {report['seconds']:.0f}s; report {json_path}, confusion matrix {png_path}")
+    if report.get("per_kind"):
+        print("  by kind: " + "; ".join(f"{kind} {v['accuracy']:.1%} ({v['total']})"
+                                        for kind, v in report["per_kind"].items()))
     return report

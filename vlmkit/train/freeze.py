@@ -8,16 +8,22 @@ from vlmkit.errors import ConfigError
 from vlmkit.llm.lora import attach_lora, has_lora
 
 
-def apply_stage_freezing(model, train: list[str], log=print, lora: LoRAConfig | None = None) -> dict[str, int]:
+BATCH_NORM = ("frozen", "train")
+
+
+def apply_stage_freezing(model, train: list[str], log=print, lora: LoRAConfig | None = None,
+                         batch_norm: str = "frozen") -> dict[str, int]:
     """`requires_grad_(True)` on the named parts, False on all others; frozen parts go to eval mode.
 
     With `lora.r > 0` the LLM trains through LoRA adapters only (vlmkit.llm.lora): its own weights stay
     frozen.
 
-    BatchNorm layers stay in eval mode even in a part that trains: fine-tuning batches are small, and
-    re-estimating the pretrained running statistics from them washes the features out (measured: colour
-    answers collapsed when a ResNet tower trained with BatchNorm in train mode). Logs and returns the
-    trainable parameter count per part."""
+    BatchNorm layers stay in eval mode even in a part that trains unless `batch_norm='train'`: fine-tuning
+    batches are often small, and re-estimating the pretrained running statistics from them can wash the features
+    out (measured: colour answers collapsed when a ResNet tower trained with BatchNorm in train mode at batch 8).
+    Logs and returns the trainable parameter count per part."""
+    if batch_norm not in BATCH_NORM:
+        raise ConfigError(f"batch_norm must be one of {', '.join(map(repr, BATCH_NORM))}, not {batch_norm!r}")
     parts = model.parts()
     unknown = {name for name in train if name.split(".", 1)[0] not in parts}
     if unknown:
@@ -35,7 +41,7 @@ def apply_stage_freezing(model, train: list[str], log=print, lora: LoRAConfig | 
                 sub.train(True)
         for sub in module.modules():
             if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm):
-                sub.eval()
+                sub.train(trains and batch_norm == "train")
         if name == "llm" and trains and lora is not None and lora.r > 0:
             if has_lora(model.llm):  # resumed mid-stage: the checkpoint carried the adapters
                 for pname, param in module.named_parameters():

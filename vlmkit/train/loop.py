@@ -167,7 +167,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
             "--save-every 0 (each stage still ends with a checkpoint), or --distributed fsdp, which has both"))
     if stage.lora.r > 0 and "llm" not in stage.train:
         raise ConfigError(f"stage {stage.name!r} sets lora.r={stage.lora.r} but does not train the llm")
-    apply_stage_freezing(model, stage.train, log=log, lora=stage.lora)
+    apply_stage_freezing(model, stage.train, log=log, lora=stage.lora, batch_norm=stage.batch_norm)
     # a text-only micro-batch still runs the connector (on nothing), as LLaVA's forward does: its gradient is zero
     # rather than missing, so every engine updates it alike (ZeRO-3 would otherwise re-apply the previous step's
     # gradient, and AdamW moves a parameter with a zero gradient but skips one without)
