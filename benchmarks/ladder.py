@@ -24,39 +24,57 @@ import sys
 import time
 from pathlib import Path
 
-# name -> (what it changes, `vlmkit demo` arguments); each rung is the default plus its own arguments only
-RUNGS = {
-    "default": ("vlmkit demo as shipped", []),
-    "pool": ("+ one mean-pooled image token (the vector the tower was pretrained on)",
+# The demo's settings when the ladder began (1192ef8): every rung starts from them, so a rung means the same
+# whatever the defaults are now. `default` is the demo as shipped, with no arguments.
+ANSWER_PROMPT = "Answer the question using a single word or phrase."
+START = ["--template", "vicuna_v1_nosys", "--answer-prompt", ANSWER_PROMPT, "--vision.select", "patch",
+         "--instruct.train", "connector,llm", "--instruct.batch-norm", "frozen"]
+TOWER = ["--instruct.train", "connector,llm,vision", "--instruct.lr.vision"]
+# one change each: a rung is `start` or changes joined by '+' (e.g. pool+noprompt+vision-bn-2e-4), applied in order
+CHANGES = {
+    "sys": ("Vicuna's system prompt in the template (the default until issue 32)", ["--template", "vicuna_v1"]),
+    "pool": ("one more image token: the mean of the patches, the vector the tower was pretrained on",
              ["--vision.select", "patch_mean"]),
-    "vision": ("+ the tower trains in the instruction stage at the LM's lr (the prototype's lever)",
-               ["--instruct.train", "connector,llm,vision", "--instruct.lr.vision", "2e-3"]),
-    "pool+vision": ("+ both",
-                    ["--vision.select", "patch_mean", "--instruct.train", "connector,llm,vision",
-                     "--instruct.lr.vision", "2e-3"]),
-    "pool+vision-bn": ("pool + the tower trains at 2e-3 with its BatchNorm in train mode (as the prototype's)",
-                       ["--vision.select", "patch_mean", "--instruct.train", "connector,llm,vision",
-                        "--instruct.lr.vision", "2e-3", "--instruct.batch-norm", "train"]),
-    "pool+vision-bn-5e-4": ("pool + the tower trains at 5e-4 with its BatchNorm in train mode",
-                            ["--vision.select", "patch_mean", "--instruct.train", "connector,llm,vision",
-                             "--instruct.lr.vision", "5e-4", "--instruct.batch-norm", "train"]),
-    "pool+vision-bn-2e-4": ("pool + the tower trains at 2e-4 with its BatchNorm in train mode",
-                            ["--vision.select", "patch_mean", "--instruct.train", "connector,llm,vision",
-                             "--instruct.lr.vision", "2e-4", "--instruct.batch-norm", "train"]),
-    "pool+vision-2e-4": ("pool + the tower trains at 2e-4, BatchNorm frozen",
-                         ["--vision.select", "patch_mean", "--instruct.train", "connector,llm,vision",
-                          "--instruct.lr.vision", "2e-4"]),
-    "pool+noprompt": ("pool + no answer prompt after the question (LLaVA-1.5's 'Answer the question...')",
-                      ["--vision.select", "patch_mean", "--answer-prompt", ""]),
-    "pool+noprompt+vision": ("pool + no answer prompt + the tower trains at 2e-4 with its BatchNorm in train mode",
-                             ["--vision.select", "patch_mean", "--answer-prompt", "", "--instruct.train",
-                              "connector,llm,vision", "--instruct.lr.vision", "2e-4", "--instruct.batch-norm",
-                              "train"]),
-    "noprompt": ("+ no answer prompt after the question", ["--answer-prompt", ""]),
-    "batch64": ("+ the prototype's instruction schedule: batch 64, 3.5 epochs",
-                ["--instruct.batch-size", "64", "--instruct.epochs", "3.5"]),
-    "sys": ("- the template with Vicuna's system prompt (the default until issue 32)", ["--template", "vicuna_v1"]),
+    "noprompt": ("no answer prompt after the question (LLaVA-1.5's 'Answer the question using a single word...')",
+                 ["--answer-prompt", ""]),
+    "vision": ("the tower trains in the instruction stage at the LM's lr 2e-3, BatchNorm frozen", TOWER + ["2e-3"]),
+    "vision-2e-4": ("the tower trains at 2e-4, BatchNorm frozen", TOWER + ["2e-4"]),
+    "vision-bn": ("the tower trains at 2e-3, BatchNorm in train mode (as the prototype's)",
+                  TOWER + ["2e-3", "--instruct.batch-norm", "train"]),
+    "vision-bn-5e-4": ("the tower trains at 5e-4, BatchNorm in train mode",
+                       TOWER + ["5e-4", "--instruct.batch-norm", "train"]),
+    "vision-bn-2e-4": ("the tower trains at 2e-4, BatchNorm in train mode",
+                       TOWER + ["2e-4", "--instruct.batch-norm", "train"]),
+    "3ep": ("3 epochs of instructions (2)", ["--instruct.epochs", "3"]),
+    "b64": ("the prototype's schedule: batch 64, 3.5 epochs", ["--instruct.batch-size", "64", "--instruct.epochs", "3.5"]),
+    "twins": ("a quarter of easy-vqa:matches per epoch (yes/no twins naming the image's own colour/shape)",
+              ["--instruct.mixture", "easy-vqa:instructions=1,easy-vqa:matches=0.25"]),
 }
+
+
+def rung_argv(name: str) -> list[str]:
+    """`vlmkit demo` arguments of a rung: [] for `default`, START for `start`, START + each change's otherwise."""
+    if name == "default":
+        return []
+    if name == "start":
+        return list(START)
+    parts = name.split("+")
+    unknown = [p for p in parts if p not in CHANGES]
+    if unknown:
+        raise SystemExit(f"unknown change(s) {unknown} in rung {name!r}; --list shows them")
+    return START + [arg for part in parts for arg in CHANGES[part][1]]
+
+
+def describe(name: str) -> str:
+    if name in PROTOTYPE:
+        return PROTOTYPE[name][0]
+    if name == "default":
+        return "vlmkit demo as shipped"
+    if name == "start":
+        return "the demo's settings when the ladder began"
+    return "; ".join("+ " + CHANGES[part][0] for part in name.split("+"))
+
+
 # the prototype's best run (../shared/calibration/r7_best.json) and the same with its tower frozen
 PROTOTYPE = {
     "proto": ("the prototype's best setting (word-level tokenizer, conv tower + pooled token, tower trains)",
@@ -86,7 +104,7 @@ def cpu_flags() -> str:
 def run_vlmkit(name: str, seed: int, work: Path, extra: list[str]) -> dict:
     run_dir = work / f"{name}-s{seed}"
     argv = [sys.executable, "-m", "vlmkit", "demo", "--run-dir", str(run_dir), "--seed", str(seed),
-            *RUNGS[name][1], *extra]
+            *rung_argv(name), *extra]
     start = time.time()
     log = run_dir.with_suffix(".log")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +138,6 @@ def table(results: dict) -> str:
     """Markdown: one row per rung, mean and spread over its seeds."""
     lines = ["| rung | what changes | seeds | accuracy (mean, min-max) | " + " | ".join(SHORT.values()) +
              " | instruct s | wall s |", "|" + "---|" * (len(SHORT) + 6)]
-    described = {**RUNGS, **PROTOTYPE}
     for name, by_seed in results.items():
         runs = list(by_seed.values())
         accs = [r["accuracy"] for r in runs]
@@ -129,7 +146,7 @@ def table(results: dict) -> str:
             values = [r["per_kind"][kind] for r in runs if kind in r["per_kind"]]
             kinds.append(f"{statistics.mean(values):.3f}" if values else "—")
         spread = f" ({min(accs):.2%}-{max(accs):.2%})" if len(accs) > 1 else ""
-        lines.append(f"| {name} | {described.get(name, ('',))[0]} | {','.join(by_seed)} | "
+        lines.append(f"| {name} | {describe(name)} | {','.join(by_seed)} | "
                      f"**{statistics.mean(accs):.2%}**{spread} | " + " | ".join(kinds) +
                      f" | {statistics.mean(r['instruct_s'] for r in runs):.0f} | "
                      f"{statistics.mean(r['wall_s'] for r in runs):.0f} |")
@@ -148,13 +165,16 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="more `vlmkit demo` arguments for every vlmkit rung (after --)")
     args = parser.parse_args()
     if args.list:
-        for name, (what, argv) in {**PROTOTYPE, **RUNGS}.items():
-            print(f"{name:14} {what}\n{'':14} {' '.join(argv)}")
+        print(f"start: {' '.join(START)}\nchanges (a rung is 'start', 'default' or changes joined by '+'):")
+        for name, (what, argv) in CHANGES.items():
+            print(f"  {name:15} {what}\n  {'':15} {' '.join(argv)}")
+        for name, (what, argv) in PROTOTYPE.items():
+            print(f"  {name:15} {what}\n  {'':15} {' '.join(argv)}")
         return
     names = [n for n in args.rungs.split(",") if n]
-    unknown = [n for n in names if n not in RUNGS and n not in PROTOTYPE]
-    if unknown:
-        raise SystemExit(f"unknown rung(s) {unknown}; --list shows them")
+    for name in names:
+        if name not in PROTOTYPE:
+            rung_argv(name)  # names an unknown change now, not after an hour of other rungs
     if any(n in PROTOTYPE for n in names) and not (args.prototype and args.prototype.is_file()):
         raise SystemExit("the proto rungs need --prototype PATH (../shared/calibration/easyvqa_proto.py)")
     saved = json.loads(args.out.read_text()) if args.out.exists() else {}

@@ -60,8 +60,11 @@ def make_model(backbones):
         if preset_data(preset)["connector"]["type"] == "qformer":  # its BERT from the fixture, not the cache
             overrides["connector"] = {"name_or_path": backbones["bert"], "num_layers": 2,  # the BERT's depth
                                       **overrides.get("connector", {})}
+        # patch tokens only unless asked: the tiny scale's extra pooled token is the vector the tiny tower was
+        # pretrained on, which these random towers are not (and Hugging Face's LLaVA has no field for it)
         config = from_name(preset, scale="tiny", vision={"name_or_path": backbones[vision],
-                                                         "feature_layer": overrides.pop("feature_layer", -2)},
+                                                         "feature_layer": overrides.pop("feature_layer", -2),
+                                                         "select": overrides.pop("select", "patch")},
                            llm={"name_or_path": backbones["llm"]}, **overrides)
         return VisionLanguageModel.from_config(config, verbose=False)
     return make

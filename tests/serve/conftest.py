@@ -10,7 +10,8 @@ def served_model(make_model):
     import torch
 
     torch.manual_seed(0)
-    return make_model().eval()
+    # the paper's short-answer prompt (the tiny scale has none): the page appends it while "short answer" is ticked
+    return make_model(answer_prompt="Answer the question using a single word or phrase.").eval()
 
 
 @pytest.fixture(scope="module")

@@ -78,3 +78,37 @@ def test_half_precision_loading_and_device_map(more_backbones, dtype):
     assert logits.dtype == dtype and torch.isfinite(logits.float()).all()
     model.to(device="cpu", dtype=torch.float32)
     assert {p.dtype for p in model.parameters()} == {torch.float32} and model.device.type == "cpu"
+
+
+def _tower(kind: str):
+    from transformers import (CLIPVisionConfig, CLIPVisionModel, ConvNextConfig, ConvNextModel, ResNetConfig,
+                              ResNetModel, SiglipVisionConfig, SiglipVisionModel)
+
+    torch.manual_seed(0)
+    vit = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+               num_attention_heads=4)
+    if kind == "clip":
+        return CLIPVisionModel(CLIPVisionConfig(**vit))
+    if kind == "siglip":
+        return SiglipVisionModel(SiglipVisionConfig(**vit))
+    if kind == "resnet":
+        return ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"))
+    return ConvNextModel(ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1]))
+
+
+@pytest.mark.parametrize("kind,layer,final_norm", [("clip", -2, False), ("clip", -1, False), ("clip", [-3, -1], False),
+                                                    ("siglip", -2, False), ("siglip", -1, True), ("resnet", -1, False),
+                                                    ("resnet", -2, False), ("convnext", -1, False)])
+def test_unused_tower_modules_are_exactly_those_without_a_gradient(kind, layer, final_norm):
+    """What `unused_modules` names (and a stage that trains the tower freezes) is what backward never reaches."""
+    from vlmkit.config import VisionConfig
+    from vlmkit.encoders import VisionEncoder
+
+    encoder = VisionEncoder(_tower(kind), VisionConfig(feature_layer=layer, final_norm=final_norm,
+                                                       select="patch"), image_size=32)
+    encoder(torch.randn(2, 3, 32, 32)).square().sum().backward()
+    no_gradient = {name for name, p in encoder.named_parameters() if p.grad is None}
+    ids = {id(p) for module in encoder.unused_modules() for p in module.parameters()}
+    named_unused = {name for name, p in encoder.named_parameters() if id(p) in ids}
+    assert named_unused == no_gradient
+    assert bool(no_gradient) == ((kind, layer) != ("resnet", -1))  # every other case leaves something out

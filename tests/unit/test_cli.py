@@ -24,6 +24,7 @@ def train_argv(backbones, tmp_path, data, *extra):
     return ["train", "--preset", "llava-1.5", "--run-dir", str(tmp_path / "run"), "--data", str(data),
             "--image-folder", str(tmp_path), "--stages", "instruct", "--instruct.max-steps", "3",
             "--instruct.batch-size", "4", "--vision.name-or-path", backbones["clip"], "--vision.feature-layer", "-2",
+            "--vision.select", "patch",  # the tiny tower's pooled token: these runs export to transformers' LLaVA
             "--llm.name-or-path", backbones["llm"], *extra]
 
 

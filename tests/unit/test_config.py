@@ -22,7 +22,7 @@ def test_overrides_nested_and_dotted():
                        stages__instruct__lr__llm=0.5)
     assert config.vision.feature_layer == -3
     assert config.stage("instruct").epochs == 5
-    assert config.stage("instruct").lr == {"connector": 2e-3, "llm": 0.5}  # the tiny connector lr is kept
+    assert config.stage("instruct").lr == {"connector": 2e-3, "llm": 0.5, "vision": 2e-4}  # the tiny lrs are kept
     assert config.stage("align").epochs == from_name("llava-1.5").stage("align").epochs
 
 

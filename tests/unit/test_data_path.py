@@ -127,7 +127,7 @@ def test_feature_cache_budget_falls_back_to_encoding_each_batch(backbones, tmp_p
     data = write_records(tmp_path, image_files, "f", 12)
     losses = [[entry["loss"] for entry in train_log(backbones, tmp_path, f"run{budget}", data, "--instruct.max-steps",
                                                     "4", "--instruct.batch-size", "4", "--feature-cache-gb", budget,
-                                                    "--workers", "1")]
+                                                    "--workers", "1", "--instruct.train", "connector,llm")]
               for budget in ("4", "0")]
     assert "more than the cache budget (--feature-cache-gb 0)" in capsys.readouterr().out
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)

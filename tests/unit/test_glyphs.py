@@ -57,8 +57,7 @@ def test_eval_asks_a_users_json_as_written(make_model, tmp_path, monkeypatch):
     training reads that as written, and a model that never saw the prompt answered noise (7% on glyphs)."""
     from vlmkit.eval import vqa
 
-    model = make_model("llava-1.5").eval()
-    assert model.config.answer_prompt
+    model = make_model("llava-1.5", answer_prompt="Answer the question using a single word or phrase.").eval()
     seen = {}
 
     def fake_evaluate(model, dataset, **kw):

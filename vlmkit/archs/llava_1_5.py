@@ -21,5 +21,10 @@ PRESET = deep_merge(LLAVA, {
             "vision": {"name_or_path": "openai/clip-vit-large-patch14-336"},
             "llm": {"name_or_path": "lmsys/vicuna-7b-v1.5"},
         },
+        # No short-answer prompt at the tiny scale: every record there is a short answer, so the prompt tells the
+        # model nothing and puts 11 constant tokens between the question and the answer, which the 4-layer LM has
+        # to attend across (as it had across the system prompt). Demo, this Intel AMX machine, seed 0: 97.85% with
+        # it, 99.48% without; yes/no questions naming the shape's own colour 0.711 -> 0.981 (issue 32's ladder)
+        "tiny": {"answer_prompt": ""},
     },
 })

@@ -163,6 +163,32 @@ class VisionEncoder(nn.Module):
                 return encoder
         return None
 
+    def unused_modules(self) -> list[nn.Module]:
+        """Parts of the tower that the selected features never depend on: blocks (a ViT's layers, a conv tower's
+        stages) after the deepest selected hidden state, and the modules that only the tower's own pooled output
+        or last hidden state goes through (`post_layernorm` unless `final_norm`, ConvNeXt's `layernorm`, SigLIP's
+        pooling `head`). No gradient ever reaches them, so a stage that trains the tower freezes them: an
+        optimizer holds no state for them, and a sharded checkpoint without that state could not be resumed."""
+        unused = []
+        count = None
+        for owner in (self.tower, getattr(self.tower, "vision_model", None)):
+            if owner is None:
+                continue
+            encoder = getattr(owner, "encoder", None)
+            blocks = getattr(encoder, "layers", None)
+            if not isinstance(blocks, nn.ModuleList):
+                blocks = getattr(encoder, "stages", None)
+            if isinstance(blocks, nn.ModuleList) and count is None:
+                count = len(blocks) + 1  # hidden states: the embeddings, then one per block
+                wanted = [layer % count for layer in self.feature_layers if -count <= layer < count]
+                if len(wanted) == len(self.feature_layers):
+                    unused += list(blocks)[max(1, *wanted):]
+            for name in ("post_layernorm", "layernorm", "head"):
+                module = getattr(owner, name, None)
+                if isinstance(module, nn.Module) and not (name == "post_layernorm" and self.config.final_norm):
+                    unused.append(module)
+        return [m for m in unused if any(True for _ in m.parameters())]
+
     @contextlib.contextmanager
     def _only_needed_layers(self):
         """Run the blocks up to the deepest selected hidden state and no further: with the penultimate layer

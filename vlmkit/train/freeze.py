@@ -35,6 +35,9 @@ def apply_stage_freezing(model, train: list[str], log=print, lora: LoRAConfig | 
         trains = name in train
         module.requires_grad_(trains)
         module.train(trains)
+        if name == "vision" and trains:  # blocks and heads the features never go through get no gradient
+            for unused in module.unused_modules():
+                unused.requires_grad_(False)
         for full, sub in inner.items():  # a part inside a frozen module trains alone (MiniGPT-4's projection)
             if full.split(".", 1)[0] == name:
                 sub.requires_grad_(True)
