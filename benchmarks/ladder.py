@@ -1,16 +1,17 @@
 """The ladder: the demo's accuracy, one change at a time, against the known-good prototype.
 
-    python benchmarks/ladder.py --list                                  # the rungs and what each changes
-    python benchmarks/ladder.py --rungs default,pool --seeds 0,1,2      # vlmkit demo with each rung's overrides
+    python benchmarks/ladder.py --list                                  # the start, the changes, the prototype
+    python benchmarks/ladder.py --rungs start,pool,pool+noprompt --seeds 0,1,2
     python benchmarks/ladder.py --rungs proto --prototype ../shared/calibration/easyvqa_proto.py
 
-Each rung is `vlmkit demo` (tiny llava-1.5 on easy-VQA, all 9,673 test questions) with a few overrides, or the
-one-file prototype of ../shared/calibration (not part of vlmkit: its path is given on the command line). Rungs
-run one after another, never two at once (2 cores: a timing taken beside another training means nothing), each
-in a fresh process with its own run directory under --work. Results accumulate in --out (JSON, keyed by rung and
-seed, a rerun replaces its own entry) and the table is printed and written next to it as Markdown: accuracy,
-accuracy per question kind (`vlmkit.data.easyvqa.KINDS`; the prototype reports its own kinds), wall time from
-a warm backbone cache, and the instruction stage's seconds.
+A rung is `vlmkit demo` (tiny llava-1.5 on easy-VQA, all 9,673 test questions) with the settings the demo had
+when the ladder began (`start`) plus changes joined by '+', or `default` (the demo as shipped), or the one-file
+prototype of ../shared/calibration (not part of vlmkit: its path is given on the command line). Rungs run one
+after another, never two at once (2 cores: a timing taken beside another training means nothing), each in a
+fresh process with its own run directory under --work. Results accumulate in --out (JSON, keyed by rung and
+seed; a rerun replaces its own entry) and the table is printed and written next to it as Markdown: accuracy,
+accuracy per question kind (`vlmkit.data.easyvqa.KINDS`; the prototype reports its own kinds), the instruction
+stage's seconds and the wall time from a warm backbone cache.
 """
 from __future__ import annotations
 
@@ -134,11 +135,22 @@ def run_prototype(name: str, seed: int, work: Path, prototype: Path) -> dict:
             "argv": argv[1:]}
 
 
+def _order(name: str) -> tuple:
+    """Prototype rungs first, then the start and the default, then rungs by how many changes they make."""
+    if name in PROTOTYPE:
+        return (0, list(PROTOTYPE).index(name))
+    if name in ("start", "default"):
+        return (1, name != "start")
+    return (2, name.count("+"))
+
+
 def table(results: dict) -> str:
-    """Markdown: one row per rung, mean and spread over its seeds."""
-    lines = ["| rung | what changes | seeds | accuracy (mean, min-max) | " + " | ".join(SHORT.values()) +
-             " | instruct s | wall s |", "|" + "---|" * (len(SHORT) + 6)]
-    for name, by_seed in results.items():
+    """Markdown: one row per rung, mean and spread over its seeds; then the changes' legend and any notes."""
+    lines = ["| rung | seeds | accuracy (mean, min-max) | " + " | ".join(SHORT.values()) + " | instruct s | wall s |",
+             "|" + "---|" * (len(SHORT) + 5)]
+    notes = []
+    for name in sorted(results, key=_order):
+        by_seed = results[name]
         runs = list(by_seed.values())
         accs = [r["accuracy"] for r in runs]
         kinds = []
@@ -146,10 +158,20 @@ def table(results: dict) -> str:
             values = [r["per_kind"][kind] for r in runs if kind in r["per_kind"]]
             kinds.append(f"{statistics.mean(values):.3f}" if values else "—")
         spread = f" ({min(accs):.2%}-{max(accs):.2%})" if len(accs) > 1 else ""
-        lines.append(f"| {name} | {describe(name)} | {','.join(by_seed)} | "
-                     f"**{statistics.mean(accs):.2%}**{spread} | " + " | ".join(kinds) +
-                     f" | {statistics.mean(r['instruct_s'] for r in runs):.0f} | "
+        marks = ""
+        for seed, run in by_seed.items():
+            if run.get("note"):
+                notes.append(f"{name} seed {seed}: {run['note']}")
+                marks += "*" * len(notes)
+        lines.append(f"| {name}{marks} | {','.join(by_seed)} | **{statistics.mean(accs):.2%}**{spread} | " +
+                     " | ".join(kinds) + f" | {statistics.mean(r['instruct_s'] for r in runs):.0f} | "
                      f"{statistics.mean(r['wall_s'] for r in runs):.0f} |")
+    used = sorted({part for name in results if name not in PROTOTYPE and name not in ("start", "default")
+                   for part in name.split("+")}, key=list(CHANGES).index)
+    lines += ["", "Rungs: " + "; ".join(f"`{name}`: {describe(name)}" for name in sorted(results, key=_order)
+                                       if name in PROTOTYPE or name in ("start", "default"))]
+    lines += ["Changes (each on top of `start`): " + "; ".join(f"`{part}`: {CHANGES[part][0]}" for part in used)]
+    lines += [f"{'*' * (i + 1)} {note}" for i, note in enumerate(notes)]
     return "\n".join(lines)
 
 
