@@ -62,6 +62,10 @@ def test_unknown_preset_and_missing_run_are_clear(capsys, tmp_path):
     assert "unknown preset 'nope'" in capsys.readouterr().err
     assert main(["chat", str(tmp_path / "none"), "hi"]) == 2
     assert "not a run directory" in capsys.readouterr().err
+    assert main(["train", "--run-dir", str(tmp_path / "bn"), "--instruct.batch-norm", "on"]) == 2
+    err = capsys.readouterr().err
+    assert "--instruct.batch-norm 'on': one of frozen, train" in err and "Traceback" not in err
+    assert not (tmp_path / "bn" / "checkpoints").exists()  # refused before any stage ran
 
 
 def test_train_with_swapped_backbones_then_export_and_reimport(backbones, tmp_path, image_files, capsys):

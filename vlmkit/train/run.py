@@ -25,6 +25,7 @@ from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.io import read_jsonl, resolve_device
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.train import checkpoint, distributed, report
+from vlmkit.train.freeze import BATCH_NORM
 from vlmkit.train.loop import train_stage
 from vlmkit.train.plot import plot_loss
 
@@ -99,6 +100,9 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
     selected = [s for s in config.stages if stages is None or s.name in stages]
     if stages is not None and len(selected) != len(stages):
         raise ConfigError(f"unknown stage(s) in {stages}; preset {config.name!r} has {[s.name for s in config.stages]}")
+    for stage in selected:  # before anything is built, not when a later stage starts
+        if stage.batch_norm not in BATCH_NORM:
+            raise ConfigError(f"--{stage.name}.batch-norm {stage.batch_norm!r}: one of {', '.join(BATCH_NORM)}")
 
     start = time.time()
     # where the model trains: torchrun's GPU for this rank, else --device; weights are loaded straight there
