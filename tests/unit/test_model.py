@@ -143,6 +143,28 @@ def test_batch_norm_trains_only_when_asked_and_only_in_a_trained_part(make_model
         apply_stage_freezing(model, ["connector"], log=lambda *_: None, batch_norm="on")
 
 
+def test_a_text_only_training_batch_keeps_a_training_tower_in_the_graph(make_model):
+    """Every trained part gets a gradient, zero for a text-only batch, so every engine steps it alike; the tower's
+    BatchNorm statistics are not moved by the blank image that carries it."""
+    model = make_model(vision="resnet", feature_layer=-1)
+    apply_stage_freezing(model, ["connector", "llm", "vision"], log=lambda *_: None, batch_norm="train")
+    model.keep_connector_in_graph = model.keep_vision_in_graph = True
+    norms = [m for m in model.vision.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [(m.running_mean.clone(), m.num_batches_tracked.clone()) for m in norms]
+    ids = torch.tensor([[model.tokenizer.bos_token_id, 10, 11, 12]])
+    loss = model(ids, image_counts=[0], labels=ids)[0]
+    loss.backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad and (name.startswith("vision.") or name.startswith("connector.")):
+            assert param.grad is not None and not param.grad.any(), name
+    assert all(torch.equal(m.running_mean, mean) and torch.equal(m.num_batches_tracked, count)
+               for m, (mean, count) in zip(norms, before))
+    model.keep_vision_in_graph = False  # a frozen tower is not run: its parameters have no gradient at all
+    model.zero_grad(set_to_none=True)
+    model(ids, image_counts=[0], labels=ids)[0].backward()
+    assert all(p.grad is None for p in model.vision.parameters())
+
+
 def test_checkpoint_with_other_parameter_names_is_a_clear_error(make_model, tmp_path):
     from safetensors.torch import load_file, save_file
 

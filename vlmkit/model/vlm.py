@@ -6,6 +6,7 @@ how many belong to sample i, in order, and each must fill exactly `num_image_tok
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -125,6 +126,20 @@ def split_for_encoder_decoder(input_ids: torch.Tensor, labels: torch.Tensor, att
     decoder_ids, decoder_mask = right_pad(decoders, pad_id)
     decoder_labels, _ = right_pad(targets, IGNORE_INDEX)
     return encoder_ids, encoder_mask, decoder_ids, decoder_mask, decoder_labels
+
+
+@contextlib.contextmanager
+def batch_norm_statistics_kept(module: nn.Module):
+    """Run `module` with its training BatchNorm layers in eval mode, so a forward leaves their running statistics
+    as they were (for a pass whose output is discarded: it only carries a zero gradient)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for norm in norms:
+        norm.eval()
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.train()
 
 
 class VisionLanguageModel(nn.Module):
@@ -298,12 +313,19 @@ class VisionLanguageModel(nn.Module):
                 extra = self.instruction_tokens(input_ids, image_counts, labels, weight.device)
             image_embeds = self.connector(vision_features.to(device=weight.device, dtype=weight.dtype), **extra)
         inputs_embeds = splice_image_features(inputs_embeds, image_token_mask, image_embeds, image_counts, record_ids)
-        if image_embeds is None and getattr(self, "keep_connector_in_graph", False) and torch.is_grad_enabled():
+        keep = getattr(self, "keep_connector_in_graph", False) or getattr(self, "keep_vision_in_graph", False)
+        if image_embeds is None and keep and torch.is_grad_enabled():
             # a text-only batch in training: run the connector on nothing, so its parameters get a (zero) gradient
-            # this step, as LLaVA's forward does with `cur_image_features[0:0]` (vlmkit.train.loop sets the flag)
+            # this step, as LLaVA's forward does with `cur_image_features[0:0]` (vlmkit.train.loop sets the flag);
+            # a tower that trains runs too, on one blank image, its BatchNorm statistics kept as they were
             weight = next(self.connector.parameters())
-            empty = self.connector(torch.zeros(1, self.vision.num_tokens, self.vision.hidden_size,
-                                               device=weight.device, dtype=weight.dtype))[:0]
+            if getattr(self, "keep_vision_in_graph", False):
+                side, channels = self.vision.image_size, getattr(self.vision.tower.config, "num_channels", 3)
+                with batch_norm_statistics_kept(self.vision):
+                    features = self.encode_images(torch.zeros(1, channels, side, side))
+            else:
+                features = torch.zeros(1, self.vision.num_tokens, self.vision.hidden_size)
+            empty = self.connector(features.to(device=weight.device, dtype=weight.dtype))[:0]
             inputs_embeds = inputs_embeds + empty.sum().to(inputs_embeds.dtype)
         return inputs_embeds, image_token_mask
 

@@ -172,6 +172,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
     # rather than missing, so every engine updates it alike (ZeRO-3 would otherwise re-apply the previous step's
     # gradient, and AdamW moves a parameter with a zero gradient but skips one without)
     model.keep_connector_in_graph = trains(stage, "connector")
+    model.keep_vision_in_graph = trains(stage, "vision")
     # activations recomputed in the backward pass, layer by layer: in every stage, since even with the LLM frozen
     # (LLaVA's stage 1) the gradient reaches the connector through all its layers
     undo_checkpointing = checkpoint_layers(model.llm.causal_lm) if gradient_checkpointing and model.llm is not None \
@@ -330,7 +331,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
             log_handle.close()
     if engine is not None:  # the trained fp32 weights back into the plain model, the engine taken apart
         deepspeed_zero.finish(engine, model, scratch or Path(".vlmkit-deepspeed"), buffers, home)
-    model.keep_connector_in_graph = False
+    model.keep_connector_in_graph = model.keep_vision_in_graph = False
     if undo_checkpointing:
         undo_checkpointing()
     finish_stage(model.llm, stage.lora)  # merge LoRA adapters into the weights, or keep them
