@@ -163,6 +163,15 @@ class VisionEncoder(nn.Module):
                 return encoder
         return None
 
+    def _blocks_needed(self, blocks: int) -> int | None:
+        """How many of a tower's `blocks` the selected hidden states need (at least one, so the tower still reports
+        its hidden states); None when a feature layer is out of range. Hidden states: the embeddings, then one per
+        block."""
+        count = blocks + 1
+        if any(not -count <= layer < count for layer in self.feature_layers):
+            return None
+        return max(1, *(layer % count for layer in self.feature_layers))
+
     def unused_modules(self) -> list[nn.Module]:
         """Parts of the tower that the selected features never depend on: blocks (a ViT's layers, a conv tower's
         stages) after the deepest selected hidden state, and the modules that only the tower's own pooled output
@@ -179,10 +188,10 @@ class VisionEncoder(nn.Module):
             if not isinstance(blocks, nn.ModuleList):
                 blocks = getattr(encoder, "stages", None)
             if isinstance(blocks, nn.ModuleList) and count is None:
-                count = len(blocks) + 1  # hidden states: the embeddings, then one per block
-                wanted = [layer % count for layer in self.feature_layers if -count <= layer < count]
-                if len(wanted) == len(self.feature_layers):
-                    unused += list(blocks)[max(1, *wanted):]
+                count = len(blocks)
+                needed = self._blocks_needed(count)
+                if needed is not None:
+                    unused += list(blocks)[needed:]
             for name in ("post_layernorm", "layernorm", "head"):
                 module = getattr(owner, name, None)
                 if isinstance(module, nn.Module) and not (name == "post_layernorm" and self.config.final_norm):
@@ -199,12 +208,11 @@ class VisionEncoder(nn.Module):
             yield self.feature_layers
             return
         layers = encoder.layers
-        count = len(layers) + 1  # hidden states: the embeddings, then one per block
-        wanted = [layer % count if -count <= layer < count else layer for layer in self.feature_layers]
-        if any(not 0 <= layer < count for layer in wanted):
+        needed = self._blocks_needed(len(layers))
+        if needed is None:
             yield self.feature_layers  # out of range: the lookup below names the problem
             return
-        needed = max(1, *wanted)  # at least one block, so the tower still reports its hidden states
+        wanted = [layer % (len(layers) + 1) for layer in self.feature_layers]
         try:  # transformers >= 5 hooks every block on the first forward: hook all of them, not just the ones run
             from transformers.utils.output_capturing import maybe_install_capturing_hooks
 
