@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from vlmkit.io import cpu_flags
+
 # The demo's settings when the ladder began (1192ef8): every rung starts from them, so a rung means the same
 # whatever the defaults are now. `default` is the demo as shipped, with no arguments.
 ANSWER_PROMPT = "Answer the question using a single word or phrase."
@@ -90,16 +92,6 @@ PROTO_KINDS = {"color": "what colour", "shape": "what shape", "yn-shape-pos": "s
                "yn-shape-neg": "shape y/n negated"}
 SHORT = {"what colour": "colour", "what shape": "shape", "colour y/n match": "c-match", "colour y/n other": "c-other",
          "shape y/n plain": "s-y/n", "shape y/n negated": "s-neg"}
-
-
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = next(line for line in info if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-    kinds = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    return " ".join(kinds) or "no AVX2"
 
 
 def run_vlmkit(name: str, seed: int, work: Path, extra: list[str]) -> dict:

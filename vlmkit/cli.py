@@ -8,6 +8,7 @@ import dataclasses
 import inspect
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -177,14 +178,31 @@ def load_run(run: str, allow_pickle: bool = False, device: str = "auto", dtype: 
                                                dtype=getattr(torch, dtype) if dtype else None), path
 
 
+def _stages_ran(run: str) -> set[str] | None:
+    """The names of the stages a run finished (its `N-stage` checkpoint directories), or None."""
+    from vlmkit.train import checkpoint
+
+    finished = [c for c in checkpoint.checkpoints(Path(run)) if not checkpoint.is_step_checkpoint(c)]
+    return {c.name.split("-", 1)[1] for c in finished} or None
+
+
 def cmd_eval(args) -> int:
     from vlmkit.eval.vqa import run_eval
 
     if args.task is None and args.data is not None and args.data.startswith("scenes:"):
         raise VlmkitError(f"--data {args.data} is generated scenes: add --task rec|reg|caption|vqa")
+    if args.task == "pope" and args.data is not None:
+        raise VlmkitError("--task pope asks about generated test scenes like those the run trained on; it takes no "
+                          "--data (--limit N: the first N scenes)")
     model, path = load_run(args.run, args.allow_pickle, args.device, args.dtype)
     model.image_transform = dataclasses.replace(model.image_transform, limits=_image_limits(args))
     out_dir = Path(args.run) if (Path(args.run) / "model").exists() else path
+    if args.task == "pope":
+        from vlmkit.eval.pope import DEFAULT_SCENES, run_pope_eval
+
+        run_pope_eval(model, out_dir, n=DEFAULT_SCENES, limit=args.limit, batch_size=args.batch_size,
+                      stages_ran=_stages_ran(args.run))
+        return 0
     if args.task == "retrieval":
         from vlmkit.eval.retrieval import run_retrieval_eval
 
@@ -194,13 +212,10 @@ def cmd_eval(args) -> int:
     if args.task:
         from vlmkit.eval.grounding import run_grounding_eval
 
-        from vlmkit.train import checkpoint
-
-        finished = [c for c in checkpoint.checkpoints(Path(args.run)) if not checkpoint.is_step_checkpoint(c)]
-        stages_ran = {c.name.split("-", 1)[1] for c in finished} or None  # `N-stage` directories
         run_grounding_eval(model, args.task, args.data, out_dir, split=args.split or "test",
                            image_folder=args.image_folder, skip_bad=args.skip_bad, limit=args.limit,
-                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, stages_ran=stages_ran)
+                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                           stages_ran=_stages_ran(args.run))
         return 0
     run_eval(model, args.data or "easy-vqa", args.split or "test", args.image_folder, args.skip_bad, out_dir,
              args.limit, args.batch_size, max_new_tokens=args.max_new_tokens or 8, confine_images=args.confine_images)
@@ -347,6 +362,15 @@ def cmd_demo(args) -> int:
                                                    "phases_seconds": phases, "wall_seconds": total,
                                                    "chat": {"question": question.text, "answer": reply,
                                                             "reference": question.answer}}, indent=2))
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from vlmkit.archs import names
+    from vlmkit.tiny.reproduce import reproduce
+
+    presets = names() if args.presets == ["all"] else args.presets
+    reproduce(presets, args.seeds, args.out, eval_limit=args.eval_limit, fresh=args.fresh)
     return 0
 
 
@@ -503,19 +527,45 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         add_config_arguments(p, config)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("reproduce", help="the scoreboard: train each preset's tiny recipe over seeds and measure its "
+                                         "paper's skills on held-out data (table + PNG)",
+                       description=textwrap.fill(
+                           "For each preset and seed: build the tiny backbones it names (once), train its tiny "
+                           "recipe through all stages into OUT/runs/PRESET-sSEED, then measure each skill the preset "
+                           "lists: easy-VQA accuracy (full test split), retrieval R@1 (BLIP-2's stage 1), REC "
+                           "Acc@0.5 / REG / scene VQA on held-out scenes, and a POPE-style hallucination probe. "
+                           "Results go to OUT/scoreboard.json as each run finishes (a rerun resumes: what is there "
+                           "is kept), then OUT/scoreboard.md (preset x metric: mean, min-max over seeds, target, "
+                           "training time) and OUT/scoreboard.png. A run takes 5-25 minutes per preset and seed on 2 "
+                           "CPU cores.", 100),
+                       epilog="examples:\n  vlmkit reproduce llava-1.5 --seeds 3\n  vlmkit reproduce all --out "
+                              "scoreboard/\n  vlmkit reproduce minigpt4 blip2 --eval-limit 500   # a quicker look",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("presets", nargs="+", metavar="PRESET", help="preset names (vlmkit presets), or all")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 for each preset (default 1)")
+    p.add_argument("--out", default="scoreboard", help="where the runs, scoreboard.json/.md/.png go")
+    p.add_argument("--eval-limit", type=int, default=0,
+                   help="measure each skill on its first N questions / scenes / candidates only (0 = all)")
+    p.add_argument("--fresh", action="store_true", help="measure every preset and seed again, discarding OUT's results")
+    p.set_defaults(func=cmd_reproduce)
+
     p = sub.add_parser("eval", help="exact-match accuracy on easy-VQA or a LLaVA JSON of short answers; "
                                     "--task rec|reg|caption|vqa: grounding metrics on held-out scenes; "
-                                    "--task retrieval: a Q-Former's image-text retrieval",
+                                    "--task retrieval: a Q-Former's image-text retrieval; --task pope: "
+                                    "object hallucination (yes/no about present and absent objects)",
                        description="Without --task: normalised exact-match accuracy on easy-VQA or a LLaVA JSON of "
                                    "short answers (eval_<name>.json, confusion_<name>.png). With --task: the test "
                                    "split of the generated scenes (never a training layout), written as the run's "
                                    "preset writes them (box format, task tokens); rec: accuracy at IoU >= 0.5 and "
                                    "mean IoU, unparseable answers counted by reason; reg: exact / valid-phrase / "
                                    "colour+shape match and token F1; caption: colour+shape precision and recall; "
-                                   "vqa: accuracy per question type. Writes eval_<task>.json and eval_<task>.png "
+                                   "vqa: accuracy per question type; pope: 'Is there a red circle?' about every "
+                                   "colour+shape in 500 test scenes and as many absent ones (random, popular, "
+                                   "adversarial), accuracy, F1 and yes-ratio per setting. Writes eval_<task>.json "
+                                   "and eval_<task>.png "
                                    "(16 test images, true boxes green, predicted red) in the run directory.")
     p.add_argument("run", help="run directory or checkpoint")
-    p.add_argument("--task", default=None, choices=["rec", "reg", "caption", "vqa", "retrieval"],
+    p.add_argument("--task", default=None, choices=["rec", "reg", "caption", "vqa", "retrieval", "pope"],
                    help="grounding evaluation on generated scenes (see above); retrieval: a Q-Former's image-text "
                         "retrieval (ITC ranking, ITM re-ranking of the top 16), R@1/R@5 both ways, among --limit "
                         "(default 100) held-out scenes with distinct captions, or a caption JSON's records")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -194,3 +195,15 @@ def loading(what: str, name: str):
             hint = (" (vlmkit reads weights from safetensors; a backbone with only pickled weights loads with "
                     "--allow-pickle, if you trust the files)")
         raise ConfigError(f"{what} {name!r}: could not be loaded: {first}{hint}") from None
+
+
+def cpu_flags() -> str:
+    """The CPU flags that decide float speed and rounding paths here ('avx2 avx512f avx512_bf16 amx_tile'), for
+    reports: the same seed can end in another discrete outcome on another kind of CPU."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next(line for line in info if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+    kinds = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return " ".join(kinds) or "no AVX2"

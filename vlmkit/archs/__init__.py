@@ -1,7 +1,9 @@
 """Presets: one small data file per architecture, registered by name.
 
 Each module in this package defines `PRESET`: a nested dict with the fields of `vlmkit.config.ArchConfig`
-plus `scales`, a mapping from scale name ('tiny', 'paper') to the fields that differ at that scale.
+plus `scales`, a mapping from scale name ('tiny', 'paper') to the fields that differ at that scale, and
+`skills`: what the paper's model does that `vlmkit reproduce` measures after the tiny recipe, each with the
+target its issue set (a fraction, or None), optionally measured after a named stage instead of the last.
 Adding an architecture means adding a file here; nothing dispatches on substrings of model names.
 """
 from __future__ import annotations
@@ -33,9 +35,18 @@ def preset_data(name: str, scale: str = "tiny") -> dict:
     if name not in presets:
         raise KeyError(f"unknown preset {name!r}; available: {', '.join(sorted(presets))}")
     preset = dict(presets[name])
+    preset.pop("skills", None)
     scales = preset.pop("scales", {})
     if scale not in scales:
         raise KeyError(f"preset {name!r} has no scale {scale!r}; scales: {', '.join(sorted(scales))}")
     data = deep_merge(preset, scales[scale])
     data["scale"] = scale
     return data
+
+
+def skills(name: str) -> dict[str, dict]:
+    """{skill: {"target": fraction or None, "stage": name (optional)}} of preset `name` (see the module's doc)."""
+    presets = _load()
+    if name not in presets:
+        raise KeyError(f"unknown preset {name!r}; available: {', '.join(sorted(presets))}")
+    return {skill: dict(spec) for skill, spec in presets[name].get("skills", {}).items()}

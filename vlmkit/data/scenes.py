@@ -306,6 +306,11 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+def existence_question(color: str, shape: str) -> str:
+    """The VQA records' yes/no question about a colour+shape (also what the POPE probe asks)."""
+    return f"Is there {_article(color)} {color} {shape}?"
+
+
 def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
@@ -505,7 +510,7 @@ def _vqa_records(scene, rng, make, shapes, phrases):
         color, shape = rng.choice(sorted(present))
     else:
         color, shape = rng.choice([(c, s) for c in COLORS for s in shapes if (c, s) not in present])
-    questions.append((f"Is there {_article(color)} {color} {shape}?", "yes" if want_yes else "no", "exists",
+    questions.append((existence_question(color, shape), "yes" if want_yes else "no", "exists",
                       [i for i, o in enumerate(objects) if (o.color, o.shape) == (color, shape)]))
     margin = _margin(scene)
     # pairs of one colour+shape are left out: "is the left red circle left of the right red circle?" answers itself

@@ -318,7 +318,7 @@ def summary_line(task: str, report: dict) -> str:
 
 # ---- data ------------------------------------------------------------------------------------------------
 
-def _trained_scene_options(config, task: str, stages_ran=None) -> dict:
+def trained_scene_options(config, task: str, stages_ran=None) -> dict:
     """size / max_shapes / seed of the scenes the run trained this task on (its last stage that read them; of
     the stages that ran, when `stages_ran` names them)."""
     from vlmkit.data import scenes
@@ -344,11 +344,11 @@ def _trained_scene_options(config, task: str, stages_ran=None) -> dict:
 
 def default_source(config, task: str, split: str = "test", n: int = DEFAULT_SCENES, stages_ran=None) -> str:
     """`scenes:<task>:<split>:n<N>` with the image size, shape count and seed of the run's training scenes."""
-    options = _trained_scene_options(config, task, stages_ran)
+    options = trained_scene_options(config, task, stages_ran)
     return f"scenes:{task}:{split}:n{n}:size{options['size']}:shapes{options['max_shapes']}:seed{options['seed']}"
 
 
-def _render_scene_json(config, records: list[dict]) -> list[dict]:
+def render_scene_json(config, records: list[dict]) -> list[dict]:
     """Records of `vlmkit data scenes` (box and phrase placeholders) rendered as the preset's training data
     was (vlmkit.data.sources: the box format, MiniGPT-v2's plain phrases in questions and task tokens)."""
     from vlmkit.data import grounding, scenes
@@ -405,7 +405,7 @@ def task_records(config, task: str, data: str | None, split: str = "test",
         if any(isinstance(r, dict) and any(scenes.MARKUP.search(str(t.get("value", "")))
                                            for t in r.get("conversations") or [] if isinstance(t, dict))
                for r in records):
-            records = _render_scene_json(config, [r for r in records if isinstance(r, dict)])
+            records = render_scene_json(config, [r for r in records if isinstance(r, dict)])
         source = data
     else:
         raise ConfigError(f"--task {task} reads scene records: --data scenes:{task}[:test][:n<N>...] or a JSON "
