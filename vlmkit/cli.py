@@ -191,9 +191,9 @@ def cmd_eval(args) -> int:
 
     if args.task is None and args.data is not None and args.data.startswith("scenes:"):
         raise VlmkitError(f"--data {args.data} is generated scenes: add --task rec|reg|caption|vqa")
-    if args.task == "pope" and args.data is not None:
+    if args.task == "pope" and (args.data is not None or args.split not in (None, "test")):
         raise VlmkitError("--task pope asks about generated test scenes like those the run trained on; it takes no "
-                          "--data (--limit N: the first N scenes)")
+                          "--data or --split (--limit N: the first N scenes)")
     model, path = load_run(args.run, args.allow_pickle, args.device, args.dtype)
     model.image_transform = dataclasses.replace(model.image_transform, limits=_image_limits(args))
     out_dir = Path(args.run) if (Path(args.run) / "model").exists() else path

@@ -65,6 +65,11 @@ def test_questions_are_balanced_per_setting_and_asked_once():
     assert by_id[ids["present"][-1]]["question"] == "Is there a green star?"
     again, _ = P.pope_questions(manifest(), "/data", frequency, together, COLORS, SHAPES, seed=0)
     assert again == records
+    # the draw is seeded by a string (sha512 in CPython, not hash()): the same in every process, pinned here
+    assert [by_id[i]["question"] for i in ids["random"]] == RANDOM_NEGATIVES
+
+
+RANDOM_NEGATIVES = ["Is there a teal circle?", "Is there a black circle?", "Is there a black triangle?"]
 
 
 def test_metrics_on_hand_made_answers():
@@ -80,6 +85,13 @@ def test_metrics_on_hand_made_answers():
     assert m["popular"]["accuracy"] == 6 / 8 and m["popular"]["precision"] == 0.75
     assert m["adversarial"]["accuracy"] == 3 / 8 and m["adversarial"]["yes_ratio"] == 7 / 8
     assert m["adversarial"]["precision"] == 3 / 7 and (m["adversarial"]["tp"], m["adversarial"]["fp"]) == (3, 4)
+    # an answer that is neither yes nor no to an absent object is a false alarm, not a free pass
+    noise = {**said, "r1": "other", "r2": "other", "r3": "other", "r4": "other"}
+    m = P.pope_metrics(noise, ids)["random"]
+    assert (m["tp"], m["fp"], m["tn"], m["fn"], m["other"]) == (3, 4, 0, 1, 5)
+    assert m["precision"] == 3 / 7 and m["accuracy"] == 3 / 8 and m["yes_ratio"] == 3 / 8
+    empty = P.pope_metrics({}, {"present": [], **{s: [] for s in P.SETTINGS}})
+    assert empty["random"]["f1"] == 0.0 and empty["random"]["accuracy"] == 0.0
 
 
 def test_probe_on_a_tiny_minigpt_v2_run(backbones, tmp_path, monkeypatch, capsys):
@@ -104,5 +116,9 @@ def test_probe_on_a_tiny_minigpt_v2_run(backbones, tmp_path, monkeypatch, capsys
     for m in saved["settings"].values():  # the same positives in every setting, as many negatives
         assert m["total"] == 2 * saved["positives"] and m["tp"] == yes_to_present
         assert m["tp"] + m["fn"] == saved["positives"] and m["fp"] + m["tn"] <= saved["positives"]
+    assert main(["eval", str(run), "--task", "pope", "--limit", "2"]) == 0
+    assert "on 2 scenes" in capsys.readouterr().out
+    assert json.loads((run / "eval_pope.json").read_text())["scenes"] == 2
     assert main(["eval", str(run), "--task", "pope", "--data", "x.json"]) == 2
     assert "takes no --data" in capsys.readouterr().err
+    assert main(["eval", str(run), "--task", "pope", "--split", "train"]) == 2

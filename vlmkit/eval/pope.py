@@ -17,8 +17,9 @@ each setting as many absent ones (no):
 
 Metrics per setting, over the same positives and that setting's negatives: accuracy, precision, recall and
 F1 of "yes", and the yes-ratio (POPE's sign of a model that agrees too readily: 0.5 is balanced). An answer
-that is neither yes nor no is wrong either way and counted in `other`. A question asked in two settings
-(a random negative that is also the popular one) is answered once.
+that is neither yes nor no is wrong either way (a miss on a present object, a false alarm on an absent one, as
+POPE's scorer reads it) and counted in `other`. A question asked in two settings (a random negative that is
+also the popular one) is answered once.
 """
 from __future__ import annotations
 
@@ -106,19 +107,23 @@ def yes_no(answer: str) -> str:
 
 def pope_metrics(said: dict[str, str], ids: dict[str, list[str]]) -> dict:
     """Per setting: accuracy, precision, recall, F1 of 'yes', yes-ratio and the counts. `said` maps record id
-    to 'yes' | 'no' | 'other'."""
+    to 'yes' | 'no' | 'other'. An 'other' answer is wrong either way: a miss (fn) on a present object and a
+    false alarm (fp) on an absent one, as POPE's own scorer reads any answer without 'no' or 'not' as yes; the
+    yes-ratio counts the answers that are yes."""
     positives = [said[i] for i in ids["present"]]
     out = {}
     for setting in SETTINGS:
         negatives = [said[i] for i in ids[setting]]
         tp, fn = positives.count("yes"), len(positives) - positives.count("yes")
-        fp, tn = negatives.count("yes"), negatives.count("no")
+        tn = negatives.count("no")
+        fp = len(negatives) - tn
         total = len(positives) + len(negatives)
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / len(positives) if positives else 0.0
         out[setting] = {"accuracy": (tp + tn) / total if total else 0.0, "precision": precision, "recall": recall,
                         "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-                        "yes_ratio": (tp + fp) / total if total else 0.0, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+                        "yes_ratio": (tp + negatives.count("yes")) / total if total else 0.0,
+                        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
                         "other": positives.count("other") + negatives.count("other"), "total": total}
     return out
 

@@ -13,9 +13,11 @@ OUT/runs/PRESET-sSEED, then each skill the preset lists (`skills` in vlmkit.arch
   pope       the hallucination probe (vlmkit.eval.pope): F1 of yes with adversarial negatives, accuracy per
              setting, yes-ratio
 
-A skill's first metric is its headline, the one its target is for. Each preset/seed is added to
-OUT/scoreboard.json when it finishes, and a rerun skips those already there (`fresh` starts over), so an
-interrupted scoreboard resumes. Then OUT/scoreboard.md (one row per preset and metric: mean, min-max over seeds,
+A skill's first metric is its headline, the one its target is for; a target is judged only on the full
+evaluation, never on an `eval_limit` subset (retrieval always ranks its 100 candidates). Each preset/seed is
+added to OUT/scoreboard.json when it finishes, with the machine it ran on and the evaluation limit, and a rerun
+skips those already there with the same limit and every skill (`fresh` starts over), so an interrupted
+scoreboard resumes. Then OUT/scoreboard.md (one row per preset and metric: mean, min-max over seeds,
 target, wall time of the recipe) and OUT/scoreboard.png (headline metrics as bars at the mean, each seed a dot,
 each target a tick).
 """
@@ -33,7 +35,7 @@ import torch
 from vlmkit import archs
 from vlmkit.config import from_name
 from vlmkit.data.sources import DataSpec
-from vlmkit.errors import ConfigError
+from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.eval.grounding import run_grounding_eval
 from vlmkit.eval.pope import run_pope_eval
 from vlmkit.eval.retrieval import run_retrieval_eval
@@ -41,6 +43,7 @@ from vlmkit.eval.vqa import run_eval
 from vlmkit.io import cpu_flags
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.tiny import ensure, used_by
+from vlmkit.train import checkpoint
 from vlmkit.train.run import train_run
 
 SKILLS = ("easy-vqa", "retrieval", "rec", "reg", "scene-vqa", "pope")
@@ -52,8 +55,8 @@ def _evaluate(skill: str, model, run_dir: Path, limit: int) -> dict:
     """The report of `skill` on `model`, written into `run_dir` as `vlmkit eval` writes it."""
     if skill == "easy-vqa":
         return run_eval(model, "easy-vqa", "test", None, False, run_dir, limit=limit, verbose=False)
-    if skill == "retrieval":
-        return run_retrieval_eval(model, None, run_dir, limit=limit, verbose=False)
+    if skill == "retrieval":  # always the 100 candidates its target is for (a limit would change the task)
+        return run_retrieval_eval(model, None, run_dir, verbose=False)
     if skill in ("rec", "reg", "scene-vqa"):
         task = "vqa" if skill == "scene-vqa" else skill
         return run_grounding_eval(model, task, None, run_dir, limit=limit, verbose=False)
@@ -87,7 +90,8 @@ def skill_metrics(skill: str, report: dict) -> dict[str, float]:
 
 
 def _stage_model(run_dir: Path, stage: str) -> VisionLanguageModel:
-    found = sorted((run_dir / "checkpoints").glob(f"*-{stage}"))
+    found = [c for c in checkpoint.checkpoints(run_dir)
+             if not checkpoint.is_step_checkpoint(c) and c.name.split("-", 1)[1] == stage]
     if not found:
         raise ConfigError(f"{run_dir}: no checkpoint of stage {stage!r} to measure a skill after")
     return VisionLanguageModel.from_pretrained(found[-1])
@@ -107,24 +111,38 @@ def reproduce_one(preset: str, seed: int, out: Path, eval_limit: int = 0, overri
     start = time.time()
     result = train_run(config, run_dir, DataSpec(), overwrite=True)
     train_seconds = time.time() - start
-    entry = {"preset": preset, "seed": seed, "backbone_seconds": backbones, "train_seconds": train_seconds,
-             "skills": {}, "eval_seconds": 0.0}
+    entry = {"preset": preset, "seed": seed, "eval_limit": eval_limit, "machine": machine(),
+             "backbone_seconds": backbones, "train_seconds": train_seconds, "skills": {}, "errors": {},
+             "eval_seconds": 0.0}
     for skill, spec in archs.skills(preset).items():
         start = time.time()
-        model = _stage_model(run_dir, spec["stage"]) if spec.get("stage") else result["model"]
-        report = _evaluate(skill, model, run_dir, eval_limit)
-        entry["skills"][skill] = skill_metrics(skill, report)
+        try:  # one skill that cannot be measured does not lose the run's others
+            model = _stage_model(run_dir, spec["stage"]) if spec.get("stage") else result["model"]
+            entry["skills"][skill] = skill_metrics(skill, _evaluate(skill, model, run_dir, eval_limit))
+        except VlmkitError as exc:
+            entry["errors"][skill] = str(exc)
+            log(f"   {preset} seed {seed}: {SKILL_NAMES.get(skill, skill)} not measured: {exc}")
         entry["eval_seconds"] += time.time() - start
     log(f"   {preset} seed {seed}: trained in {train_seconds / 60:.1f} min; " + "; ".join(
-        f"{SKILL_NAMES[s]} {next(iter(m))} {next(iter(m.values())):.2%}" for s, m in entry["skills"].items()))
+        f"{SKILL_NAMES[s]} {next(iter(m))} {_value(next(iter(m)), next(iter(m.values())))}"
+        for s, m in entry["skills"].items()))
     return entry
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "flags": cpu_flags(),
+            "torch": torch.__version__}
+
+
+_ENTRY_KEYS = {"preset", "seed", "eval_limit", "machine", "train_seconds", "skills"}
 
 
 def _load(path: Path) -> dict:
     if path.exists():
         try:
             data = json.loads(path.read_text())
-            if isinstance(data, dict) and isinstance(data.get("results"), list):
+            if isinstance(data, dict) and isinstance(data.get("results"), list) and all(
+                    isinstance(e, dict) and _ENTRY_KEYS <= set(e) for e in data["results"]):
                 return data
         except json.JSONDecodeError:
             pass
@@ -140,23 +158,30 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def rows(data: dict) -> list[dict]:
-    """One row per preset and metric: mean, min, max over the seeds measured, target, mean wall times."""
+    """One row per preset and metric: mean, min, max over the seeds measured, target (judged only on the full
+    evaluation: never on an --eval-limit subset), mean training time."""
     by_preset: dict[str, list[dict]] = {}
     for entry in data["results"]:
         by_preset.setdefault(entry["preset"], []).append(entry)
+    order = archs.names()
     out = []
-    for preset in sorted(by_preset, key=lambda p: (archs.names().index(p) if p in archs.names() else 99, p)):
+    for preset in sorted(by_preset, key=lambda p: (order.index(p) if p in order else len(order), p)):
         entries = by_preset[preset]
-        skills = archs.skills(preset) if preset in archs.names() else {}
+        skills = archs.skills(preset) if preset in order else {}
         wall = statistics.mean(e["train_seconds"] for e in entries)
-        for skill in entries[0]["skills"]:
-            for k, metric in enumerate(entries[0]["skills"][skill]):
-                values = [e["skills"][skill][metric] for e in entries if metric in e["skills"].get(skill, {})]
-                target = skills.get(skill, {}).get("target") if k == 0 else None
-                out.append({"preset": preset, "skill": skill, "metric": metric, "headline": k == 0,
-                            "mean": statistics.mean(values), "min": min(values), "max": max(values),
-                            "values": values, "seeds": [e["seed"] for e in entries], "target": target,
-                            "met": None if target is None else min(values) >= target, "train_minutes": wall / 60})
+        metrics = list(dict.fromkeys((skill, metric) for e in entries for skill, values in e["skills"].items()
+                                     for metric in values))
+        for skill, metric in metrics:
+            measured = [e for e in entries if metric in e["skills"].get(skill, {})]
+            values = [e["skills"][skill][metric] for e in measured]
+            headline = metric == next(iter(measured[0]["skills"][skill]))
+            subset = any(e.get("eval_limit") for e in measured)
+            target = skills.get(skill, {}).get("target") if headline else None
+            out.append({"preset": preset, "skill": skill, "metric": metric, "headline": headline,
+                        "mean": statistics.mean(values), "min": min(values), "max": max(values), "values": values,
+                        "seeds": [e["seed"] for e in measured], "target": target, "subset": subset,
+                        "met": None if target is None or subset else min(values) >= target,
+                        "train_minutes": wall / 60})
     return out
 
 
@@ -165,22 +190,30 @@ def _value(metric: str, value: float) -> str:
 
 
 def markdown(data: dict) -> str:
-    machine = data.get("machine", {})
-    lines = [f"Scoreboard: each preset's tiny recipe, trained from its tiny backbones and measured on held-out "
-             f"data (`vlmkit reproduce`). {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
-             f"{machine.get('flags', '?')}; torch {machine.get('torch', '?')}. Spread = min-max over the seeds; "
-             "a target is met when every seed meets it. Wall time: the recipe's training (backbones and "
-             "evaluation apart).", "",
+    machines = sorted({f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('flags', '?')}, torch "
+                       f"{m.get('torch', '?')}" for m in (e.get("machine", {}) for e in data["results"])})
+    limits = sorted({e.get("eval_limit", 0) for e in data["results"]} - {0})
+    lines = ["Scoreboard: each preset's tiny recipe, trained from its tiny backbones and measured on held-out data "
+             f"(`vlmkit reproduce`). Measured on {'; '.join(machines) or '?'}. Spread = min-max over the seeds; a "
+             "target is met when every seed meets it. Training: the recipe's wall time (backbones and evaluation "
+             "apart)." + (f" Evaluated on subsets (--eval-limit {', '.join(map(str, limits))}): targets not "
+                          "judged." if limits else ""), "",
              "| preset | skill | metric | mean | spread (seeds) | target | training |",
              "|---|---|---|---|---|---|---|"]
     for row in rows(data):
         spread = f"{_value(row['metric'], row['min'])}–{_value(row['metric'], row['max'])}" \
             if len(row["values"]) > 1 else "—"
-        target = "—" if row["target"] is None else f"≥ {row['target']:.0%} {'met' if row['met'] else 'not met'}"
+        if row["target"] is None:
+            target = "—"
+        else:
+            verdict = "subset" if row["subset"] else ("met" if row["met"] else "not met")
+            target = f"≥ {row['target']:.1%} {verdict}"
         lines.append(f"| {row['preset'] if row['headline'] else ''} | {SKILL_NAMES.get(row['skill'], row['skill'])} | "
-                     f"{row['metric']} | {_value(row['metric'], row['mean'])} | {spread} ({len(row['values'])}) | {target} | "
-                     f"{row['train_minutes']:.1f} min |")
-    return "\n".join(lines) + "\n"
+                     f"{row['metric']} | {_value(row['metric'], row['mean'])} | {spread} ({len(row['values'])}) | "
+                     f"{target} | {row['train_minutes']:.1f} min |")
+    errors = [f"- {e['preset']} seed {e['seed']}: {SKILL_NAMES.get(k, k)} not measured: {v}"
+              for e in data["results"] for k, v in e.get("errors", {}).items()]
+    return "\n".join(lines + ([""] + errors if errors else [])) + "\n"
 
 
 def plot(data: dict, out_file: Path) -> Path:
@@ -199,10 +232,10 @@ def plot(data: dict, out_file: Path) -> Path:
         ax.scatter(r["values"], [y] * len(r["values"]), color="black", s=10, zorder=3)
         if r["target"] is not None:
             ax.plot([r["target"]] * 2, [y - 0.4, y + 0.4], color="black", linewidth=2)
-        ax.text(min(r["mean"], 1.0) + 0.01, y, f"{r['mean']:.1%}", va="center", fontsize=8)
+        ax.text(min(r["mean"], 1.0) + 0.01, y, _value(r["metric"], r["mean"]), va="center", fontsize=8)
     ax.set_yticks(ys, labels, fontsize=8)
     ax.set_xlim(0, 1.12)
-    ax.set_xlabel("headline metric on held-out data (bar: mean over seeds; dots: seeds; tick: target)")
+    ax.set_xlabel("headline metric on held-out data, 0-1 (bar: mean over seeds; dots: seeds; tick: target)")
     ax.set_title("vlmkit reproduce: tiny recipes (green: target met by every seed; red: not; grey: no target)",
                  fontsize=9)
     ax.grid(axis="x", alpha=0.3)
@@ -221,18 +254,21 @@ def reproduce(presets: list[str], seeds: int, out, eval_limit: int = 0, fresh: b
         raise ConfigError(f"unknown preset(s) {', '.join(unknown)}; presets: {', '.join(known)}, or all")
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    if eval_limit < 0:
+        raise ConfigError(f"--eval-limit must be 0 (everything) or more, got {eval_limit}")
+    presets = list(dict.fromkeys(presets))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "scoreboard.json"
     data = {"results": []} if fresh else _load(path)
-    data["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                       "flags": cpu_flags(), "torch": torch.__version__}
-    done = {(e["preset"], e["seed"]) for e in data["results"]}
     for preset in presets:
         for seed in range(seeds):
-            if (preset, seed) in done:
+            held = [e for e in data["results"] if (e["preset"], e["seed"]) == (preset, seed)]
+            if any(e["eval_limit"] == eval_limit and set(e["skills"]) | set(e.get("errors", {})) >=
+                   set(archs.skills(preset)) for e in held):
                 log(f"== {preset}, seed {seed}: in {path} already (--fresh measures it again)")
                 continue
+            data["results"] = [e for e in data["results"] if e not in held]  # measured otherwise: replaced
             data["results"].append(reproduce_one(preset, seed, out, eval_limit, overrides, log))
             _write_json(path, data)
     _write_json(path, data)
