@@ -12,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from vlmkit.archs import from_name
 from vlmkit.config import (
     ArchConfig,
     ConnectorConfig,
@@ -19,7 +20,6 @@ from vlmkit.config import (
     LoRAConfig,
     StageConfig,
     VisionConfig,
-    from_name,
 )
 from vlmkit.errors import VlmkitError
 

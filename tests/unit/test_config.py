@@ -2,7 +2,8 @@ import pytest
 
 from vlmkit.archs import names
 from vlmkit.cli import build_parser, config_overrides
-from vlmkit.config import ArchConfig, from_name
+from vlmkit.archs import from_name
+from vlmkit.config import ArchConfig
 
 
 def test_presets_are_registered_with_their_recipes():
