@@ -261,7 +261,7 @@ def child_train(spec: dict) -> dict:
     with CpuShare() as cpu:
         from transformers.utils import logging as transformers_logging
 
-        from vlmkit.config import from_name
+        from vlmkit.archs import from_name
         from vlmkit.data.sources import DataSpec
         from vlmkit.train.run import train_run
 

@@ -67,7 +67,7 @@ def records(n: int, seed: int = 0) -> list[list[dict]]:
 def build_model(root: Path):
     from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-    from vlmkit.config import from_name
+    from vlmkit.archs import from_name
     from vlmkit.data.images import ImageTransform
     from vlmkit.model.vlm import VisionLanguageModel
     from vlmkit.tiny.build import build_tokenizer

@@ -48,7 +48,7 @@ def build_llm(family: str, directory: Path, seed: int) -> str:
 
 
 def run_family(family: str, template: str, work: Path, seed: int, eval_limit: int) -> dict:
-    from vlmkit.config import from_name
+    from vlmkit.archs import from_name
     from vlmkit.data.sources import DataSpec
     from vlmkit.eval.vqa import run_eval
     from vlmkit.infer.generate import model_stop

@@ -240,7 +240,7 @@ def build(root: str, name: str, settings: Settings) -> dict:
     import torch
     from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-    from vlmkit.config import from_name
+    from vlmkit.archs import from_name
     from vlmkit.convert import to_hf
     from vlmkit.data.images import ImageTransform
     from vlmkit.model.vlm import VisionLanguageModel

@@ -51,7 +51,7 @@ def backbones(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def make_model(backbones):
-    from vlmkit.config import from_name
+    from vlmkit.archs import from_name
     from vlmkit.model.vlm import VisionLanguageModel
 
     def make(preset: str = "llava-1.5", vision: str = "clip", **overrides):

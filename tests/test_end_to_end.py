@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from vlmkit.config import from_name
+from vlmkit.archs import from_name
 from vlmkit.data import easyvqa
 from vlmkit.eval.vqa import run_eval
 from vlmkit.infer.chat import answer, first_user_turn

@@ -67,7 +67,7 @@ def _says(exc, words) -> bool:
 
 
 def test_the_hostile_corpus(make_model, tmp_path, capsys):
-    from vlmkit.convert.weights import stream_safetensors
+    from vlmkit.model.weights import stream_safetensors
     from vlmkit.data.images import check_image, decode_image, load_image
     from vlmkit.data.sources import DataSpec, build_dataset
     from vlmkit.io import verify_manifest

@@ -1,5 +1,7 @@
 """vlmkit: vision-language models from shared parts (vision encoder -> connector -> language model)."""
-from vlmkit.config import ArchConfig, StageConfig, from_name
+from vlmkit.archs import from_name
+from vlmkit.config import ArchConfig, StageConfig
+from vlmkit import tiny  # noqa: F401 (registers the 'tiny:' backbone names with vlmkit.io)
 
 __version__ = "0.1.0"
 __all__ = ["ArchConfig", "StageConfig", "VisionLanguageModel", "from_name"]

@@ -12,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from vlmkit.archs import from_name
 from vlmkit.config import (
     ArchConfig,
     ConnectorConfig,
@@ -19,7 +20,6 @@ from vlmkit.config import (
     LoRAConfig,
     StageConfig,
     VisionConfig,
-    from_name,
 )
 from vlmkit.errors import VlmkitError
 
@@ -263,14 +263,7 @@ def cmd_serve(args) -> int:
 
     model, path = load_run(args.run, args.allow_pickle, args.device, args.dtype)
     name = args.model_name or (Path(args.run).resolve().name if path.name == "model" else path.resolve().name)
-    settings = ServeSettings(max_body_bytes=args.max_body_bytes, max_images=args.max_images,
-                             max_image_pixels=args.max_image_pixels, max_image_side=args.max_image_side,
-                             max_image_aspect=args.max_image_aspect, max_tokens=args.max_tokens,
-                             max_queue=args.max_queue, max_batch=args.max_batch, batch_wait=args.batch_wait,
-                             allow_image_urls=args.allow_image_urls, temperature=args.temperature,
-                             image_url_timeout=args.image_url_timeout,
-                             image_url_allow_networks=tuple(args.image_url_allow_network),
-                             body_timeout=args.body_timeout, allowed_hosts=tuple(args.allowed_host))
+    settings = ServeSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)})
     api_key = args.api_key or os.environ.get("VLMKIT_API_KEY") or None
     print(f"vlmkit: serving {name!r} ({model.config.name}) on http://{args.host}:{args.port}/ "
           f"— chat page at /, OpenAI API at /v1" + (", API key required" if api_key else ""), flush=True)
@@ -422,6 +415,26 @@ def _add_image_limits(parser, pixels: int = 40_000_000, side: int = 16_384, aspe
         group.add_argument("--confine-images", action="store_true",
                            help="refuse records whose image paths lead outside --image-folder (absolute paths, '..', "
                                 "links out of it); without it such paths are read as written")
+
+
+def _add_serve_settings(parser) -> None:
+    """`vlmkit serve`'s limits and defaults, one flag per ServeSettings field (its default and help are there)."""
+    from vlmkit.serve.protocol import ServeSettings
+
+    fields = {f.name: f for f in dataclasses.fields(ServeSettings)}
+    for f in fields.values():
+        if f.metadata.get("image_limit"):  # in the image-limits group below, as every command has it
+            continue
+        flag, text = f.metadata.get("flag") or "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.metadata.get("repeat"):
+            parser.add_argument(flag, dest=f.name, action="append", default=[], help=text,
+                                metavar=flag.rsplit("-", 1)[-1].upper())
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, dest=f.name, action="store_true", help=text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=text)
+    _add_image_limits(parser, pixels=fields["max_image_pixels"].default, side=fields["max_image_side"].default,
+                      aspect=fields["max_image_aspect"].default, confine=False)
 
 
 def _add_allow_pickle(parser) -> None:
@@ -617,32 +630,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (or set VLMKIT_API_KEY)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the run's directory name)")
-    p.add_argument("--max-body-bytes", type=int, default=20 * 1024 * 1024, help="largest request body")
-    p.add_argument("--max-images", type=int, default=4, help="images per request")
-    p.add_argument("--max-tokens", type=int, default=512,
-                   help="cap on a request's max_tokens, and the default when a request gives none")
-    p.add_argument("--max-queue", type=int, default=256, help="requests queued or running; more get 429")
-    p.add_argument("--max-batch", type=int, default=8, help="requests generated together in one batch")
-    p.add_argument("--batch-wait", type=float, default=0.02,
-                   help="longest a batch waits to fill: for requests already arriving, or under load for as many as the "
-                        "last batch had (a lone client never waits)")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="for requests that give no temperature (0 = greedy)")
-    p.add_argument("--allow-image-urls", action="store_true",
-                   help="also fetch http(s) image URLs (public addresses only, checked after DNS and on every "
-                        "redirect; capped by --max-body-bytes and --image-url-timeout)")
-    p.add_argument("--image-url-timeout", type=float, default=10.0,
-                   help="seconds for a whole image-URL fetch (name lookup, connects, redirects, every read)")
-    p.add_argument("--image-url-allow-network", action="append", default=[], metavar="CIDR",
-                   help="a non-public network that image URLs may reach (repeatable; default: public addresses only)")
-    p.add_argument("--body-timeout", type=float, default=30.0,
-                   help="seconds a client has to send its whole request body (a trickling client loses its place)")
-    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                   help="a host name clients may address this server by when it has no --api-key (repeatable; "
-                        "IP addresses and localhost always may). Without an API key, requests naming another host "
-                        "(DNS rebinding) or coming from another site's page (Origin) are refused")
+    _add_serve_settings(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    _add_image_limits(p, pixels=4096 * 4096, side=8192, aspect=20.0, confine=False)
     _add_allow_pickle(p)
     _add_device(p)
     p.set_defaults(func=cmd_serve)

@@ -2,7 +2,7 @@
 
 An architecture is an `ArchConfig` made of part configs (vision encoder, connector, language model) and
 a list of `StageConfig` (the paper's staged recipe). Presets in `vlmkit/archs/` are plain data that fill
-these dataclasses; `from_name("llava-1.5", scale="tiny", **overrides)` builds one. The command line is
+these dataclasses; `vlmkit.archs.from_name("llava-1.5", scale="tiny", **overrides)` builds one. The command line is
 derived from these fields (see `vlmkit.cli`), so a default is never written twice.
 """
 from __future__ import annotations
@@ -280,21 +280,6 @@ def apply_dotted(data: dict, dotted: dict[str, Any]) -> dict:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return deep_merge(data, update)
-
-
-def from_name(name: str, scale: str = "tiny", **overrides) -> ArchConfig:
-    """Build a preset's typed config. Overrides are nested dicts or dotted keys with '__' for dots:
-
-    >>> from_name("llava-1.5", vision={"feature_layer": -1}, stages__instruct__epochs=2)
-    """
-    from vlmkit.archs import preset_data
-
-    data = without_remote_code(preset_data(name, scale))  # only the caller's overrides can turn it on
-    nested = {k: v for k, v in overrides.items() if "__" not in k}
-    dotted = {k.replace("__", "."): v for k, v in overrides.items() if "__" in k}
-    data = deep_merge(data, nested)
-    data = apply_dotted(data, dotted)
-    return ArchConfig.from_dict(data)
 
 
 def without_remote_code(data):

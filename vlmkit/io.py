@@ -7,6 +7,7 @@ import platform
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 
 def cache_home() -> Path:
@@ -207,3 +208,22 @@ def cpu_flags() -> str:
         return platform.processor() or "unknown"
     kinds = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
     return " ".join(kinds) or "no AVX2"
+
+
+# -- backbone names with a scheme ('tiny:llama') ------------------------------------------------------------
+_SCHEMES: dict[str, Callable[[str, bool], str]] = {}
+
+
+def register_scheme(prefix: str, resolver: Callable[[str, bool], str]) -> None:
+    """Names that start with `prefix` are resolved by `resolver(name, verbose)` to a local directory (vlmkit.tiny
+    registers 'tiny:', building a backbone on first need), so the parts that load backbones need not know it."""
+    _SCHEMES[prefix] = resolver
+
+
+def resolve_name(name_or_path, verbose: bool = True):
+    """A backbone name with a registered scheme -> its local directory; anything else as it is."""
+    if isinstance(name_or_path, str):
+        for prefix, resolver in _SCHEMES.items():
+            if name_or_path.startswith(prefix):
+                return resolver(name_or_path, verbose)
+    return name_or_path

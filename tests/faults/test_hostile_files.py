@@ -36,7 +36,7 @@ def remote_code_dir(tmp_path, backbones):
 
 def test_no_preset_turns_remote_code_on():
     from vlmkit.archs import names
-    from vlmkit.config import from_name
+    from vlmkit.archs import from_name
 
     for name in names():
         for scale in ("tiny", "paper"):
@@ -86,7 +86,7 @@ def test_backbones_with_only_pickled_weights_need_allow_pickle(backbones, tmp_pa
 
     from safetensors.torch import load_file
 
-    from vlmkit.config import from_name
+    from vlmkit.archs import from_name
     from vlmkit.model.vlm import VisionLanguageModel
 
     pickled = tmp_path / "llm-bin"
@@ -106,7 +106,7 @@ def test_backbones_with_only_pickled_weights_need_allow_pickle(backbones, tmp_pa
 def test_a_lying_safetensors_header_is_refused_before_allocating(tmp_path, name):
     import tracemalloc
 
-    from vlmkit.convert.weights import stream_safetensors
+    from vlmkit.model.weights import stream_safetensors
 
     header, data, length, words = HEADERS[name]
     path = safetensors_file(tmp_path / "x.safetensors", header, data, length)

@@ -67,7 +67,7 @@ def test_a_run_with_kept_lora_adapters_is_served(make_model, tmp_path):
 
 def test_blip2_with_an_encoder_decoder_llm_is_served(backbones, tmp_path):
     """BLIP-2's Flan-T5 variant: the server's batches run the prompt through the T5 encoder and decode from it."""
-    from vlmkit.config import from_name
+    from vlmkit.archs import from_name
     from vlmkit.model.vlm import VisionLanguageModel
 
     config = from_name("blip2", scale="tiny", vision={"name_or_path": backbones["clip"], "feature_layer": -1},

@@ -19,8 +19,8 @@ import pytest
 from live import LiveServer, free_port, image_message
 from PIL import Image
 
-from vlmkit.serve import engine as engine_module
-from vlmkit.serve.engine import fetch_image
+from vlmkit.serve import fetch as fetch_module
+from vlmkit.serve.fetch import fetch_image
 from vlmkit.serve.protocol import ApiError, ImageRef, ServeSettings, parse_chat_request
 
 PARAM = "messages[0].content[0].image_url.url"
@@ -393,7 +393,7 @@ def test_https_sends_the_host_name_and_checks_the_certificate(tmp_path, dns, mon
     with Host({"/red.png": send_png}, tls=server) as host:
         url = host.url("/red.png", scheme="https", host="images.test")
         assert refusal(url).message == message("the TLS certificate is not valid")  # not one the system trusts
-        monkeypatch.setattr(engine_module._TLSConnection, "_context", ssl.create_default_context(cafile=str(cert)))
+        monkeypatch.setattr(fetch_module._TLSConnection, "_context", ssl.create_default_context(cafile=str(cert)))
         assert fetch(url) == PNG
     assert names == ["images.test", "images.test"]  # SNI is the URL's host, though the connection went to an IP
     assert host.hits == [("/red.png", f"images.test:{host.port}")]

@@ -5,7 +5,7 @@ Tiny random models of each class are saved to local directories, as a user's hub
 import pytest
 import torch
 
-from vlmkit.config import from_name
+from vlmkit.archs import from_name
 from vlmkit.data.images import ImageTransform
 from vlmkit.model.vlm import VisionLanguageModel
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmkit.config import from_name
+from vlmkit.archs import from_name
 from vlmkit.model.vlm import VisionLanguageModel
 
 

@@ -2,7 +2,8 @@ import pytest
 
 from vlmkit.archs import names
 from vlmkit.cli import build_parser, config_overrides
-from vlmkit.config import ArchConfig, from_name
+from vlmkit.archs import from_name
+from vlmkit.config import ArchConfig
 
 
 def test_presets_are_registered_with_their_recipes():
@@ -56,3 +57,24 @@ def test_train_help_shows_the_presets_own_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--instruct.lr.llm" in text and "--vision.feature-layer" in text
     assert "Peak learning rate of connector when it trains in this stage. (default: 0.003)" in text
+
+
+def test_serve_flags_are_made_from_the_serve_settings():
+    import dataclasses
+
+    from vlmkit.serve.protocol import ServeSettings
+
+    def settings(*flags):
+        argv = ["serve", "runs/x", *flags]
+        args = build_parser(argv).parse_args(argv)
+        return ServeSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)})
+
+    assert settings() == ServeSettings()  # one place for every default
+    chosen = settings("--max-images", "2", "--batch-wait", "0.5", "--allow-image-urls", "--allowed-host", "A.example",
+                      "--allowed-host", "b.example", "--image-url-allow-network", "10.0.0.0/8", "--max-image-side",
+                      "100")
+    assert (chosen.max_images, chosen.batch_wait, chosen.allow_image_urls, chosen.max_image_side) == (2, 0.5, True, 100)
+    assert chosen.allowed_hosts == ("a.example", "b.example") and str(chosen.image_url_allow_networks[0]) == "10.0.0.0/8"
+    sub = next(a for a in build_parser(["serve"])._subparsers._group_actions[0].choices.items() if a[0] == "serve")[1]
+    documented = {a.dest for a in sub._actions}
+    assert {f.name for f in dataclasses.fields(ServeSettings)} <= documented

@@ -136,7 +136,7 @@ def test_kept_adapters_with_trained_coordinate_rows_reload_the_same(make_model, 
 
 
 def test_the_demo_builds_only_the_tiny_backbones_its_preset_names():
-    from vlmkit.config import from_name
+    from vlmkit.archs import from_name
     from vlmkit.tiny import used_by
 
     assert used_by(from_name("llava-1.5")) == ["tokenizer", "llama", "vision"]  # not the scenes tower

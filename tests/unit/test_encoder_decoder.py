@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from vlmkit.config import from_name
+from vlmkit.archs import from_name
 from vlmkit.data.render import IGNORE_INDEX, render_conversation
 from vlmkit.data.templates import get_template
 from vlmkit.errors import BadRecord, ConfigError

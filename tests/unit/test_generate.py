@@ -125,7 +125,7 @@ def test_shared_prefix_eval_holds_for_real_families(backbones, image_files, tmp_
     """The per-image shared prefix with the Llama (SentencePiece) and Qwen2 (ChatML) tokenizers, and a Mistral
     LM (its cache has sliding-window layers): the same answers as whole prompts."""
     from families import save_family_llm
-    from vlmkit.config import from_name
+    from vlmkit.archs import from_name
     from vlmkit.data.sources import DataSpec, build_dataset
     from vlmkit.eval.vqa import generate_answers
     from vlmkit.model.vlm import VisionLanguageModel

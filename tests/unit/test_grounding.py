@@ -5,14 +5,14 @@ import json
 
 import pytest
 
-from vlmkit.config import from_name
+from vlmkit.archs import from_name
 from vlmkit.data import boxes
 from vlmkit.data.sources import Source, source_records
 
 
 def staged_train_args(preset: str, run, backbones, mixture: str, *extra: str) -> list[str]:
     """`vlmkit train` of a grounding preset with the test backbones: every stage on `mixture`, 2 steps of 4."""
-    from vlmkit.config import from_name
+    from vlmkit.archs import from_name
 
     args = ["train", "--preset", preset, "--run-dir", str(run), "--vision-tower", backbones["clip"],
             "--llm", backbones["llm"], *extra]

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from vlmkit.config import from_name
+from vlmkit.archs import from_name
 from vlmkit.eval import grounding as G
 
 

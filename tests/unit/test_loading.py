@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vlmkit.convert.weights import load_into, stream_safetensors
+from vlmkit.model.weights import load_into, stream_safetensors
 from vlmkit.errors import ConfigError
 from vlmkit.model.vlm import VisionLanguageModel
 
@@ -60,7 +60,7 @@ def test_from_pretrained_loads_in_dtype_with_exact_values(make_model, tmp_path, 
 def test_tied_embeddings_stay_one_parameter(backbones, tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from vlmkit.config import from_name
+    from vlmkit.archs import from_name
 
     tokenizer = AutoTokenizer.from_pretrained(backbones["llm"])
     llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
@@ -126,7 +126,7 @@ def test_a_100m_model_loads_in_bf16_without_an_fp32_copy(backbones, tmp_path):
     least that if the model or the file were ever held in fp32), and below the usual build-load-cast route."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from vlmkit.config import from_name
+    from vlmkit.archs import from_name
 
     tokenizer = AutoTokenizer.from_pretrained(backbones["llm"])
     llm = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=640, intermediate_size=1728,
@@ -160,7 +160,7 @@ def test_backbones_saved_in_fp16_train_in_fp32(backbones, tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from vlmkit.config import from_name
+    from vlmkit.archs import from_name
 
     AutoModelForCausalLM.from_pretrained(backbones["llm"]).half().save_pretrained(tmp_path / "llm16")
     for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -4,7 +4,9 @@ import json
 import pytest
 import torch
 
-from vlmkit.config import LoRAConfig, StageConfig, from_name
+from vlmkit.archs import from_name
+
+from vlmkit.config import LoRAConfig, StageConfig
 from vlmkit.data.dataset import ConversationDataset
 from vlmkit.data.templates import get_template
 from vlmkit.errors import ConfigError

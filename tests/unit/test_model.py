@@ -69,7 +69,7 @@ def test_vision_features_follow_the_feature_layer(make_model):
 
 @pytest.mark.parametrize("vision", ["clip", "resnet"])
 def test_patch_mean_adds_the_mean_of_the_patches_as_a_last_token(backbones, vision):
-    from vlmkit.config import from_name
+    from vlmkit.archs import from_name
 
     def build(select):
         config = from_name("llava-1.5", scale="tiny", vision={"name_or_path": backbones[vision], "select": select},
@@ -207,7 +207,7 @@ def test_vision_encoder_skips_unused_blocks_exactly(layer):
 def test_initialisation_does_not_depend_on_a_cold_backbone_cache(backbones, monkeypatch):
     """Building tiny backbones on a cold cache consumes the RNG; the connector must start the same anyway."""
     import vlmkit.tiny
-    from vlmkit.config import from_name
+    from vlmkit.archs import from_name
     from vlmkit.model.vlm import VisionLanguageModel
 
     config = from_name("llava-1.5", vision={"name_or_path": backbones["clip"]}, llm={"name_or_path": backbones["llm"]})

@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from vlmkit.config import LoRAConfig, from_name
+from vlmkit.archs import from_name
+
+from vlmkit.config import LoRAConfig
 from vlmkit.errors import ConfigError
 from vlmkit.train.plan import (
     GiB,

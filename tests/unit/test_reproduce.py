@@ -8,13 +8,13 @@ import pytest
 from PIL import Image
 
 from vlmkit import archs
-from vlmkit.config import from_name
+from vlmkit.archs import from_name
 from vlmkit.tiny import reproduce as R
 
 
 def small(backbones, preset: str) -> dict:
     """Overrides: the test backbones and every stage 2 steps of 4."""
-    from vlmkit.config import from_name
+    from vlmkit.archs import from_name
 
     overrides = {"vision": {"name_or_path": backbones["clip"], "feature_layer": -2, "select": "patch"},
                  "llm": {"name_or_path": backbones["llm"]}}

@@ -311,7 +311,7 @@ def test_cli_writes_scenes_and_the_builtin_source_reads_them(tmp_path, monkeypat
     import json as _json
 
     from vlmkit.cli import main
-    from vlmkit.config import from_name
+    from vlmkit.archs import from_name
     from vlmkit.data.sources import Source, source_records
 
     assert main(["data", "scenes", "--out", str(tmp_path / "out"), "--n", "20", "--split", "test",

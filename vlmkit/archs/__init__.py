@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from vlmkit.config import deep_merge
+from vlmkit.config import ArchConfig, apply_dotted, deep_merge, without_remote_code
 
 _REGISTRY: dict[str, dict] = {}
 
@@ -50,3 +50,16 @@ def skills(name: str) -> dict[str, dict]:
     if name not in presets:
         raise KeyError(f"unknown preset {name!r}; available: {', '.join(sorted(presets))}")
     return {skill: dict(spec) for skill, spec in presets[name].get("skills", {}).items()}
+
+
+def from_name(name: str, scale: str = "tiny", **overrides) -> ArchConfig:
+    """Build a preset's typed config. Overrides are nested dicts or dotted keys with '__' for dots:
+
+    >>> from_name("llava-1.5", vision={"feature_layer": -1}, stages__instruct__epochs=2)
+    """
+    data = without_remote_code(preset_data(name, scale))  # only the caller's overrides can turn it on
+    nested = {k: v for k, v in overrides.items() if "__" not in k}
+    dotted = {k.replace("__", "."): v for k, v in overrides.items() if "__" in k}
+    data = deep_merge(data, nested)
+    data = apply_dotted(data, dotted)
+    return ArchConfig.from_dict(data)

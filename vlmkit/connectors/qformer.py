@@ -17,7 +17,7 @@ and, when the text side exists (`text_input`, stage 1), what LAVIS's `Blip2Qform
     itg_head              BERT's LM prediction head (dense, activation, LayerNorm, decoder tied to the word
                           embeddings) for ITG
 
-The self-attention mask decides which objective a forward serves (`vlmkit.train.blip2` builds them): queries and
+The self-attention mask decides which objective a forward serves (`attention_mask` builds them): queries and
 text apart (ITC), text causal after all queries (ITG), everything bidirectional (ITM).
 """
 from __future__ import annotations
@@ -31,6 +31,33 @@ from torch import nn
 from vlmkit.config import ConnectorConfig
 from vlmkit.connectors import Connector, register
 from vlmkit.errors import ConfigError
+
+CONNECTOR_TOKENIZER_DIR = "connector_tokenizer"  # the Q-Former's BERT tokenizer, saved beside the LLM's
+
+
+def attention_mask(kind: str, num_queries: int, text_mask: torch.Tensor) -> torch.Tensor:
+    """Who may see whom, (B, Q+T, Q+T) booleans, row = the position that looks, column = the one seen.
+
+    `text_mask` (B, T) is 1 for real text tokens, 0 for padding; padding is never seen (a padded row still sees
+    the queries, so no row is empty)."""
+    batch, length = text_mask.shape
+    total = num_queries + length
+    keys = torch.cat([torch.ones(batch, num_queries, dtype=torch.bool, device=text_mask.device),
+                      text_mask.to(torch.bool)], dim=1)  # (B, Q+T): which positions exist
+    mask = keys[:, None, :].expand(batch, total, total).clone()
+    is_query = torch.arange(total, device=text_mask.device) < num_queries
+    if kind == "itm":
+        return mask
+    if kind == "itc":
+        same_side = is_query[:, None] == is_query[None, :]
+        return mask & same_side
+    if kind == "itg":
+        position = torch.arange(total, device=text_mask.device)
+        text_rows = ~is_query[:, None]
+        sees = (is_query[:, None] & is_query[None, :]) | (text_rows & (is_query[None, :] |
+                                                                      (position[None, :] <= position[:, None])))
+        return mask & sees
+    raise ValueError(f"unknown mask kind {kind!r}: itc, itg or itm")
 
 DEFAULT_WIDTH = 768  # bert-base
 
@@ -152,9 +179,9 @@ class QFormer(Connector):
         from transformers import AutoConfig
 
         from vlmkit.io import check_local_path, loading
-        from vlmkit.tiny import resolve
+        from vlmkit.io import resolve_name
 
-        path = resolve(config.name_or_path)
+        path = resolve_name(config.name_or_path)
         check_local_path(path, "--connector.name-or-path")
         trained = _trained_qformer(path)
         if trained is not None:  # a Q-Former that has trained: a blip2 run or a BLIP-2 checkpoint (MiniGPT-4)
@@ -305,8 +332,6 @@ class QFormer(Connector):
         if instruction_ids is None:
             query = self.query_outputs(features)
         else:
-            from vlmkit.train.blip2 import attention_mask
-
             queries = self.config.num_queries
             mask = attention_mask("itm", queries, instruction_mask)
             query = self.joint_outputs(instruction_ids, mask, features)[:, :queries]
@@ -353,8 +378,6 @@ def _trained_qformer(path: str):
 
 def _from_trained(config: ConnectorConfig, kind: str, directory: Path, saved: dict):
     import dataclasses
-
-    from vlmkit.model.vlm import CONNECTOR_TOKENIZER_DIR
 
     if kind == "vlmkit":
         theirs = saved["arch"]["connector"]

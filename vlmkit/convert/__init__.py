@@ -10,7 +10,7 @@
 from vlmkit.convert import hf_blip2, hf_llava
 from vlmkit.convert.llava_original import from_llava_original
 from vlmkit.convert.minigpt4 import from_minigpt4
-from vlmkit.convert.weights import read_state_dict
+from vlmkit.model.weights import read_state_dict
 
 _IMPORTERS = {"llava": hf_llava.from_hf, "blip-2": hf_blip2.from_hf}
 

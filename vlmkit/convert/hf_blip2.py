@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 
-from vlmkit.config import from_name
-from vlmkit.convert.weights import hf_from_pretrained
+from vlmkit.archs import from_name
+from vlmkit.model.weights import hf_from_pretrained
 from vlmkit.errors import ConfigError
 
 

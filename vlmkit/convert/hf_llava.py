@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.config import ArchConfig, from_name
-from vlmkit.convert.weights import hf_from_pretrained
+from vlmkit.archs import from_name
+
+from vlmkit.config import ArchConfig
+from vlmkit.model.weights import hf_from_pretrained
 from vlmkit.errors import ConfigError
 
 VLMKIT_SIDECAR = "vlmkit_arch.json"  # the preset (template, stages…) travels with an export for a lossless return

@@ -14,8 +14,8 @@ import os
 import re
 from pathlib import Path
 
-from vlmkit.config import from_name
-from vlmkit.convert.weights import read_state_dict
+from vlmkit.archs import from_name
+from vlmkit.model.weights import read_state_dict
 from vlmkit.errors import ConfigError
 
 _LLM_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral", "llava_mpt": "mpt"}

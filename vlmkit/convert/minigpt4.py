@@ -30,7 +30,7 @@ def read_projection(path: str | os.PathLike, allow_pickle: bool = False) -> dict
         if not allow_pickle:
             raise ConfigError(f"{path} is a pickle file, which can run code when loaded; pass --allow-pickle if you "
                               "trust it (it is then read as plain tensors, torch.load(weights_only=True))")
-        from vlmkit.convert.weights import _load_pickle
+        from vlmkit.model.weights import _load_pickle
 
         state = _load_pickle(path)
     state = state.get("model", state) if isinstance(state, dict) else state
@@ -43,7 +43,7 @@ def read_projection(path: str | os.PathLike, allow_pickle: bool = False) -> dict
 
 def from_minigpt4(projection: str | os.PathLike, blip2: str, llm: str, allow_pickle: bool = False, dtype=None,
                   verbose: bool = True):
-    from vlmkit.config import from_name
+    from vlmkit.archs import from_name
     from vlmkit.model.vlm import VisionLanguageModel
 
     tensors = read_projection(projection, allow_pickle)

@@ -162,15 +162,11 @@ class ConversationDataset(Dataset):
                 self.question_answers += [(example.image_indices[0], q, a) for q, a in _turn_pairs(record)]
         if not self.examples:
             raise VlmkitError(f"{source or 'data'}: no usable records ({self.skipped.summary()})")
-        from vlmkit.data.sources import Mixture
-
         self.mixture = Mixture.single(source or "data", len(self.examples))
 
     @classmethod
     def concat(cls, datasets: list["ConversationDataset"], weights: list[float]) -> "ConversationDataset":
         """One dataset holding every source's examples (images shared by path), sampled by `weights`."""
-        from vlmkit.data.sources import Mixture
-
         if len(datasets) == 1 and weights[0] == 1.0:
             return datasets[0]
         out = cls.__new__(cls)
@@ -297,3 +293,43 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group
         batches += [block[i:i + batch_size] for i in range(0, len(block), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+@dataclass
+class Mixture:
+    """Example ranges of a concatenated dataset, one per source, with their weights."""
+    names: list[str]
+    ranges: list[tuple[int, int]]
+    weights: list[float]
+
+    @classmethod
+    def single(cls, name: str, size: int) -> "Mixture":
+        return cls([name], [(0, size)], [1.0])
+
+    def epoch(self, seed: int, epoch: int) -> list[int]:
+        """The example indices one epoch samples (unordered: the loop shuffles and groups them)."""
+        rng = random.Random(f"{seed}:{epoch}")
+        indices = []
+        for (start, end), weight in zip(self.ranges, self.weights):
+            copies, extra = _draws(weight, end - start)
+            for _ in range(copies):
+                indices.extend(range(start, end))
+            indices.extend(rng.sample(range(start, end), extra))
+        return indices
+
+    def per_source(self) -> dict[str, int]:
+        """Samples each source contributes to one epoch."""
+        out = {}
+        for name, (start, end), weight in zip(self.names, self.ranges, self.weights):
+            copies, extra = _draws(weight, end - start)
+            out[name] = out.get(name, 0) + copies * (end - start) + extra
+        return out
+
+    def epoch_size(self) -> int:
+        return sum(self.per_source().values())
+
+
+def _draws(weight: float, size: int) -> tuple[int, int]:
+    """Whole passes over a source of `size` records at `weight`, and the records drawn beyond them."""
+    copies = int(weight)
+    return copies, min(size, round((weight - copies) * size))

@@ -19,11 +19,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlmkit.data.dataset import ConversationDataset, Mixture, load_llava_json  # noqa: F401 (Mixture: public here too)
 from vlmkit.data.images import ImageLimits
 from vlmkit.errors import ConfigError
 
@@ -162,7 +162,6 @@ def stage_sources(config, stage, data: DataSpec) -> list[Source]:
 
 def source_records(config, stage, source: Source) -> list[dict]:
     """The records of one source (a built-in one, or a LLaVA JSON/JSONL file)."""
-    from vlmkit.data.dataset import load_llava_json
 
     answer_prompt = config.answer_prompt if source.answer_prompt is None else source.answer_prompt
     if source.source in BUILTIN:
@@ -178,7 +177,6 @@ def build_dataset(model, records: list[dict], source: str, template_name: str,
                   data: DataSpec, mode: str = "train", answer_prompt: str = "", verbose: bool = True,
                   image_folder: str | None = None):
     """A validated ConversationDataset of `records` for `model` (its tokenizer, image transform, image tokens)."""
-    from vlmkit.data.dataset import ConversationDataset
     from vlmkit.data.templates import get_template
 
     builtin = source.startswith((EASY_VQA, f"{SCENES}:"))
@@ -196,7 +194,6 @@ def build_dataset(model, records: list[dict], source: str, template_name: str,
 def stage_dataset(model, config, stage, data: DataSpec,
                   verbose: bool = True):
     """The stage's sources read, validated and weighted into one dataset."""
-    from vlmkit.data.dataset import ConversationDataset
 
     datasets, weights = [], []
     for source in stage_sources(config, stage, data):
@@ -205,43 +202,3 @@ def stage_dataset(model, config, stage, data: DataSpec,
                                       or config.template, data, verbose=verbose, image_folder=source.image_folder))
         weights.append(source.weight)
     return ConversationDataset.concat(datasets, weights)
-
-
-@dataclass
-class Mixture:
-    """Example ranges of a concatenated dataset, one per source, with their weights."""
-    names: list[str]
-    ranges: list[tuple[int, int]]
-    weights: list[float]
-
-    @classmethod
-    def single(cls, name: str, size: int) -> "Mixture":
-        return cls([name], [(0, size)], [1.0])
-
-    def epoch(self, seed: int, epoch: int) -> list[int]:
-        """The example indices one epoch samples (unordered: the loop shuffles and groups them)."""
-        rng = random.Random(f"{seed}:{epoch}")
-        indices = []
-        for (start, end), weight in zip(self.ranges, self.weights):
-            copies, extra = _draws(weight, end - start)
-            for _ in range(copies):
-                indices.extend(range(start, end))
-            indices.extend(rng.sample(range(start, end), extra))
-        return indices
-
-    def per_source(self) -> dict[str, int]:
-        """Samples each source contributes to one epoch."""
-        out = {}
-        for name, (start, end), weight in zip(self.names, self.ranges, self.weights):
-            copies, extra = _draws(weight, end - start)
-            out[name] = out.get(name, 0) + copies * (end - start) + extra
-        return out
-
-    def epoch_size(self) -> int:
-        return sum(self.per_source().values())
-
-
-def _draws(weight: float, size: int) -> tuple[int, int]:
-    """Whole passes over a source of `size` records at `weight`, and the records drawn beyond them."""
-    copies = int(weight)
-    return copies, min(size, round((weight - copies) * size))

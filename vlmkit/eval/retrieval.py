@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vlmkit.errors import ConfigError
-from vlmkit.train.blip2 import attention_mask
+from vlmkit.connectors.qformer import attention_mask
 
 DEFAULT_CANDIDATES = 100
 DEFAULT_TOP_K = 16

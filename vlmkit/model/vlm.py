@@ -18,7 +18,7 @@ from torch import nn
 
 from vlmkit.config import ArchConfig, LoRAConfig, without_remote_code
 from vlmkit.connectors import build_connector
-from vlmkit.convert.weights import load_into, read_state_dict, stream_safetensors
+from vlmkit.connectors.qformer import CONNECTOR_TOKENIZER_DIR
 from vlmkit.data.images import ImageTransform
 from vlmkit.data.render import IGNORE_INDEX, IMAGE_TOKEN
 from vlmkit.encoders import VisionEncoder, load_vision_tower
@@ -27,11 +27,11 @@ from vlmkit.io import atomic_dir
 from vlmkit.llm import LanguageModel
 from vlmkit.llm.lora import (ADAPTER_DIR, attach_lora, has_lora, lora_record, quantization_config,
                               restore_token_originals)
+from vlmkit.model.weights import load_into, read_state_dict, stream_safetensors
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-CONNECTOR_TOKENIZER_DIR = "connector_tokenizer"  # the Q-Former's BERT tokenizer, beside the LLM's
 
 
 def check_read_features(config: ArchConfig, read: dict | None, vision_path: str) -> None:
@@ -39,13 +39,13 @@ def check_read_features(config: ArchConfig, read: dict | None, vision_path: str)
     the same way; otherwise a ConfigError saying which setting to change."""
     from pathlib import Path as _Path
 
-    from vlmkit.tiny import resolve
+    from vlmkit.io import resolve_name
 
     if not read:
         return
     source = config.connector.name_or_path
     if "name_or_path" in read:
-        theirs = resolve(read["name_or_path"], verbose=False)
+        theirs = resolve_name(read["name_or_path"], verbose=False)
         if _Path(theirs).resolve() != _Path(vision_path).resolve() and theirs != vision_path:
             raise ConfigError(f"--connector.name-or-path {source}: that Q-Former was trained on the features of "
                               f"{read['name_or_path']}, but this model's tower is {config.vision.name_or_path}; use "
@@ -174,10 +174,10 @@ class VisionLanguageModel(nn.Module):
 
         from vlmkit.connectors import connector_class
         from vlmkit.io import check_local_path, loading
-        from vlmkit.tiny import resolve
+        from vlmkit.io import resolve_name
 
-        vision_path = resolve(config.vision.name_or_path, verbose=verbose)
-        llm_path = resolve(config.llm.name_or_path, verbose=verbose)
+        vision_path = resolve_name(config.vision.name_or_path, verbose=verbose)
+        llm_path = resolve_name(config.llm.name_or_path, verbose=verbose)
         check_local_path(vision_path, "--vision.name-or-path")
         check_local_path(llm_path, "--llm.name-or-path")
         connector_config, pretrained = connector_class(config.connector).resolve_pretrained(config.connector)
@@ -226,11 +226,11 @@ class VisionLanguageModel(nn.Module):
         """Load the LLM that `config.llm` names into a model built without one (BLIP-2 after its stage 1), where
         the model is, in its dtype; the tokenizer keeps its ids (the embeddings grow to its length)."""
         from vlmkit.io import check_local_path, loading
-        from vlmkit.tiny import resolve
+        from vlmkit.io import resolve_name
 
         if self.llm is not None:
             return
-        path = resolve(self.config.llm.name_or_path, verbose=verbose)
+        path = resolve_name(self.config.llm.name_or_path, verbose=verbose)
         check_local_path(path, "--llm.name-or-path")
         weight = next(self.connector.parameters())
         kwargs = {"dtype": weight.dtype, "use_safetensors": None if allow_pickle else True}

@@ -22,28 +22,50 @@ from vlmkit.data.render import IMAGE_TOKEN
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
+def _setting(default, text: str, flag: str = "", image_limit: bool = False):
+    """A ServeSettings field: its default, its `vlmkit serve --help` text, its flag when not --field-name (a
+    repeatable flag collects a tuple); `image_limit`: one of the image limits every command shares."""
+    metadata = {"help": text, **({"flag": flag} if flag else {}), **({"image_limit": True} if image_limit else {})}
+    if isinstance(default, tuple):
+        return field(default=default, metadata={**metadata, "repeat": True})
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class ServeSettings:
-    """What one request may ask for (every refusal is a 4xx naming the limit and its flag), and defaults."""
-    max_body_bytes: int = 20 * 1024 * 1024
-    max_images: int = 4
-    max_image_pixels: int = 4096 * 4096
-    max_tokens: int = 512          # cap on a request's max_tokens, and the default when it gives none
-    max_queue: int = 256           # requests being read and prepared, waiting or running; more get 429
-    max_batch: int = 8             # requests generated together (left-padded)
-    batch_wait: float = 0.02       # longest a batch waits to fill (for arriving requests, or last batch's size)
-    allow_image_urls: bool = False  # fetch http(s) image URLs (off: only data: URIs), from public addresses only
-    image_url_timeout: float = 10.0  # seconds for a whole fetch: name lookup, connects, redirects, every read
+    """What one request may ask for (every refusal is a 4xx naming the limit and its flag), and defaults. The
+    `vlmkit serve` flags are made from these fields (`--max-body-bytes` from max_body_bytes)."""
+    max_body_bytes: int = _setting(20 * 1024 * 1024, "largest request body")
+    max_images: int = _setting(4, "images per request")
+    max_image_pixels: int = _setting(4096 * 4096, "largest image (width x height), and largest image made of it by "
+                                                   "padding to a square or resizing", image_limit=True)
+    max_tokens: int = _setting(512, "cap on a request's max_tokens, and the default when a request gives none")
+    max_queue: int = _setting(256, "requests queued or running; more get 429")
+    max_batch: int = _setting(8, "requests generated together in one batch (left-padded)")
+    batch_wait: float = _setting(0.02, "longest a batch waits to fill: for requests already arriving, or under "
+                                       "load for as many as the last batch had (a lone client never waits)")
+    allow_image_urls: bool = _setting(False, "also fetch http(s) image URLs (public addresses only, checked after "
+                                             "DNS and on every redirect; capped by --max-body-bytes and "
+                                             "--image-url-timeout); off: only data: URIs")
+    image_url_timeout: float = _setting(10.0, "seconds for a whole image-URL fetch (name lookup, connects, "
+                                              "redirects, every read)")
     # networks a fetch may reach although they are not public (loopback, private, link-local, …); empty unless
     # the image hosts are known ones on the server's own network (the tests allow 127.0.0.1)
-    image_url_allow_networks: tuple = ()
-    temperature: float = 0.0       # for requests that give none (0 = greedy, as `vlmkit chat`)
-    body_timeout: float = 30.0     # seconds to receive a whole body: a client trickling bytes loses its place
+    image_url_allow_networks: tuple = _setting((), "a non-public network (CIDR) that image URLs may reach "
+                                                   "(repeatable; default: public addresses only)",
+                                               flag="--image-url-allow-network")
+    temperature: float = _setting(0.0, "for requests that give no temperature (0 = greedy, as vlmkit chat)")
+    body_timeout: float = _setting(30.0, "seconds a client has to send its whole request body (a trickling client "
+                                         "loses its place)")
     # host names (besides IP addresses and localhost) that requests may name in their Host header when the server
     # has no API key: a web page on another name that resolves to this machine (DNS rebinding) is refused
-    allowed_hosts: tuple = ()
-    max_image_side: int = 8192     # either side of an image, before padding and resizing
-    max_image_aspect: float = 20.0  # long side / short side
+    allowed_hosts: tuple = _setting((), "a host name clients may address this server by when it has no --api-key "
+                                        "(repeatable; IP addresses and localhost always may). Without an API key, "
+                                        "requests naming another host (DNS rebinding) or coming from another "
+                                        "site's page (Origin) are refused", flag="--allowed-host")
+    max_image_side: int = _setting(8192, "longest side of an image, before padding and resizing",
+                                   image_limit=True)
+    max_image_aspect: float = _setting(20.0, "largest long side / short side", image_limit=True)
 
     @property
     def image_limits(self) -> ImageLimits:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmkit.io import cache_home
+from vlmkit.io import cache_home, register_scheme
 
 # v2: the LM corpus is rendered by the shared renderer (vlmkit.data.render); v3: LM init std 0.2, " yes" one token
 # v4: tiny:qformer (blip2 stage 1) trains without dropout; v5: the LM has 8 attention heads of 16 (was 4 of 32)
@@ -57,3 +57,6 @@ def ensure(name: str, verbose: bool = True) -> Path:
         ensure("tokenizer", verbose)
     getattr(build, f"build_{name.replace('-', '_')}")(path, tokenizer_dir=tiny_dir("tokenizer"), verbose=verbose)
     return path
+
+
+register_scheme(PREFIX, lambda name, verbose: resolve(name, verbose=verbose))

@@ -510,7 +510,7 @@ def build_qformer(path: Path, verbose: bool = True, seed: int = 0, **_) -> None:
     import shutil
     import tempfile
 
-    from vlmkit.config import from_name
+    from vlmkit.archs import from_name
     from vlmkit.train.run import train_run
 
     start = time.time()

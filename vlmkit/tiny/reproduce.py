@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from vlmkit import archs
-from vlmkit.config import from_name
+from vlmkit.archs import from_name
 from vlmkit.data.sources import DataSpec
 from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.eval.grounding import run_grounding_eval

@@ -22,35 +22,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vlmkit.connectors.qformer import attention_mask  # noqa: F401 (also public here)
 from vlmkit.errors import ConfigError
 
 LABEL_SMOOTHING = 0.1  # LAVIS: ITC's cross-entropies and the ITG decoder's
 IGNORE = -100
-
-
-def attention_mask(kind: str, num_queries: int, text_mask: torch.Tensor) -> torch.Tensor:
-    """Who may see whom, (B, Q+T, Q+T) booleans, row = the position that looks, column = the one seen.
-
-    `text_mask` (B, T) is 1 for real text tokens, 0 for padding; padding is never seen (a padded row still sees
-    the queries, so no row is empty)."""
-    batch, length = text_mask.shape
-    total = num_queries + length
-    keys = torch.cat([torch.ones(batch, num_queries, dtype=torch.bool, device=text_mask.device),
-                      text_mask.to(torch.bool)], dim=1)  # (B, Q+T): which positions exist
-    mask = keys[:, None, :].expand(batch, total, total).clone()
-    is_query = torch.arange(total, device=text_mask.device) < num_queries
-    if kind == "itm":
-        return mask
-    if kind == "itc":
-        same_side = is_query[:, None] == is_query[None, :]
-        return mask & same_side
-    if kind == "itg":
-        position = torch.arange(total, device=text_mask.device)
-        text_rows = ~is_query[:, None]
-        sees = (is_query[:, None] & is_query[None, :]) | (text_rows & (is_query[None, :] |
-                                                                      (position[None, :] <= position[:, None])))
-        return mask & sees
-    raise ValueError(f"unknown mask kind {kind!r}: itc, itg or itm")
 
 
 def _gather(tensor: torch.Tensor, with_grad: bool) -> torch.Tensor:

@@ -146,11 +146,11 @@ def build_meta(config: ArchConfig) -> MetaModel:
     from vlmkit.connectors import build_connector
     from vlmkit.encoders import _VISION_HALF, VisionEncoder
     from vlmkit.io import check_local_path
-    from vlmkit.tiny import resolve
+    from vlmkit.io import resolve_name
     from vlmkit.train.distributed import decoder_layers
 
-    vision_path = resolve(config.vision.name_or_path, verbose=False)
-    llm_path = resolve(config.llm.name_or_path, verbose=False)
+    vision_path = resolve_name(config.vision.name_or_path, verbose=False)
+    llm_path = resolve_name(config.llm.name_or_path, verbose=False)
     check_local_path(vision_path, "--vision.name-or-path")
     check_local_path(llm_path, "--llm.name-or-path")
     from vlmkit.io import loading

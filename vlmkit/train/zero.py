@@ -95,7 +95,7 @@ def finish(engine, model, scratch: Path, buffers: dict[str, torch.Tensor], devic
     import torch.distributed as dist
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from vlmkit.convert.weights import load_into
+    from vlmkit.model.weights import load_into
     from vlmkit.train import distributed
 
     info = distributed.current()
