@@ -180,10 +180,9 @@ def load_run(run: str, allow_pickle: bool = False, device: str = "auto", dtype: 
 
 def _stages_ran(run: str) -> set[str] | None:
     """The names of the stages a run finished (its `N-stage` checkpoint directories), or None."""
-    from vlmkit.train import checkpoint
+    from vlmkit.train.checkpoint import finished_stages
 
-    finished = [c for c in checkpoint.checkpoints(Path(run)) if not checkpoint.is_step_checkpoint(c)]
-    return {c.name.split("-", 1)[1] for c in finished} or None
+    return set(finished_stages(Path(run))) or None
 
 
 def cmd_eval(args) -> int:

@@ -59,4 +59,4 @@ def ensure(name: str, verbose: bool = True) -> Path:
     return path
 
 
-register_scheme(PREFIX, lambda name, verbose: resolve(name, verbose=verbose))
+register_scheme(PREFIX, resolve)

@@ -90,11 +90,10 @@ def skill_metrics(skill: str, report: dict) -> dict[str, float]:
 
 
 def _stage_model(run_dir: Path, stage: str) -> VisionLanguageModel:
-    found = [c for c in checkpoint.checkpoints(run_dir)
-             if not checkpoint.is_step_checkpoint(c) and c.name.split("-", 1)[1] == stage]
-    if not found:
+    found = checkpoint.finished_stages(run_dir).get(stage)
+    if found is None:
         raise ConfigError(f"{run_dir}: no checkpoint of stage {stage!r} to measure a skill after")
-    return VisionLanguageModel.from_pretrained(found[-1])
+    return VisionLanguageModel.from_pretrained(found)
 
 
 def reproduce_one(preset: str, seed: int, out: Path, eval_limit: int = 0, overrides: dict | None = None,

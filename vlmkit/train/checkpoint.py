@@ -224,6 +224,11 @@ def latest_intact(run_dir: Path, log=print) -> Path | None:
     return None
 
 
+def finished_stages(run_dir: Path) -> dict[str, Path]:
+    """{stage name: its newest `N-stage` checkpoint directory} of the stages a run finished."""
+    return {c.name.split("-", 1)[1]: c for c in checkpoints(Path(run_dir)) if not is_step_checkpoint(c)}
+
+
 def is_step_checkpoint(path: Path) -> bool:
     return path.name.startswith(STEP_PREFIX)
 
