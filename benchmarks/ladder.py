@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from vlmkit.io import cpu_flags
+from vlmkit.io import machine_summary
 
 # The demo's settings when the ladder began (1192ef8): every rung starts from them, so a rung means the same
 # whatever the defaults are now. `default` is the demo as shipped, with no arguments.
@@ -205,12 +204,7 @@ def main() -> None:
             print(f"[ladder] {name} seed {seed}: {result['accuracy']:.2%} in {result['wall_s']:.0f}s " +
                   ", ".join(f"{k} {v:.3f}" for k, v in result["per_kind"].items()), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            import torch
-
-            args.out.write_text(json.dumps({"machine": {"cpu": platform.processor() or platform.machine(),
-                                                        "flags": cpu_flags(), "cores": os.cpu_count(),
-                                                        "torch": torch.__version__},
-                                            "results": results}, indent=1))
+            args.out.write_text(json.dumps({"machine": machine_summary(), "results": results}, indent=1))
             args.out.with_suffix(".md").write_text(table(results) + "\n")
     print(table(results))
 

@@ -200,7 +200,7 @@ def cmd_eval(args) -> int:
         from vlmkit.eval.pope import DEFAULT_SCENES, run_pope_eval
 
         run_pope_eval(model, out_dir, n=DEFAULT_SCENES, limit=args.limit, batch_size=args.batch_size,
-                      stages_ran=_stages_ran(args.run))
+                      stages_ran=_stages_ran(args.run), max_new_tokens=args.max_new_tokens)
         return 0
     if args.task == "retrieval":
         from vlmkit.eval.retrieval import run_retrieval_eval

@@ -210,6 +210,14 @@ def cpu_flags() -> str:
     return " ".join(kinds) or "no AVX2"
 
 
+def machine_summary() -> dict:
+    """The machine a measurement was taken on, for benchmark and scoreboard files: CPU, cores, flags, torch."""
+    import torch  # only when a report is written: vlmkit.io itself stays importable without torch's start-up
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "flags": cpu_flags(),
+            "torch": torch.__version__}
+
+
 # -- backbone names with a scheme ('tiny:llama') ------------------------------------------------------------
 _SCHEMES: dict[str, Callable[[str, bool], str]] = {}
 

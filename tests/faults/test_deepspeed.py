@@ -14,19 +14,30 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install
 CONFIGS = Path(__file__).parent.parent / "data" / "deepspeed"
 
 
+# the tiny recipe trains the tower too: a text-only micro-batch runs it on a blank image, or it would have no
+# gradient there, which plain AdamW skips and ZeRO steps with a zero one (lm_head 1.9e-4 apart after 6 steps)
+def _extra(tmp_path) -> tuple[str, ...]:
+    make_images(tmp_path)
+    return ("--instruct.max-steps", "6", "--data", str(mixed_data(tmp_path)), "--save-every", "0")
+
+
+@pytest.fixture(scope="module")
+def single(backbones, tmp_path_factory) -> Path:
+    """The plain one-process run every ZeRO configuration is compared with (the same data, written alike)."""
+    tmp_path = tmp_path_factory.mktemp("plain")
+    finish(argv(backbones, tmp_path, tmp_path / "one", *_extra(tmp_path)))
+    return tmp_path / "one"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,bf16", [("zero2", False), ("zero3", False), ("zero3", True)])
-def test_llava_zero_configs_match_one_process(backbones, tmp_path, stage, bf16):
+def test_llava_zero_configs_match_one_process(backbones, single, tmp_path, stage, bf16):
     """fp32: the same losses to float noise. bf16 (the engine holds the module in bf16, fp32 master weights in
     the optimizer) against the fp32 plain run: within bf16's rounding (measured 4e-4)."""
     from vlmkit.model.vlm import VisionLanguageModel
 
-    make_images(tmp_path)
-    # the tiny recipe trains the tower too: a text-only micro-batch runs it on a blank image, or it would have no
-    # gradient there, which plain AdamW skips and ZeRO steps with a zero one (lm_head 1.9e-4 apart after 6 steps)
-    extra = ("--instruct.max-steps", "6", "--data", str(mixed_data(tmp_path)), "--save-every", "0")
-    single, zero = tmp_path / "one", tmp_path / stage
-    finish(argv(backbones, tmp_path, single, *extra))
+    extra = _extra(tmp_path)
+    zero = tmp_path / stage
     out = finish(argv(backbones, tmp_path, zero, *extra, "--distributed", "deepspeed", "--deepspeed-config",
                       str(CONFIGS / f"{stage}.json"), *(["--bf16"] if bf16 else [])), processes=2)
     one, two = losses(single), losses(zero)

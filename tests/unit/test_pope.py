@@ -49,7 +49,7 @@ def manifest():
 
 
 def test_questions_are_balanced_per_setting_and_asked_once():
-    frequency, together = P.training_statistics(manifest() * 3)
+    frequency, together = P.training_statistics([scene["objects"] for scene in manifest()] * 3)
     assert frequency[("red", "circle")] == 6 and together[(("blue", "square"), ("red", "circle"))] == 3
     records, ids = P.pope_questions(manifest(), "/data", frequency, together, COLORS, SHAPES, seed=0)
     assert len(ids["present"]) == 3  # the two red circles are one kind
@@ -105,7 +105,8 @@ def test_probe_on_a_tiny_minigpt_v2_run(backbones, tmp_path, monkeypatch, capsys
     assert main(staged_train_args("minigpt-v2", run, backbones, mixture, "--vision.feature-layer", "-2")) == 0
     model, _ = load_run(str(run))
     capsys.readouterr()
-    report = P.run_pope_eval(model, run, n=4, train_scenes=20, verbose=False)
+    report = P.run_pope_eval(model, run, n=4, train_scenes=30, verbose=False)
+    assert not list((tmp_path / "home" / "scenes").glob("*-train-n30-*"))  # counted, not rendered
     assert "POPE random acc" in capsys.readouterr().out
     saved = json.loads((run / "eval_pope.json").read_text())
     assert saved["settings"] == report["settings"] and saved["scenes"] == 4

@@ -306,6 +306,17 @@ def test_builtin_source_records(tmp_path, monkeypatch):
             scenes.parse_source_name(bad)
 
 
+def test_scene_objects_are_the_manifests_whether_or_not_it_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMKIT_HOME", str(tmp_path))
+    laid_out = scenes.scene_objects("train", 12, seed=2, size=64, max_shapes=3)
+    assert not (tmp_path / "scenes").exists()  # nothing rendered, nothing cached
+    folder = scenes.ensure_scenes("train", 12, seed=2, size=64, max_shapes=3)
+    written = [scene["objects"] for scene in json.loads((folder / "train_scenes.json").read_text())]
+    assert [[{k: v for k, v in o.items() if k != "geometry"} for o in objects] for objects in written] == laid_out
+    assert scenes.scene_objects("train", 12, seed=2, size=64, max_shapes=3) == written  # read from the cache
+    assert len(laid_out) == 12 and all(1 <= len(objects) <= 3 for objects in laid_out)
+
+
 def test_cli_writes_scenes_and_the_builtin_source_reads_them(tmp_path, monkeypatch, capsys):
     """`vlmkit data scenes` writes LLaVA JSON + PNGs; `scenes:rec:n20` is a mixture source like easy-vqa's."""
     import json as _json

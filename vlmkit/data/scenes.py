@@ -619,11 +619,28 @@ def parse_source_name(name: str) -> dict:
     return options
 
 
+def _cache_dir(split: str, n: int, seed: int, size: int, max_shapes: int) -> Path:
+    from vlmkit.io import cache_home
+
+    return cache_home() / "scenes" / f"v{VERSION}-{split}-n{n}-size{size}-shapes{max_shapes}-seed{seed}"
+
+
+def scene_objects(split: str = "train", n: int = 10_000, seed: int = 0, size: int = 64,
+                  max_shapes: int = 3) -> list[list[dict]]:
+    """Each scene's objects (`SceneObject.as_dict()`: colour, shape, size, box) as `ensure_scenes` would write
+    them: read from its cached manifest when there is one, else laid out without drawing a pixel (counting what
+    10,000 training scenes hold takes seconds; rendering them, minutes)."""
+    manifest = _cache_dir(split, n, seed, size, max_shapes) / f"{split}_scenes.json"
+    if manifest.exists():
+        return [scene["objects"] for scene in json.loads(manifest.read_text())]
+    return [[o.as_dict() for o in generate_scene(index, split, seed, size, max_shapes).objects] for index in range(n)]
+
+
 def ensure_scenes(split: str = "train", n: int = 10_000, seed: int = 0, size: int = 64, max_shapes: int = 3) -> Path:
     """A cached directory of every kind's records for these arguments ($VLMKIT_HOME/scenes/...), written once."""
-    from vlmkit.io import atomic_dir, cache_home
+    from vlmkit.io import atomic_dir
 
-    target = cache_home() / "scenes" / f"v{VERSION}-{split}-n{n}-size{size}-shapes{max_shapes}-seed{seed}"
+    target = _cache_dir(split, n, seed, size, max_shapes)
     if not (target / f"{split}_scenes.json").exists():
         with atomic_dir(target) as tmp:
             write_scenes(tmp, n, split, seed, KINDS, size, max_shapes)

@@ -44,12 +44,13 @@ def _kind(obj: dict) -> tuple[str, str]:
     return obj["color"], obj["shape"]
 
 
-def training_statistics(train_manifest: list[dict]) -> tuple[Counter, Counter]:
-    """(how often each colour+shape occurs, how often each pair of kinds shares a scene) in training scenes."""
+def training_statistics(train_scenes: list[list[dict]]) -> tuple[Counter, Counter]:
+    """(how often each colour+shape occurs, how often each pair of kinds shares a scene) in training scenes, given
+    as each scene's objects."""
     frequency, together = Counter(), Counter()
-    for scene in train_manifest:
-        kinds = sorted({_kind(o) for o in scene["objects"]})
-        frequency.update(_kind(o) for o in scene["objects"])
+    for objects in train_scenes:
+        kinds = sorted({_kind(o) for o in objects})
+        frequency.update(_kind(o) for o in objects)
         together.update(combinations(kinds, 2))
     return frequency, together
 
@@ -135,19 +136,19 @@ def summary_line(report: dict) -> str:
 
 
 def run_pope_eval(model, out_dir, n: int = DEFAULT_SCENES, seed: int = 0, limit: int = 0, batch_size: int = 128,
-                  verbose: bool = True, stages_ran=None, train_scenes: int = 0) -> dict:
+                  verbose: bool = True, stages_ran=None, train_scenes: int = 0, max_new_tokens: int = 0) -> dict:
     """The probe on `n` held-out scenes like those the run's VQA trained on (size, shape count, seed; 64 px and
     up to 3 shapes if it trained on none), popularity and co-occurrence counted over `train_scenes` training
     scenes (0: as many as the run's source had, default 10,000); writes eval_pope.json and eval_pope.png under
-    `out_dir`."""
+    `out_dir`. `max_new_tokens` 0: 4 (a yes or a no, and a stop)."""
     start = time.time()
     config = model.config
     options = trained_scene_options(config, "vqa", stages_ran)
     size, shapes_max, scene_seed = options["size"], options["max_shapes"], options["seed"]
     train_n = train_scenes or (options.get("n") if options.get("split") == "train" else None) \
         or scenes.SOURCE_DEFAULTS["train"]
-    train_dir = scenes.ensure_scenes("train", train_n, scene_seed, size, shapes_max)
-    frequency, together = training_statistics(json.loads((train_dir / "train_scenes.json").read_text()))
+    # counted, never rendered: a run that trained on no scenes has none cached
+    frequency, together = training_statistics(scenes.scene_objects("train", train_n, scene_seed, size, shapes_max))
     test_dir = scenes.ensure_scenes("test", n, scene_seed, size, shapes_max)
     manifest = json.loads((test_dir / "test_scenes.json").read_text())
     if limit:
@@ -160,7 +161,7 @@ def run_pope_eval(model, out_dir, n: int = DEFAULT_SCENES, seed: int = 0, limit:
     if len(dataset.examples) != len(records):
         raise VlmkitError(f"{source}: {len(records) - len(dataset.examples)} of {len(records)} probe questions did "
                           f"not render ({dict(dataset.skipped.counts)})")
-    predictions = generate_answers(model, dataset, batch_size=batch_size, max_new_tokens=4, verbose=verbose,
+    predictions = generate_answers(model, dataset, batch_size=batch_size, max_new_tokens=max_new_tokens or 4, verbose=verbose,
                                    feature_cache_gb=config.feature_cache_gb)
     by_id = {r["id"]: r for r in records}
     rows, said = [], {}

@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
-
-import torch
 
 from vlmkit import archs
 from vlmkit.archs import from_name
@@ -40,7 +37,7 @@ from vlmkit.eval.grounding import run_grounding_eval
 from vlmkit.eval.pope import run_pope_eval
 from vlmkit.eval.retrieval import run_retrieval_eval
 from vlmkit.eval.vqa import run_eval
-from vlmkit.io import cpu_flags
+from vlmkit.io import machine_summary
 from vlmkit.model.vlm import VisionLanguageModel
 from vlmkit.tiny import ensure, used_by
 from vlmkit.train import checkpoint
@@ -110,7 +107,7 @@ def reproduce_one(preset: str, seed: int, out: Path, eval_limit: int = 0, overri
     start = time.time()
     result = train_run(config, run_dir, DataSpec(), overwrite=True)
     train_seconds = time.time() - start
-    entry = {"preset": preset, "seed": seed, "eval_limit": eval_limit, "machine": machine(),
+    entry = {"preset": preset, "seed": seed, "eval_limit": eval_limit, "machine": machine_summary(),
              "backbone_seconds": backbones, "train_seconds": train_seconds, "skills": {}, "errors": {},
              "eval_seconds": 0.0}
     for skill, spec in archs.skills(preset).items():
@@ -126,11 +123,6 @@ def reproduce_one(preset: str, seed: int, out: Path, eval_limit: int = 0, overri
         f"{SKILL_NAMES[s]} {next(iter(m))} {_value(next(iter(m)), next(iter(m.values())))}"
         for s, m in entry["skills"].items()))
     return entry
-
-
-def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "flags": cpu_flags(),
-            "torch": torch.__version__}
 
 
 _ENTRY_KEYS = {"preset", "seed", "eval_limit", "machine", "train_seconds", "skills"}

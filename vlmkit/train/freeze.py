@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from vlmkit.config import MODULES, LoRAConfig
+from vlmkit.config import LoRAConfig
 from vlmkit.errors import ConfigError
 from vlmkit.llm.lora import attach_lora, has_lora
 
