@@ -37,7 +37,9 @@ PRESET = {
             "stages": [
                 {"mixture": TINY_CAPTIONS, "lr": {"connector": 1e-3}, "batch_size": 32,
                  "epochs": 1, "warmup_ratio": 0.03},
-                {"lr": {"connector": 5e-4, "llm": 1e-3}, "batch_size": 16, "epochs": 2, "warmup_ratio": 0.03,
+                # one question per record, as minigpt4's stage 2 (issue 32's note)
+                {"mixture": "easy-vqa:questions", "lr": {"connector": 5e-4, "llm": 1e-3}, "batch_size": 16,
+                 "max_steps": 1000, "warmup_ratio": 0.03,
                  "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
             ],
         },
