@@ -161,8 +161,8 @@ def run_pope_eval(model, out_dir, n: int = DEFAULT_SCENES, seed: int = 0, limit:
     if len(dataset.examples) != len(records):
         raise VlmkitError(f"{source}: {len(records) - len(dataset.examples)} of {len(records)} probe questions did "
                           f"not render ({dict(dataset.skipped.counts)})")
-    predictions = generate_answers(model, dataset, batch_size=batch_size, max_new_tokens=max_new_tokens or 4, verbose=verbose,
-                                   feature_cache_gb=config.feature_cache_gb)
+    predictions = generate_answers(model, dataset, batch_size=batch_size, max_new_tokens=max_new_tokens or 4,
+                                   verbose=verbose, feature_cache_gb=config.feature_cache_gb)
     by_id = {r["id"]: r for r in records}
     rows, said = [], {}
     for example, prediction in zip(dataset.examples, predictions):
