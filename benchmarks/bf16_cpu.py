@@ -136,7 +136,7 @@ def train_once(path: str, dataset, settings, bf16: bool):
 def held_out_loss(model, dataset, batch_size: int) -> float:
     """Mean supervised-token loss of `model` over `dataset`, in fp32 (no autocast)."""
     from vlmkit.data.loader import batch_loader
-    from vlmkit.train.objectives import get_objective
+    from vlmkit.objectives import get_objective
 
     objective = get_objective("lm")
     batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]

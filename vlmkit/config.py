@@ -111,7 +111,7 @@ class StageConfig:
                          "JSON/JSONL path or a built-in source: easy-vqa:captions, easy-vqa:instructions, "
                          "easy-vqa:questions) or a .json file listing {source, weight, image_folder, template, "
                          "answer_prompt}. Weight 1 = each record once per epoch.", default="")
-    objective: str = _help("Training objective (vlmkit.train.objectives): 'lm' = next-token loss on the "
+    objective: str = _help("Training objective (vlmkit.objectives): 'lm' = next-token loss on the "
                            "supervised tokens, normalised per token over the whole optimiser step.", default="lm")
     pack_to: int = _help("Pack samples into rows of this many tokens (0 = one sample per row, padded); attention "
                          "never crosses a sample and positions restart per sample.", default=0)

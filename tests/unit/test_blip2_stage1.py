@@ -122,7 +122,7 @@ def test_retrieval_scores_similarity_as_training_does(backbones):
     from PIL import Image
 
     from vlmkit.eval import retrieval
-    from vlmkit.train import blip2
+    from vlmkit.objectives import blip2
 
     torch.manual_seed(0)
     model = VisionLanguageModel.from_config(blip2_config(backbones), verbose=False, with_llm=False).eval()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from vlmkit.config import ConnectorConfig
 from vlmkit.connectors import build_connector
-from vlmkit.train import blip2
+from vlmkit.objectives import blip2
 
 
 def qformer(queries=3, text_input=True, frequency=2, layers=2):

@@ -3,7 +3,7 @@ cross-attention to the image every other layer) -> a Linear to a frozen LLM (OPT
 
 Two stages, then the paper's VQA fine-tuning. (1) Representation learning without any LLM: the Q-Former learns image-text contrast (ITC),
 image-grounded text generation (ITG) and image-text matching (ITM) at once, each through its own self-attention
-mask (vlmkit.train.blip2); the ViT reads the image's last layer through its final LayerNorm (LAVIS's
+mask (vlmkit.objectives.blip2); the ViT reads the image's last layer through its final LayerNorm (LAVIS's
 `ln_vision`). (2) Generative learning: the query outputs, projected to the LLM's width, are soft visual prompts
 before the text; the LLM stays frozen and the Q-Former + projection train on captions. The prompt is
 `[queries][BOS] text` as transformers' Blip2Processor writes it (OPT's BOS is `</s>`), answers end at a newline

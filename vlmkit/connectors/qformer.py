@@ -30,6 +30,7 @@ from torch import nn
 
 from vlmkit.config import ConnectorConfig
 from vlmkit.connectors import Connector, register
+from vlmkit.data.render import IGNORE_INDEX
 from vlmkit.errors import ConfigError
 
 CONNECTOR_TOKENIZER_DIR = "connector_tokenizer"  # the Q-Former's BERT tokenizer, saved beside the LLM's
@@ -64,6 +65,46 @@ DEFAULT_WIDTH = 768  # bert-base
 
 DEC_TOKEN = "[DEC]"  # LAVIS adds it to BERT's tokenizer as the BOS that opens every ITG text
 _BERT_FIXED = {"hidden_act": "gelu", "layer_norm_eps": 1e-12, "position_embedding_type": "absolute"}
+
+
+@dataclass
+class QFormerText:
+    """The Q-Former's text inputs in its own (BERT) tokens, read off a batch of the LLM's tokens: made once per
+    batch where the batch is collated (a loader's `prepare`), not in every forward. `instructions` gives each
+    image's instruction (InstructBLIP: the text of its sample before the first answer token, all of a generation
+    prompt, image placeholders and special tokens left out; one row per image, in order); `captions` each
+    sample's supervised text (BLIP-2 stage 1's caption). Both return {"input_ids", "attention_mask"} (CPU)."""
+    llm_tokenizer: object
+    tokenizer: object
+    image_token_id: int
+    max_tokens: int
+
+    def _encode(self, texts: list[str]) -> dict:
+        encoded = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_tokens,
+                                 return_tensors="pt")
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def instructions(self, input_ids: torch.Tensor, image_counts: list[int], labels=None) -> dict:
+        texts = []
+        for i, count in enumerate(image_counts):
+            if not count:
+                continue
+            ids = input_ids[i].tolist()
+            end = len(ids)
+            if labels is not None:
+                supervised = (labels[i] != IGNORE_INDEX).nonzero()
+                end = int(supervised[0]) if len(supervised) else end
+            text = self.llm_tokenizer.decode([t for t in ids[:end] if t != self.image_token_id],
+                                             skip_special_tokens=True)
+            texts.extend([text.strip()] * count)
+        return self._encode(texts)
+
+    def captions(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict:
+        texts = []
+        for ids, target in zip(input_ids.tolist(), labels.tolist()):
+            tokens = [i for i, t in zip(ids, target) if t != IGNORE_INDEX]
+            texts.append(self.llm_tokenizer.decode(tokens, skip_special_tokens=True).strip())
+        return self._encode(texts)
 
 
 def qformer_config(config: ConnectorConfig, vision_hidden: int):

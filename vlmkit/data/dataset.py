@@ -261,6 +261,7 @@ class Batch:
     image_counts: list[int]
     record_ids: list[str]
     pixel_values: torch.Tensor | None = None  # the batch's images, when the loader decoded them
+    text_inputs: dict | None = None  # the connector's own tokens of the batch's text, when the loader made them
 
 
 def collate(examples: list[Example], pad_token_id: int, padding_side: str = "right") -> Batch:

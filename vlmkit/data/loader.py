@@ -54,12 +54,16 @@ class _Indices(Dataset):
 
 
 class _Collate:
-    def __init__(self, dataset: ConversationDataset, collate_fn: Callable, pad_token_id: int, pixels: bool):
+    def __init__(self, dataset: ConversationDataset, collate_fn: Callable, pad_token_id: int, pixels: bool,
+                 prepare: Callable | None = None):
         self.dataset, self.collate_fn, self.pad_token_id, self.pixels = dataset, collate_fn, pad_token_id, pixels
+        self.prepare = prepare
 
     def __call__(self, indices: list[int]):
         examples = [self.dataset[i] for i in indices]
         batch = self.collate_fn(examples, self.pad_token_id)
+        if self.prepare is not None:
+            batch = self.prepare(batch)
         if self.pixels and len(batch.image_indices):
             try:
                 batch.pixel_values = self.dataset.pixels(batch.image_indices)
@@ -69,14 +73,15 @@ class _Collate:
 
 
 def batch_loader(dataset: ConversationDataset, batches: Sequence[list[int]], pad_token_id: int, *, pixels: bool,
-                 workers: int = 0, collate_fn: Callable = collate) -> Iterator[Batch]:
-    """Collated batches for the given lists of example indices, in that order."""
+                 workers: int = 0, collate_fn: Callable = collate, prepare: Callable | None = None) -> Iterator[Batch]:
+    """Collated batches for the given lists of example indices, in that order; `prepare(batch)` (the objective's:
+    text in a connector's own tokens) runs on each where it is collated, in the worker when there are workers."""
     if not batches:
         return iter(())
     # without pixels a batch is a few lists of ints: worker processes would cost more than they save
     workers = resolve_workers(workers) if pixels else 0
     loader = DataLoader(_Indices(len(dataset)), batch_sampler=list(batches), num_workers=workers,
-                        collate_fn=_Collate(dataset, collate_fn, pad_token_id, pixels),
+                        collate_fn=_Collate(dataset, collate_fn, pad_token_id, pixels, prepare),
                         prefetch_factor=4 if workers else None, persistent_workers=False)
     return map(_unwrap, loader)
 

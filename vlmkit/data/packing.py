@@ -38,6 +38,7 @@ class PackedBatch:
     position_ids: torch.Tensor    # (B, L) restarting at 0 for every sample; 0 on padding
     sequence_ids: torch.Tensor    # (B, L) index of the sample within its row; -1 on padding
     pixel_values: torch.Tensor | None = None  # the batch's images, when a loader decoded them (as in Batch)
+    text_inputs: dict | None = None  # the connector's own tokens of the batch's text (as in Batch)
     # (B,) tokens at the start of each row that all its samples attend to (`collate_shared`); None = 0 everywhere
     prefix_lengths: torch.Tensor | None = None
 

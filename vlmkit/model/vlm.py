@@ -293,9 +293,12 @@ class VisionLanguageModel(nn.Module):
         return self.vision(pixel_values)
 
     def embed(self, input_ids: torch.Tensor, image_counts: list[int] | None = None, pixel_values=None,
-              vision_features=None, record_ids=None, labels=None) -> tuple[torch.Tensor, torch.Tensor]:
+              vision_features=None, record_ids=None, labels=None,
+              text_inputs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Text embeddings with image embeddings spliced in; returns (inputs_embeds, image_token_mask).
-        `labels` (training): where the answers start, for a connector that reads the instruction."""
+        For a connector that reads the instruction: `text_inputs`, each image's instruction in the connector's
+        tokens as the loader made them (`QFormerText.instructions`), or else made here from the batch (`labels`:
+        where the answers start)."""
         input_ids = input_ids.to(self.device)
         inputs_embeds = self.require_llm("the language model's forward").embed(input_ids)
         image_token_mask = input_ids == self.image_token_id
@@ -310,7 +313,10 @@ class VisionLanguageModel(nn.Module):
             weight = next(self.connector.parameters())
             extra = {}
             if getattr(self.connector, "reads_instruction", False):
-                extra = self.instruction_tokens(input_ids, image_counts, labels, weight.device)
+                if text_inputs is None:
+                    text_inputs = self.qformer_text().instructions(input_ids, image_counts, labels)
+                extra = {"instruction_ids": text_inputs["input_ids"].to(weight.device),
+                         "instruction_mask": text_inputs["attention_mask"].to(weight.device)}
             image_embeds = self.connector(vision_features.to(device=weight.device, dtype=weight.dtype), **extra)
         inputs_embeds = splice_image_features(inputs_embeds, image_token_mask, image_embeds, image_counts, record_ids)
         keep = getattr(self, "keep_connector_in_graph", False) or getattr(self, "keep_vision_in_graph", False)
@@ -337,121 +343,106 @@ class VisionLanguageModel(nn.Module):
         return self.llm.causal_lm.get_input_embeddings().weight.device
 
     def forward(self, input_ids, attention_mask=None, labels=None, image_counts=None, pixel_values=None,
-                vision_features=None, record_ids=None, position_ids=None, objective: str = "lm",
-                decoder_input_ids=None):
-        """Returns (loss or None, logits). With labels, logits are computed only where the loss needs them.
-        `objective="blip2_qformer"`: BLIP-2's stage-1 losses instead, (sum, {"itc", "itm", "itg"}), through the
-        Q-Former alone (no LLM), on the text the labels supervise (vlmkit.train.blip2).
+                vision_features=None, record_ids=None, position_ids=None, objective=None, decoder_input_ids=None,
+                text_inputs=None):
+        """Returns (loss or None, logits), as a Hugging Face model does: with labels, the next-token loss on the
+        supervised tokens and the logits there (`supervised_logits`); without, the logits of every position.
+
+        `objective` (vlmkit.objectives): that objective's loss instead, `objective.loss(model, **inputs)`, computed
+        here so that it runs inside a wrapped forward (DDP's and FSDP's hooks see every parameter it uses; BLIP-2's
+        ITC/ITM/ITG run the Q-Former three times). The model knows no objective itself."""
+        if objective is not None:
+            return objective.loss(self, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                  image_counts=image_counts, pixel_values=pixel_values,
+                                  vision_features=vision_features, record_ids=record_ids, position_ids=position_ids,
+                                  text_inputs=text_inputs)
+        if labels is None:
+            return None, self.logits(input_ids, attention_mask, image_counts, pixel_values, vision_features,
+                                     record_ids, position_ids, decoder_input_ids, text_inputs)
+        logits, targets = self.supervised_logits(input_ids, attention_mask, labels, image_counts, pixel_values,
+                                                 vision_features, record_ids, position_ids, text_inputs)
+        return F.cross_entropy(logits.float(), targets), logits
+
+    def logits(self, input_ids, attention_mask=None, image_counts=None, pixel_values=None, vision_features=None,
+               record_ids=None, position_ids=None, decoder_input_ids=None, text_inputs=None) -> torch.Tensor:
+        """Logits of every position (an encoder-decoder LLM: of its decoder over `decoder_input_ids`, by default
+        the start token alone)."""
+        llm = self.require_llm("the language model's forward")
+        if llm.is_encoder_decoder:
+            self._refuse_positions(position_ids)
+            if decoder_input_ids is None:
+                decoder_input_ids = torch.full((input_ids.shape[0], 1), llm.decoder_start_token_id, dtype=torch.long)
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            logits, _ = self._encode_decode(input_ids, attention_mask, decoder_input_ids, None, image_counts,
+                                            pixel_values, vision_features, record_ids, text_inputs)
+            return logits
+        inputs_embeds, image_token_mask = self.embed(input_ids, image_counts, pixel_values, vision_features,
+                                                     record_ids, text_inputs=text_inputs)
+        logits, _ = llm(inputs_embeds, attention_mask=self._here(attention_mask),
+                        position_ids=self._here(position_ids), image_token_mask=image_token_mask)
+        return logits
+
+    def supervised_logits(self, input_ids, attention_mask, labels, image_counts=None, pixel_values=None,
+                          vision_features=None, record_ids=None, position_ids=None,
+                          text_inputs=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, targets) at the supervised positions only, each position predicting its next token: what a
+        next-token loss reads, without the logits of the rest (a vocabulary-wide row per token).
 
         An encoder-decoder LLM (Flan-T5) reads each sample up to its first supervised token in its encoder (the
-        images, the prompt) and the rest in its decoder (`split_for_encoder_decoder`); without labels the logits
-        are the decoder's over `decoder_input_ids` (default: the start token alone)."""
-        if objective == "blip2_qformer":
-            return self.qformer_losses(input_ids, labels, image_counts, pixel_values, vision_features, record_ids)
-        if self.llm is not None and self.llm.is_encoder_decoder:
-            return self._seq2seq_forward(input_ids, attention_mask, labels, image_counts, pixel_values,
-                                         vision_features, record_ids, position_ids, decoder_input_ids)
+        images, the prompt) and the rest in its decoder (`split_for_encoder_decoder`)."""
+        llm = self.require_llm("the language model's forward")
+        if llm.is_encoder_decoder:
+            self._refuse_positions(position_ids)
+            encoder_ids, encoder_mask, decoder_ids, decoder_mask, targets = split_for_encoder_decoder(
+                input_ids, labels, attention_mask, llm.decoder_start_token_id, self.tokenizer.pad_token_id,
+                self.image_token_id, record_ids)
+            logits, _ = self._encode_decode(encoder_ids, encoder_mask, decoder_ids, decoder_mask, image_counts,
+                                            pixel_values, vision_features, record_ids, text_inputs)
+            targets = targets.to(logits.device)
+            supervised = targets != IGNORE_INDEX
+            return logits[supervised], targets[supervised]
         inputs_embeds, image_token_mask = self.embed(input_ids, image_counts, pixel_values, vision_features,
-                                                     record_ids, labels=labels)
-        attention_mask = attention_mask.to(self.device) if attention_mask is not None else None
-        position_ids = position_ids.to(self.device) if position_ids is not None else None
-        if labels is None:
-            logits, _ = self.llm(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                 image_token_mask=image_token_mask)
-            return None, logits
-        hidden = self.llm.hidden_states(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                        image_token_mask=image_token_mask)
+                                                     record_ids, labels=labels, text_inputs=text_inputs)
+        hidden = llm.hidden_states(inputs_embeds, attention_mask=self._here(attention_mask),
+                                   position_ids=self._here(position_ids), image_token_mask=image_token_mask)
         targets = labels[:, 1:].to(hidden.device)
         supervised = targets != IGNORE_INDEX
-        logits = self.llm.logits(hidden[:, :-1][supervised])
-        loss = F.cross_entropy(logits.float(), targets[supervised])
-        return loss, logits
+        return llm.logits(hidden[:, :-1][supervised]), targets[supervised]
 
-    def _seq2seq_forward(self, input_ids, attention_mask, labels, image_counts, pixel_values, vision_features,
-                         record_ids, position_ids, decoder_input_ids):
+    def _here(self, tensor):
+        return tensor.to(self.device) if tensor is not None else None
+
+    def _refuse_positions(self, position_ids) -> None:
         if position_ids is not None:
             raise ConfigError("packed sequences (position_ids) need a decoder-only LLM; this one is an encoder-decoder "
                               f"({self.llm.config.model_type}): train without packing")
-        llm = self.llm
-        if labels is None:
-            encoder_ids, encoder_mask = input_ids, attention_mask
-            if decoder_input_ids is None:
-                decoder_input_ids = torch.full((input_ids.shape[0], 1), llm.decoder_start_token_id, dtype=torch.long)
-            decoder_mask = targets = None
-        else:
-            encoder_ids, encoder_mask, decoder_input_ids, decoder_mask, targets = split_for_encoder_decoder(
-                input_ids, labels, attention_mask, llm.decoder_start_token_id, self.tokenizer.pad_token_id,
-                self.image_token_id, record_ids)
-        if encoder_mask is None:
-            encoder_mask = torch.ones_like(encoder_ids)
-        inputs_embeds, _ = self.embed(encoder_ids, image_counts, pixel_values, vision_features, record_ids)
+
+    def _encode_decode(self, encoder_ids, encoder_mask, decoder_ids, decoder_mask, image_counts, pixel_values,
+                       vision_features, record_ids, text_inputs):
+        inputs_embeds, _ = self.embed(encoder_ids, image_counts, pixel_values, vision_features, record_ids,
+                                      text_inputs=text_inputs)
         encoder_mask = encoder_mask.to(self.device)
-        hidden = llm.encode(inputs_embeds, encoder_mask)
-        logits, _ = llm.decode(decoder_input_ids.to(self.device), hidden, encoder_mask,
-                               decoder_mask=decoder_mask.to(self.device) if decoder_mask is not None else None)
-        if targets is None:
-            return None, logits
-        targets = targets.to(logits.device)
-        supervised = targets != IGNORE_INDEX
-        logits = logits[supervised]
-        return F.cross_entropy(logits.float(), targets[supervised]), logits
+        hidden = self.llm.encode(inputs_embeds, encoder_mask)
+        return self.llm.decode(decoder_ids.to(self.device), hidden, encoder_mask,
+                               decoder_mask=self._here(decoder_mask))
 
-    def instruction_tokens(self, input_ids: torch.Tensor, image_counts: list[int], labels=None, device=None) -> dict:
-        """For an instruction-aware Q-Former: each image's instruction in the Q-Former's tokens — the text of its
-        sample before the first answer token (all of a generation prompt), image placeholders and special tokens
-        left out; one row per image, in order."""
-        tokenizer = self.connector.tokenizer
-        if tokenizer is None:
-            raise ConfigError("connector.instruction_aware needs the Q-Former's text tokenizer (connector.name_or_path "
-                              "a BERT or a trained Q-Former with one)")
-        texts = []
-        for i, count in enumerate(image_counts):
-            if not count:
-                continue
-            ids = input_ids[i].tolist()
-            end = len(ids)
-            if labels is not None:
-                supervised = (labels[i] != IGNORE_INDEX).nonzero()
-                end = int(supervised[0]) if len(supervised) else end
-            text = self.tokenizer.decode([t for t in ids[:end] if t != self.image_token_id], skip_special_tokens=True)
-            texts.extend([text.strip()] * count)
-        encoded = tokenizer(texts, padding="longest", truncation=True,
-                            max_length=self.config.connector.max_text_tokens, return_tensors="pt")
-        return {"instruction_ids": encoded["input_ids"].to(device), "instruction_mask": encoded["attention_mask"].to(device)}
-
-    def qformer_texts(self, input_ids: torch.Tensor, labels: torch.Tensor) -> list[str]:
-        """Each sample's supervised text (its caption), as words: what the Q-Former's own tokenizer reads."""
-        texts = []
-        for ids, target in zip(input_ids.tolist(), labels.tolist()):
-            tokens = [i for i, t in zip(ids, target) if t != IGNORE_INDEX]
-            texts.append(self.tokenizer.decode(tokens, skip_special_tokens=True).strip())
-        return texts
-
-    def qformer_losses(self, input_ids, labels, image_counts, pixel_values=None, vision_features=None,
-                       record_ids=None):
-        from vlmkit.train.blip2 import qformer_losses
+    def qformer_text(self):
+        """The Q-Former's text reader (`QFormerText`): its own tokenizer over this model's tokens."""
+        from vlmkit.connectors.qformer import QFormerText
 
         tokenizer = getattr(self.connector, "tokenizer", None)
-        if tokenizer is None or not hasattr(self.connector, "joint_outputs"):
-            raise ConfigError("objective blip2_qformer trains a Q-Former with a text side: connector.type qformer, "
-                              "connector.text_input true and connector.name_or_path a BERT (its tokenizer reads "
-                              "the captions)")
-        counts = list(image_counts or [0] * input_ids.shape[0])
-        for i, count in enumerate(counts):
-            if count != 1:
-                name = record_ids[i] if record_ids is not None else i
-                raise BadRecord(name, f"has {count} images; BLIP-2's stage-1 objectives pair one image with one "
-                                      "text", kind="image_count")
-        if vision_features is None:
-            vision_features = self.encode_images(pixel_values)
-        weight = next(self.connector.parameters())
-        texts = self.qformer_texts(input_ids, labels)
-        encoded = tokenizer(texts, padding="longest", truncation=True, max_length=self.config.connector.max_text_tokens,
-                            return_tensors="pt")
-        terms = qformer_losses(self.connector, vision_features.to(device=weight.device, dtype=weight.dtype),
-                               encoded["input_ids"].to(weight.device), encoded["attention_mask"].to(weight.device),
-                               dec_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
-        return terms["loss"], {name: value for name, value in terms.items() if name != "loss"}
+        if tokenizer is None:
+            raise ConfigError("this needs the Q-Former's text tokenizer: connector.type qformer and "
+                              "connector.name_or_path a BERT or a trained Q-Former with one")
+        return QFormerText(self.tokenizer, tokenizer, self.image_token_id, self.config.connector.max_text_tokens)
+
+    def instruction_tokens(self, input_ids: torch.Tensor, image_counts: list[int], labels=None, device=None) -> dict:
+        """For an instruction-aware Q-Former: each image's instruction in the Q-Former's tokens, as the connector's
+        forward takes them (`QFormerText.instructions`)."""
+        encoded = self.qformer_text().instructions(input_ids, image_counts, labels)
+        return {"instruction_ids": encoded["input_ids"].to(device),
+                "instruction_mask": encoded["attention_mask"].to(device)}
 
     # -- save / load ---------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, state_dict: dict | None = None) -> None:

@@ -4,7 +4,7 @@ AdamW with a learning rate per module, linear warm-up then cosine decay, gradien
 accumulation, seeded data order, a tqdm bar, the loss per step appended to a JSONL log. Batches are read
 through DataLoader workers (`vlmkit.data.loader`); while the vision encoder is frozen its features are
 computed once per image and reused for every epoch, if they fit the cache budget (`vlmkit.model.features`).
-The loss comes from the stage's objective (`vlmkit.train.objectives`). Every `save_every` steps, and on
+The loss comes from the stage's objective (`vlmkit.objectives`). Every `save_every` steps, and on
 SIGINT/SIGTERM, the caller's `save` writes a step checkpoint (vlmkit.train.checkpoint); `resume` restarts
 from one at the same data position with the same optimizer, schedule and RNG.
 """
@@ -29,10 +29,10 @@ from vlmkit.data.packing import PackingCollate, SharedPrefixCollate, image_group
 from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.llm.lora import finish_stage
 from vlmkit.model.features import cache_features
+from vlmkit.objectives import get_objective
 from vlmkit.train import distributed
 from vlmkit.train.checkpoint import Resume, TrainState, restore
 from vlmkit.train.freeze import apply_stage_freezing, trains
-from vlmkit.train.objectives import get_objective
 
 
 def param_groups(model, stage: StageConfig) -> list[dict]:
@@ -204,6 +204,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
         _probe_frozen_features(cached, dataset, stage, log)
     pad_id = model.tokenizer.pad_token_id
     objective = get_objective(stage.objective)
+    prepare = objective.prepare(model)  # what the loader adds to each batch (the Q-Former's own tokens)
     packing = {}
     if stage.pack_to:  # a micro-batch is still batch_size samples, packed into as few rows as fit
         longest = max(range(len(dataset)), key=lambda i: len(dataset[i].input_ids))
@@ -244,7 +245,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
                 length_grouped_batches(dataset.lengths(), stage.batch_size, seed + epoch, indices=indices)
             shares = [info.shard(batch) if info.enabled else (batch, True) for batch in order[skip:]]
             loader = batch_loader(dataset, [indices for indices, _ in shares], pad_id, pixels=cached is None,
-                                  workers=workers, **packing)
+                                  workers=workers, prepare=prepare, **packing)
             for position, (_, real), batch in zip(range(skip, len(order)), shares, loader):
                 yield epoch, position, real, batch
             epoch, skip = epoch + 1, 0

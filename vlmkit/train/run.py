@@ -250,7 +250,7 @@ def _ignore_file_size_signal() -> None:
 
 
 def _stage_needs_llm(stage) -> bool:
-    from vlmkit.train.objectives import needs_llm
+    from vlmkit.objectives import needs_llm
 
     return "llm" in stage.train or needs_llm(stage.objective)
 

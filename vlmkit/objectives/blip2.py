@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vlmkit.connectors.qformer import attention_mask  # noqa: F401 (also public here)
+from vlmkit.connectors.qformer import attention_mask
 from vlmkit.errors import ConfigError
 
 LABEL_SMOOTHING = 0.1  # LAVIS: ITC's cross-entropies and the ITG decoder's
