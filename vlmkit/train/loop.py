@@ -10,7 +10,6 @@ from one at the same data position with the same optimizer, schedule and RNG.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
@@ -33,6 +32,7 @@ from vlmkit.objectives import get_objective
 from vlmkit.train import distributed
 from vlmkit.train.checkpoint import Resume, TrainState, restore
 from vlmkit.train.freeze import apply_stage_freezing, trains
+from vlmkit.train.strategy import make_strategy
 
 
 def param_groups(model, stage: StageConfig) -> list[dict]:
@@ -142,6 +142,89 @@ def _probe_frozen_features(features, dataset: ConversationDataset, stage: StageC
             "(with a frozen encoder the language model can only learn what these features already tell apart)")
 
 
+def _layout(model, stage: StageConfig, dataset: ConversationDataset) -> tuple[dict, list | None]:
+    """How the stage lays samples out in rows: ({"collate_fn": …} or {}, the image keys share_prefix groups by)."""
+    if stage.pack_to:  # a micro-batch is still batch_size samples, packed into as few rows as fit
+        longest = max(range(len(dataset)), key=lambda i: len(dataset[i].input_ids))
+        if len(dataset[longest].input_ids) > stage.pack_to:
+            raise ConfigError(f"stage {stage.name!r}: record {dataset[longest].record_id!r} has "
+                              f"{len(dataset[longest].input_ids)} tokens, more than pack_to={stage.pack_to}")
+        if stage.share_prefix > 0:
+            raise ConfigError(f"stage {stage.name!r}: share_prefix and pack_to are two ways to lay out rows; set one")
+        return {"collate_fn": PackingCollate(stage.pack_to)}, None
+    if stage.share_prefix <= 0:
+        return {}, None
+    if model.llm is None or model.llm.is_encoder_decoder:
+        raise ConfigError(f"stage {stage.name!r}: share_prefix needs a decoder-only LLM (the samples' branches "
+                          "share the prefix's keys inside one sequence)")
+    if getattr(model.connector, "reads_instruction", False):
+        raise ConfigError(f"stage {stage.name!r}: share_prefix cannot be used with a connector that reads the "
+                          "instruction (one image's rows would need one image embedding per question)")
+    image_keys = [tuple(dataset[i].image_indices) for i in range(len(dataset))]
+    return {"collate_fn": SharedPrefixCollate(model.image_token_id, stage.share_prefix)}, image_keys
+
+
+def micro_batches(dataset: ConversationDataset, stage: StageConfig, state: TrainState, *, seed: int, info,
+                  image_keys, pad_id: int, pixels: bool, workers: int, layout: dict, prepare=None):
+    """(epoch, batch index in epoch, real, batch) from the state's saved position on, for ever: each epoch's
+    seeded order (length-grouped, or grouped by image for share_prefix), this rank's share of each micro-batch."""
+    epoch, skip = state.epoch, state.batch_in_epoch
+    while True:
+        indices = dataset.mixture.epoch(seed, epoch)
+        order = image_grouped_batches(image_keys, stage.batch_size, seed + epoch, indices=indices) \
+            if image_keys is not None else \
+            length_grouped_batches(dataset.lengths(), stage.batch_size, seed + epoch, indices=indices)
+        shares = [info.shard(batch) if info.enabled else (batch, True) for batch in order[skip:]]
+        loader = batch_loader(dataset, [indices for indices, _ in shares], pad_id, pixels=pixels, workers=workers,
+                              prepare=prepare, **layout)
+        for position, (_, real), batch in zip(range(skip, len(order)), shares, loader):
+            yield epoch, position, real, batch
+        epoch, skip = epoch + 1, 0
+
+
+def run_step(forward, objective, strategy, micro: list, cached, info, autocast, stopping: bool) -> dict:
+    """Forward and backward of one optimiser step's micro-batches. The step's loss is normalised by its units
+    (supervised tokens) over every micro-batch and rank; returns the step's loss, the objective's terms, rows
+    (samples, or packed rows) and units, summed over the ranks, and whether any rank got a stop signal (all
+    ranks then checkpoint and stop after the same step; a signal arriving later is seen at the next step)."""
+    units = [objective.units(batch) if real else 0 for _, _, real, batch in micro]
+    total_units = sum(units)
+    if info.enabled:
+        total_units = int(distributed.all_reduce_sum([total_units])[0])
+    total_units = max(total_units, 1)
+    step_sum, term_sums = 0.0, {}
+    for (_, _, _, batch), count in zip(micro, units):
+        features = cached[batch.image_indices] if cached is not None and len(batch.image_indices) else None
+        with autocast:
+            loss, terms = objective(forward, batch, features)
+        # this micro-batch's share of the step's units; DDP averages gradients over ranks, so the world size
+        # turns that average back into the global sum (a rank without samples: weight 0)
+        strategy.backward(loss * (count * info.world_size / total_units))
+        step_sum += loss.item() * count
+        for name, value in terms.items():  # the objective's parts (BLIP-2: itc, itm, itg), weighted alike
+            term_sums[name] = term_sums.get(name, 0.0) + value * count
+    rows = sum(int(batch.input_ids.shape[0]) for _, _, real, batch in micro if real)
+    if info.enabled:
+        names = sorted(term_sums)
+        step_sum, rows, stops, *sums = distributed.all_reduce_sum(
+            [step_sum, rows, float(stopping), *(term_sums[n] for n in names)])
+        stopping = stops > 0
+        term_sums = dict(zip(names, sums))
+    return {"loss": step_sum / total_units, "terms": {n: v / total_units for n, v in term_sums.items()},
+            "rows": int(rows), "units": total_units, "stopping": stopping}
+
+
+def log_entry(stage: StageConfig, step: int, epoch: int, result: dict, optimizer, norm, start: float) -> dict:
+    """The step's line of the JSONL log (float(norm) waits for the GPU: the writing rank only)."""
+    entry = {"stage": stage.name, "step": step, "epoch": epoch, "loss": result["loss"],
+             "lr": {g["name"]: g["lr"] for g in optimizer.param_groups if not g["name"].endswith(".no_decay")},
+             "grad_norm": None if norm is None else float(norm), "tokens": result["units"], "rows": result["rows"],
+             "seconds": round(time.time() - start, 3)}
+    if result["terms"]:
+        entry["terms"] = result["terms"]
+    return entry
+
+
 def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed: int, log_file: Path | None = None,
                 bf16: bool = False, verbose: bool = True, log=print, stage_index: int = 0, save_every: int = 0,
                 strategy: str = "ddp", workers: int = 0, feature_cache_gb: float = 4.0,
@@ -157,14 +240,67 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
     start = time.time()
     torch.manual_seed(seed)
     info = distributed.current()
-    if stage.lora.r > 0 and info.enabled and strategy == "fsdp":
-        raise ConfigError(f"stage {stage.name!r}: LoRA under FSDP is not supported yet; use --distributed ddp")
-    zero = strategy == "deepspeed"  # DeepSpeed ZeRO's engine takes backward, clipping and the optimizer step
-    if zero and (not info.enabled or resume is not None or save_every):
-        raise ConfigError("--distributed deepspeed: " + (
-            "launch under torchrun (it needs the process group: torchrun --nproc_per_node N -m vlmkit train …)"
-            if not info.enabled else "step checkpoints and --resume are not supported under DeepSpeed yet: use "
-            "--save-every 0 (each stage still ends with a checkpoint), or --distributed fsdp, which has both"))
+    engine = make_strategy(strategy, info, stage, bf16=bf16, deepspeed_config=deepspeed_config, scratch=scratch)
+    engine.check(stage, resume, save_every)
+    undo = _enter_stage(model, stage, gradient_checkpointing, log)
+    epoch_size = dataset.mixture.epoch_size()
+    total_steps, schedule_text = stage_schedule(stage, epoch_size,
+                                                math.ceil(epoch_size / (stage.batch_size * stage.grad_accum)))
+    if resume is None:
+        log(f"stage {stage.name}: {schedule_text}")
+    forward = engine.prepare(model, lambda: param_groups(model, stage), warmup_cosine(total_steps, stage.warmup_ratio))
+    autocast = engine.autocast(model)
+    cached = cache_features(model, dataset, feature_cache_gb, workers, verbose=verbose, log=log) \
+        if not trains(stage, "vision") and engine.caches_features(model) else None
+    if cached is not None and "llm" in stage.train and info.is_main and resume is None:
+        _probe_frozen_features(cached, dataset, stage, log)
+    objective = get_objective(stage.objective)
+    layout, image_keys = _layout(model, stage, dataset)
+    state = TrainState(stage_index, stage.name, fingerprint=dict(fingerprint or {}))
+    if resume is not None:
+        restore(resume, engine.optimizer, engine.schedule, model)
+        state = resume.state
+        log(f"stage {stage.name}: resuming at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+    batches = micro_batches(dataset, stage, state, seed=seed, info=info, image_keys=image_keys,
+                            pad_id=model.tokenizer.pad_token_id, pixels=cached is None, workers=workers,
+                            layout=layout, prepare=objective.prepare(model))
+    log_handle = open(log_file, "a") if log_file else None
+    bar = tqdm(range(state.step, total_steps), desc=f"stage {stage.name}", disable=not verbose, mininterval=0.5,
+               initial=state.step, total=total_steps)
+    try:
+        with StopRequested() as stop:
+            for step in bar:
+                micro = [next(batches) for _ in range(stage.grad_accum)]
+                result = run_step(forward, objective, engine, micro, cached, info, autocast,
+                                  stop.signal_name is not None)
+                norm = engine.step(stage.max_grad_norm)
+                state.step, state.epoch, state.batch_in_epoch = step + 1, micro[-1][0], micro[-1][1] + 1
+                state.losses.append(result["loss"])
+                bar.set_postfix(loss=f"{result['loss']:.4f}", epoch=state.epoch)
+                if log_handle or reporter:
+                    entry = log_entry(stage, step + 1, state.epoch, result, engine.optimizer, norm, start)
+                    if log_handle:
+                        log_handle.write(json.dumps(entry) + "\n")
+                        log_handle.flush()
+                    if reporter:
+                        reporter.log(entry, step_offset + step + 1)
+                periodic = save_every and state.step % save_every == 0 and state.step < total_steps
+                if save is not None and (result["stopping"] or periodic):
+                    save(engine.optimizer, engine.schedule, state)
+                if result["stopping"]:
+                    raise TrainingInterrupted(f"{stop.signal_name or 'a stop signal on another rank'}: stopped stage "
+                                              f"{stage.name!r} after step {state.step}"
+                                              + ("; continue with --resume" if save or info.enabled else ""))
+    finally:
+        batches.close()  # ends the epoch's loader and its worker processes
+        if log_handle:
+            log_handle.close()
+    engine.finish(model)
+    return _leave_stage(model, stage, undo, state.losses, total_steps, time.time() - start, log)
+
+
+def _enter_stage(model, stage: StageConfig, gradient_checkpointing: bool, log):
+    """Freeze and unfreeze as the stage says; returns what undoes the layer checkpointing (or None)."""
     if stage.lora.r > 0 and "llm" not in stage.train:
         raise ConfigError(f"stage {stage.name!r} sets lora.r={stage.lora.r} but does not train the llm")
     apply_stage_freezing(model, stage.train, log=log, lora=stage.lora, batch_norm=stage.batch_norm)
@@ -175,171 +311,18 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
     model.keep_vision_in_graph = trains(stage, "vision")
     # activations recomputed in the backward pass, layer by layer: in every stage, since even with the LLM frozen
     # (LLaVA's stage 1) the gradient reaches the connector through all its layers
-    undo_checkpointing = checkpoint_layers(model.llm.causal_lm) if gradient_checkpointing and model.llm is not None \
-        else None
-    forward = distributed.prepare(model, info, strategy, bf16=bf16)  # before the optimizer: FSDP replaces the parameters
-    # the fused kernel does the same update in one pass instead of a Python loop over parameters (measured: the
-    # optimizer step 272 -> 56 ms on the benchmark's 'small' model); FSDP's sharded DTensors use the default
-    optimizer = torch.optim.AdamW(param_groups(model, stage), betas=(0.9, 0.999), eps=1e-8,
-                                  fused=not distributed.is_sharded(model) and not zero)
-    steps_per_epoch = math.ceil(dataset.mixture.epoch_size() / (stage.batch_size * stage.grad_accum))
-    total_steps, schedule_text = stage_schedule(stage, dataset.mixture.epoch_size(), steps_per_epoch)
-    if resume is None:
-        log(f"stage {stage.name}: {schedule_text}")
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, stage.warmup_ratio))
-    engine = None
-    if zero:
-        from vlmkit.train import zero as deepspeed_zero
+    if gradient_checkpointing and model.llm is not None:
+        return checkpoint_layers(model.llm.causal_lm)
+    return None
 
-        home = model.device
-        buffers = {name: b.detach().clone() for name, b in model.as_tensor_module().named_buffers()}
-        engine = deepspeed_zero.initialize(model, optimizer, schedule, deepspeed_zero.fill_config(
-            deepspeed_config, world_size=info.world_size, batch_size=stage.batch_size, grad_accum=stage.grad_accum,
-            bf16=bf16, hidden=model.llm_hidden, max_grad_norm=stage.max_grad_norm))
-        forward = engine
-    # frozen-encoder features are cached once per image; a sharded model runs its tower inside the forward
-    cache = not trains(stage, "vision") and not distributed.is_sharded(model) and not zero
-    cached = cache_features(model, dataset, feature_cache_gb, workers, verbose=verbose, log=log) if cache else None
-    if cached is not None and "llm" in stage.train and info.is_main and resume is None:
-        _probe_frozen_features(cached, dataset, stage, log)
-    pad_id = model.tokenizer.pad_token_id
-    objective = get_objective(stage.objective)
-    prepare = objective.prepare(model)  # what the loader adds to each batch (the Q-Former's own tokens)
-    packing = {}
-    if stage.pack_to:  # a micro-batch is still batch_size samples, packed into as few rows as fit
-        longest = max(range(len(dataset)), key=lambda i: len(dataset[i].input_ids))
-        if len(dataset[longest].input_ids) > stage.pack_to:
-            raise ConfigError(f"stage {stage.name!r}: record {dataset[longest].record_id!r} has "
-                              f"{len(dataset[longest].input_ids)} tokens, more than pack_to={stage.pack_to}")
-        packing = {"collate_fn": PackingCollate(stage.pack_to)}
-    image_keys = None
-    if stage.share_prefix > 0:
-        if stage.pack_to:
-            raise ConfigError(f"stage {stage.name!r}: share_prefix and pack_to are two ways to lay out rows; set one")
-        if model.llm is None or model.llm.is_encoder_decoder:
-            raise ConfigError(f"stage {stage.name!r}: share_prefix needs a decoder-only LLM (the samples' branches "
-                              "share the prefix's keys inside one sequence)")
-        if getattr(model.connector, "reads_instruction", False):
-            raise ConfigError(f"stage {stage.name!r}: share_prefix cannot be used with a connector that reads the "
-                              "instruction (one image's rows would need one image embedding per question)")
-        image_keys = [tuple(dataset[i].image_indices) for i in range(len(dataset))]
-        packing = {"collate_fn": SharedPrefixCollate(model.image_token_id, stage.share_prefix)}
-    # bf16 autocast where the model is (CUDA or CPU); the optimizer keeps the fp32 master weights
-    # (under DeepSpeed the engine holds the module in bf16 itself)
-    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16) if bf16 and not zero else \
-        contextlib.nullcontext()
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    state = TrainState(stage_index, stage.name, fingerprint=dict(fingerprint or {}))
-    if resume is not None:
-        restore(resume, optimizer, schedule, model)
-        state = resume.state
-        log(f"stage {stage.name}: resuming at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
 
-    def micro_batches():
-        """(epoch, batch index in epoch, batch), from the saved position on."""
-        epoch, skip = state.epoch, state.batch_in_epoch
-        while True:
-            indices = dataset.mixture.epoch(seed, epoch)
-            order = image_grouped_batches(image_keys, stage.batch_size, seed + epoch, indices=indices) \
-                if image_keys is not None else \
-                length_grouped_batches(dataset.lengths(), stage.batch_size, seed + epoch, indices=indices)
-            shares = [info.shard(batch) if info.enabled else (batch, True) for batch in order[skip:]]
-            loader = batch_loader(dataset, [indices for indices, _ in shares], pad_id, pixels=cached is None,
-                                  workers=workers, prepare=prepare, **packing)
-            for position, (_, real), batch in zip(range(skip, len(order)), shares, loader):
-                yield epoch, position, real, batch
-            epoch, skip = epoch + 1, 0
-
-    batches = micro_batches()
-    log_handle = open(log_file, "a") if log_file else None
-    bar = tqdm(range(state.step, total_steps), desc=f"stage {stage.name}", disable=not verbose, mininterval=0.5,
-               initial=state.step, total=total_steps)
-    try:
-        with StopRequested() as stop:
-            for step in bar:
-                micro = [next(batches) for _ in range(stage.grad_accum)]
-                # the step's loss is normalised by its units (supervised tokens) over every micro-batch and rank
-                units = [objective.units(batch) if real else 0 for _, _, real, batch in micro]
-                total_units = sum(units)
-                if info.enabled:
-                    total_units = int(distributed.all_reduce_sum([total_units])[0])
-                total_units = max(total_units, 1)
-                step_sum, term_sums = 0.0, {}
-                for (epoch, position, real, batch), count in zip(micro, units):
-                    features = cached[batch.image_indices] if cached is not None and len(batch.image_indices) \
-                        else None
-                    with autocast:
-                        loss, terms = objective(forward, batch, features)
-                    # this micro-batch's share of the step's units; DDP averages gradients over ranks, so the
-                    # world size turns that average back into the global sum (a rank without samples: weight 0)
-                    weight = count * info.world_size / total_units
-                    if engine is not None:  # steps (clip, AdamW, schedule, zero_grad) at the accumulation boundary
-                        engine.backward(loss * weight, scale_wrt_gas=False)  # the loss is normalised already
-                        engine.step()
-                    else:
-                        (loss * weight).backward()
-                    step_sum += loss.item() * count
-                    for name, value in terms.items():  # the objective's parts (BLIP-2: itc, itm, itg), weighted alike
-                        term_sums[name] = term_sums.get(name, 0.0) + value * count
-                rows = sum(int(batch.input_ids.shape[0]) for _, _, real, batch in micro if real)
-                stopping = stop.signal_name is not None
-                if info.enabled:  # the step's loss and rows (samples, or packed rows) over every rank, and whether
-                    # any rank got a stop signal: all ranks then checkpoint and stop after the same step (a signal
-                    # arriving after this point is seen at the next step, by everyone)
-                    names = sorted(term_sums)
-                    step_sum, rows, stops, *sums = distributed.all_reduce_sum(
-                        [step_sum, rows, float(stopping), *(term_sums[n] for n in names)])
-                    stopping = stops > 0
-                    term_sums = dict(zip(names, sums))
-                step_loss = step_sum / total_units
-                if engine is not None:
-                    norm = engine.get_global_grad_norm() if stage.max_grad_norm else None
-                else:
-                    norm = torch.nn.utils.clip_grad_norm_(trainable, stage.max_grad_norm) if stage.max_grad_norm \
-                        else None
-                    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a sharded DTensor
-                    optimizer.step()
-                    schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
-                state.step, state.epoch, state.batch_in_epoch = step + 1, epoch, position + 1
-                state.losses.append(step_loss)
-                bar.set_postfix(loss=f"{step_loss:.4f}", epoch=epoch)
-                if log_handle or reporter:  # the writing rank only (float(norm) waits for the GPU)
-                    entry = {
-                        "stage": stage.name, "step": step + 1, "epoch": epoch, "loss": step_loss,
-                        "lr": {g["name"]: g["lr"] for g in optimizer.param_groups
-                               if not g["name"].endswith(".no_decay")},
-                        "grad_norm": None if norm is None else float(norm), "tokens": total_units,
-                        "rows": int(rows),
-                        "seconds": round(time.time() - start, 3)}
-                    if term_sums:
-                        entry["terms"] = {name: value / total_units for name, value in term_sums.items()}
-                    if log_handle:
-                        log_handle.write(json.dumps(entry) + "\n")
-                        log_handle.flush()
-                    if reporter:
-                        reporter.log(entry, step_offset + step + 1)
-                periodic = save_every and state.step % save_every == 0 and state.step < total_steps
-                if save is not None and (stopping or periodic):
-                    save(optimizer, schedule, state)
-                if stopping:
-                    raise TrainingInterrupted(f"{stop.signal_name or 'a stop signal on another rank'}: stopped stage "
-                                              f"{stage.name!r} after step {state.step}"
-                                              + ("; continue with --resume" if save or info.enabled else ""))
-    finally:
-        batches.close()  # ends the epoch's loader and its worker processes
-        if log_handle:
-            log_handle.close()
-    if engine is not None:  # the trained fp32 weights back into the plain model, the engine taken apart
-        deepspeed_zero.finish(engine, model, scratch or Path(".vlmkit-deepspeed"), buffers, home)
+def _leave_stage(model, stage: StageConfig, undo, losses: list[float], total_steps: int, seconds: float, log) -> dict:
     model.keep_connector_in_graph = model.keep_vision_in_graph = False
-    if undo_checkpointing:
-        undo_checkpointing()
+    if undo:
+        undo()
     finish_stage(model.llm, stage.lora)  # merge LoRA adapters into the weights, or keep them
     model.eval()
     model.requires_grad_(False)
-    seconds = time.time() - start
-    losses = state.losses
     tail = losses[-max(1, len(losses) // 10):]
     log(f"stage {stage.name}: {total_steps} steps, loss {losses[0]:.4f} -> {sum(tail) / len(tail):.4f}, {seconds:.0f}s")
     return {"stage": stage.name, "steps": total_steps, "first_loss": losses[0], "final_loss": sum(tail) / len(tail),

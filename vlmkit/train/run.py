@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -174,8 +176,8 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
         reporter = report.open_reporters(report_to or ["none"], run_dir, json.loads(config.to_json()),
                                          purge_step=purge)
     try:
-        _run_stages(model, config, run_dir, data, selected, first, resume_from, info, log_file, summary, reporter,
-                    verbose, log, init, allow_pickle)
+        run = StageRun(config, run_dir, data, info, log_file, summary, reporter, verbose, log, init, allow_pickle)
+        _run_stages(model, run, selected, first, resume_from)
     finally:
         reporter.close()
     summary["seconds"] = time.time() - start
@@ -185,8 +187,27 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
     return {"model": model, **summary}
 
 
-def _run_stages(model, config, run_dir, data, selected, first, resume_from, info, log_file, summary, reporter,
-                verbose, log, init, allow_pickle=False) -> None:
+@dataclass
+class StageRun:
+    """What every stage of one `train` call shares: the config, where it writes, the data, this process's rank,
+    the summary it fills, how it reports."""
+    config: ArchConfig
+    run_dir: Path
+    data: object
+    info: distributed.DistInfo
+    log_file: Path
+    summary: dict
+    reporter: object
+    verbose: bool
+    log: Callable
+    init: str | None
+    allow_pickle: bool = False
+
+
+def _run_stages(model, run: StageRun, selected: list, first: int, resume_from) -> None:
+    """Train the `selected` stages from index `first` on (`resume_from`: the step checkpoint the first continues
+    from), writing each stage's checkpoint and the run's model."""
+    config, info, log = run.config, run.info, run.log
     log(f"model: {config.name} ({config.scale}); {model.num_image_tokens} image tokens per image; "
         f"{sum(p.numel() for p in model.parameters()):,} parameters")
 
@@ -197,46 +218,48 @@ def _run_stages(model, config, run_dir, data, selected, first, resume_from, info
             continue
         phase = time.time()
         if model.llm is None and _stage_needs_llm(stage):
-            model.attach_llm(verbose=verbose, allow_pickle=allow_pickle)
+            model.attach_llm(verbose=run.verbose, allow_pickle=run.allow_pickle)
             log(f"stage {stage.name!r}: loaded the language model {config.llm.name_or_path} "
                 f"({sum(p.numel() for p in model.llm.parameters()):,} parameters)")
         if stage.image_size or base_size != model.image_transform.crop[0]:
             model.set_image_size(stage.image_size or base_size)
             log(f"stage {stage.name!r}: images at {model.image_transform.crop[0]} px, {model.vision.num_tokens} vision "
                 f"tokens -> {model.num_image_tokens} image tokens")
-        dataset = stage_dataset(model, config, stage, data, verbose=verbose)
+        dataset = stage_dataset(model, config, stage, run.data, verbose=run.verbose)
         source = dataset.source
         if dataset.skipped.total:
             log(f"{source}: {dataset.skipped.summary()}")
-            summary["skipped"][stage.name] = dict(dataset.skipped.counts)
+            run.summary["skipped"][stage.name] = dict(dataset.skipped.counts)
         per_source = dataset.mixture.per_source()
         log(f"stage {index + 1}/{len(config.stages)} {stage.name!r}: {len(dataset)} records from {source}, "
             f"{len(dataset.images)} images, trains {stage.train}")
         if len(per_source) > 1:
             log("  mixture, samples per epoch: " + ", ".join(f"{n} {name}" for name, n in per_source.items()))
-        summary.setdefault("samples_per_epoch", {})[stage.name] = per_source
+        run.summary.setdefault("samples_per_epoch", {})[stage.name] = per_source
         stage_resume = resume_from if resume_from is not None and resume_from.state.stage_index == index else None
         result = train_stage(model, stage, dataset, seed=config.seed + index,
-                             log_file=log_file if info.is_main else None, bf16=config.bf16, verbose=verbose, log=log,
+                             log_file=run.log_file if info.is_main else None, bf16=config.bf16, verbose=run.verbose,
+                             log=log,
                              stage_index=index, save_every=config.save_every, strategy=config.distributed,
                              workers=config.workers, feature_cache_gb=config.feature_cache_gb,
                              gradient_checkpointing=config.gradient_checkpointing,
-                             deepspeed_config=config.deepspeed_config, scratch=run_dir / ".deepspeed-scratch",
-                             save=_step_saver(model, run_dir, config.keep_last, log, sharded)
+                             deepspeed_config=config.deepspeed_config, scratch=run.run_dir / ".deepspeed-scratch",
+                             save=_step_saver(model, run.run_dir, config.keep_last, log, sharded)
                              if (info.is_main or sharded) and config.distributed != "deepspeed" else None,
-                             resume=stage_resume, fingerprint=stage_fingerprint(config, stage, data, info.world_size, init),
-                             reporter=reporter if info.is_main else None,
-                             step_offset=report.global_step_offset(log_file, stage.name) if info.is_main else 0)
+                             resume=stage_resume,
+                             fingerprint=stage_fingerprint(config, stage, run.data, info.world_size, run.init),
+                             reporter=run.reporter if info.is_main else None,
+                             step_offset=report.global_step_offset(run.log_file, stage.name) if info.is_main else 0)
         state = distributed.full_state_dict(model) if distributed.is_sharded(model) else None  # all ranks gather
         if info.is_main:
-            _write_or_explain(model, run_dir / "checkpoints" / f"{index + 1}-{stage.name}", run_dir, state)
-            _write_or_explain(model, run_dir / "model", run_dir, state)
-            checkpoint.prune(run_dir, 0)  # the stage is complete: its step checkpoints are no longer needed
-            plot_loss(log_file, run_dir / "loss.png")
+            _write_or_explain(model, run.run_dir / "checkpoints" / f"{index + 1}-{stage.name}", run.run_dir, state)
+            _write_or_explain(model, run.run_dir / "model", run.run_dir, state)
+            checkpoint.prune(run.run_dir, 0)  # the stage is complete: its step checkpoints are no longer needed
+            plot_loss(run.log_file, run.run_dir / "loss.png")
         distributed.barrier()
         result["train_seconds"] = result.pop("seconds")
         result["seconds"] = time.time() - phase  # data reading + training + checkpoint
-        summary["stages"].append(result)
+        run.summary["stages"].append(result)
 
 
 def _ignore_file_size_signal() -> None:
