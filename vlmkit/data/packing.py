@@ -2,14 +2,14 @@
 
 Padding a batch to its longest sample wastes compute on pad tokens when lengths vary; packing concatenates
 samples into rows of at most `pack_to` tokens instead. Samples in a row must not see each other, so a packed
-batch carries `sequence_ids` (which sample each token belongs to) and the model gets a block-diagonal causal
-mask from `block_diagonal_mask` plus `position_ids` that restart at 0 for every sample:
+batch carries `sequence_ids` (which sample each token belongs to), from which the model makes a block-diagonal
+causal mask (`block_diagonal_mask`) and position ids that restart at 0 for every sample (its `position_ids`,
+`vlmkit.llm.sample_positions`; the batch's own `position_ids` are the same numbers, for reading):
 
     rows = pack_examples(dataset.examples, pack_to=2048)
     batch = collate_packed([[dataset[i] for i in row] for row in rows[:4]], tokenizer.pad_token_id)
-    loss, _ = model(batch.input_ids, block_diagonal_mask(batch.sequence_ids, dtype), batch.labels,
-                    image_counts=batch.image_counts, pixel_values=dataset.pixel_values[batch.image_indices],
-                    position_ids=batch.position_ids)
+    loss, _ = model(batch.input_ids, batch.attention_mask, batch.labels, image_counts=batch.image_counts,
+                    pixel_values=dataset.pixel_values[batch.image_indices], sequence_ids=batch.sequence_ids)
 
 The 2-D `attention_mask` of a packed batch only marks padding; passing it to the model instead of the
 block-diagonal mask lets samples attend across their boundaries.
@@ -25,6 +25,7 @@ import torch
 from vlmkit.data.dataset import Example
 from vlmkit.data.render import IGNORE_INDEX
 from vlmkit.errors import ConfigError
+from vlmkit.llm import sample_positions
 
 
 @dataclass
@@ -67,17 +68,16 @@ def pack_examples(examples: list[Example], pack_to: int) -> list[list[int]]:
 
 
 def _empty_rows(count: int, length: int, pad_token_id: int) -> tuple[torch.Tensor, ...]:
-    """(input_ids, labels, attention_mask, position_ids, sequence_ids) of `count` all-padding rows."""
+    """(input_ids, labels, attention_mask, sequence_ids) of `count` all-padding rows."""
     shape = (count, length)
     return (torch.full(shape, pad_token_id, dtype=torch.long), torch.full(shape, IGNORE_INDEX, dtype=torch.long),
-            torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long),
-            torch.full(shape, -1, dtype=torch.long))
+            torch.zeros(shape, dtype=torch.long), torch.full(shape, -1, dtype=torch.long))
 
 
 def collate_packed(rows: list[list[Example]], pad_token_id: int) -> PackedBatch:
     """One batch from rows of examples (e.g. from `pack_examples`): each row's samples concatenated."""
     length = max(sum(len(e.input_ids) for e in row) for row in rows)
-    input_ids, labels, attention_mask, position_ids, sequence_ids = _empty_rows(len(rows), length, pad_token_id)
+    input_ids, labels, attention_mask, sequence_ids = _empty_rows(len(rows), length, pad_token_id)
     for r, row in enumerate(rows):
         start = 0
         for s, example in enumerate(row):
@@ -88,13 +88,13 @@ def collate_packed(rows: list[list[Example]], pad_token_id: int) -> PackedBatch:
             # the model's next-token shift pairs this label with the previous sample's last token
             labels[r, start] = IGNORE_INDEX
             attention_mask[r, span] = 1
-            position_ids[r, span] = torch.arange(n)
             sequence_ids[r, span] = s
             start += n
     image_indices = torch.tensor([i for row in rows for e in row for i in e.image_indices], dtype=torch.long)
     return PackedBatch(input_ids, attention_mask, labels, image_indices,
                        [sum(len(e.image_indices) for e in row) for row in rows],
-                       [[e.record_id for e in row] for row in rows], position_ids, sequence_ids)
+                       [[e.record_id for e in row] for row in rows], sample_positions(attention_mask, sequence_ids),
+                       sequence_ids)
 
 
 def block_diagonal_mask(sequence_ids: torch.Tensor, dtype: torch.dtype = torch.float32,
@@ -155,11 +155,10 @@ def collate_shared(examples: list[Example], pad_token_id: int, image_token_id: i
         prefix = shared_prefix_length(group, image_token_id) if len(group) > 1 else 0
         rows += [(prefix, group)] if prefix else [(0, [e]) for e in group]
     length = max(prefix + sum(len(e.input_ids) - prefix for e in group) for prefix, group in rows)
-    input_ids, labels, attention_mask, position_ids, sequence_ids = _empty_rows(len(rows), length, pad_token_id)
+    input_ids, labels, attention_mask, sequence_ids = _empty_rows(len(rows), length, pad_token_id)
     for r, (prefix, group) in enumerate(rows):
         first = group[0]
         input_ids[r, :prefix] = torch.as_tensor(np.asarray(first.input_ids[:prefix]), dtype=torch.long)
-        position_ids[r, :prefix] = torch.arange(prefix)
         sequence_ids[r, :prefix] = 0
         start = prefix
         for s, example in enumerate(group):
@@ -168,15 +167,16 @@ def collate_shared(examples: list[Example], pad_token_id: int, image_token_id: i
             input_ids[r, span] = torch.as_tensor(np.asarray(example.input_ids[prefix:]), dtype=torch.long)
             labels[r, span] = torch.as_tensor(np.asarray(example.labels[prefix:]), dtype=torch.long)
             labels[r, start] = IGNORE_INDEX  # unsupervised by construction (shared_prefix_length)
-            position_ids[r, span] = torch.arange(prefix, prefix + n)
             sequence_ids[r, span] = s + 1
             start += n
         attention_mask[r, :start] = 1
     image_indices = torch.tensor([i for _, group in rows for i in group[0].image_indices], dtype=torch.long)
+    prefix_lengths = torch.tensor([prefix for prefix, _ in rows], dtype=torch.long)
     return PackedBatch(input_ids, attention_mask, labels, image_indices,
                        [len(group[0].image_indices) for _, group in rows],
-                       [[e.record_id for e in group] for _, group in rows], position_ids, sequence_ids,
-                       prefix_lengths=torch.tensor([prefix for prefix, _ in rows], dtype=torch.long))
+                       [[e.record_id for e in group] for _, group in rows],
+                       sample_positions(attention_mask, sequence_ids, prefix_lengths), sequence_ids,
+                       prefix_lengths=prefix_lengths)
 
 
 def image_grouped_batches(image_keys: list[tuple], batch_size: int, seed: int,

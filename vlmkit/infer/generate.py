@@ -134,10 +134,10 @@ class Decoder:
     """Rows decoded together, which may join and leave between steps (continuous batching).
 
     State between steps: the KV cache holds every row's sequence except its pending token (the one sampled
-    last, fed at the next step), left-padded to a common length with `mask` 0 on the padding; `last` is each
-    row's position of its last cached token. `add` prefills new rows (one left-padded forward) and merges
-    them in; `step` feeds every pending token and samples the next; `drop_finished` removes finished rows
-    from the cache. `generate()` is one `add` and steps until all rows finish. With `use_cache=False` the
+    last, fed at the next step), left-padded to a common length with `mask` 0 on the padding; the positions are
+    the model's (`model.position_ids` of the mask), and every forward is the model's `decode` / `decode_step`.
+    `add` prefills new rows (one left-padded forward) and merges them in; `step` feeds every pending token and
+    samples the next; `drop_finished` removes finished rows from the cache. `generate()` is one `add` and steps until all rows finish. With `use_cache=False` the
     whole sequence is recomputed every step (tests, debugging) and rows cannot join later.
 
     An encoder-decoder LLM (Flan-T5): `add` runs the prompts through the encoder once and starts each row's
@@ -159,8 +159,8 @@ class Decoder:
         self.rows: list[Row] = []
         self.cache = None
         self.embeds = None      # use_cache=False: the whole sequence so far
+        self.image_mask = None  # use_cache=False: which of its positions are image tokens
         self.mask = None        # (rows, cached length)
-        self.last = None        # (rows,) position of each row's last cached token
         self.pending = None     # (rows,) the token to feed next
         self.seq2seq = model.llm.is_encoder_decoder
         self.encoder = None     # encoder-decoder: (encoder states (rows, S, D), encoder mask (rows, S))
@@ -183,17 +183,14 @@ class Decoder:
         model, device = self.model, self.model.device
         input_ids, mask = left_pad(prompts, model.tokenizer.pad_token_id)
         input_ids, mask = input_ids.to(device), mask.to(device)
-        embeds, _ = model.embed(input_ids, image_counts, pixel_values, vision_features, record_ids)
+        embeds, image_mask = model.embed(input_ids, image_counts, pixel_values, vision_features, record_ids)
         if self.seq2seq:
             self._start_decoder(embeds, mask, rows)
             return
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = model.llm(embeds, attention_mask=mask, position_ids=positions, past_key_values=None,
-                                  use_cache=self.use_cache, logits_to_keep=1)
+        logits, cache = model.decode(embeds, mask, image_token_mask=image_mask, use_cache=self.use_cache)
         pending = self._sample(logits[:, -1], rows)
-        last = positions[:, -1]
         if not self.rows:
-            self.cache, self.embeds, self.mask, self.last, self.pending = cache, embeds, mask, last, pending
+            self.cache, self.embeds, self.image_mask, self.mask, self.pending = cache, embeds, image_mask, mask, pending
         else:  # merge: left-pad the shorter side's cache and mask to the longer one, stack the rows
             length = max(self.mask.shape[1], mask.shape[1])
             for old, new in zip(_dynamic_layers(self.cache), _dynamic_layers(cache)):
@@ -201,7 +198,6 @@ class Decoder:
                 old.values = torch.cat([_left_pad_time(old.values, length, 2),
                                         _left_pad_time(new.values, length, 2)])
             self.mask = torch.cat([_left_pad_time(self.mask, length, 1), _left_pad_time(mask, length, 1)])
-            self.last = torch.cat([self.last, last])
             self.pending = torch.cat([self.pending, pending])
         self.rows.extend(rows)
         self._take(rows, pending)
@@ -222,20 +218,17 @@ class Decoder:
             raise RuntimeError("an encoder-decoder LLM's encoder reads the whole prompt at once: no prefix to share")
         model, device = self.model, self.model.device
         prefix_ids = prefix_ids.to(device)
-        embeds, _ = model.embed(prefix_ids, [1] * len(prefix_ids), pixel_values, vision_features)
-        length = prefix_ids.shape[1]
+        embeds, image_mask = model.embed(prefix_ids, [1] * len(prefix_ids), pixel_values, vision_features)
         ones = torch.ones_like(prefix_ids)
-        _, cache = model.llm(embeds, attention_mask=ones, position_ids=ones.cumsum(-1) - 1, use_cache=True,
-                             logits_to_keep=1)
+        _, cache = model.decode(embeds, ones, image_token_mask=image_mask)
         index = torch.tensor(owners, dtype=torch.long, device=device)
         cache.batch_select_indices(index)  # each row its prefix's keys and values (any cache layout)
         suffix_ids, suffix_mask = left_pad(suffixes, model.tokenizer.pad_token_id)
         suffix_ids, suffix_mask = suffix_ids.to(device), suffix_mask.to(device)
-        mask = torch.cat([ones[index], suffix_mask], dim=1)
-        positions = length + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = model.llm(model.llm.embed(suffix_ids), attention_mask=mask, position_ids=positions,
-                                  past_key_values=cache, use_cache=True, logits_to_keep=1)
-        self.cache, self.mask, self.last = cache, mask, positions[:, -1]
+        mask = torch.cat([ones[index], suffix_mask], dim=1)  # the suffixes' padding sits after the prefix
+        logits, cache = model.decode(model.llm.embed(suffix_ids), mask, cache,
+                                     image_token_mask=torch.zeros_like(suffix_ids, dtype=torch.bool))
+        self.cache, self.mask = cache, mask
         self.pending = self._sample(logits[:, -1], rows)
         self.rows = list(rows)
         self._take(rows, self.pending)
@@ -271,18 +264,13 @@ class Decoder:
         if self.seq2seq:
             self._step_decoder(fed)
             return
-        new_embeds = model.llm.embed(fed[:, None])
-        positions = (self.last + 1)[:, None]
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         if self.use_cache:
-            logits, self.cache = model.llm(new_embeds, attention_mask=self.mask, position_ids=positions,
-                                           past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            logits, self.cache = model.decode_step(fed, self.mask, self.cache)
         else:
-            self.embeds = torch.cat([self.embeds, new_embeds], dim=1)
-            all_positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-            logits, _ = model.llm(self.embeds, attention_mask=self.mask, position_ids=all_positions,
-                                  logits_to_keep=1)
-        self.last = self.last + 1
+            self.embeds = torch.cat([self.embeds, model.llm.embed(fed[:, None])], dim=1)
+            self.image_mask = torch.cat([self.image_mask, torch.zeros_like(fed[:, None], dtype=torch.bool)], dim=1)
+            logits, _ = model.decode(self.embeds, self.mask, image_token_mask=self.image_mask, use_cache=False)
         self.pending = self._sample(logits[:, -1], self.rows)
         self._take(self.rows, self.pending)
 
@@ -294,7 +282,7 @@ class Decoder:
         keep = [i for i, row in enumerate(self.rows) if not row.finished]
         self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self.cache = self.embeds = self.mask = self.last = self.pending = self.encoder = self.decoded = None
+            self.cache = self.embeds = self.image_mask = self.mask = self.pending = self.encoder = self.decoded = None
             return done
         if self.seq2seq:
             index = torch.tensor(keep, device=self.pending.device)
@@ -306,7 +294,7 @@ class Decoder:
                 self.decoded = self.decoded[index]
             return done
         index = torch.tensor(keep, device=self.mask.device)
-        self.mask, self.last, self.pending = self.mask[index], self.last[index], self.pending[index]
+        self.mask, self.pending = self.mask[index], self.pending[index]
         layers = _dynamic_layers(self.cache) if self.use_cache else None
         if self.use_cache and layers is None:
             self.cache.batch_select_indices(index)  # other cache layouts: select rows, keep the length
@@ -317,7 +305,7 @@ class Decoder:
             for layer in layers:
                 layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
         else:
-            self.embeds = self.embeds[index, start:]
+            self.embeds, self.image_mask = self.embeds[index, start:], self.image_mask[index, start:]
         return done
 
     def _sample(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:

@@ -16,6 +16,29 @@ import torch
 from torch import nn
 
 
+def sample_positions(attention_mask: torch.Tensor, sequence_ids: torch.Tensor | None = None,
+                     prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Position ids (B, L) of a batch, each token numbered as it would be in its sample alone.
+
+    Without `sequence_ids`: the real tokens of each row counted from 0 (right padding for training, left padding
+    for generation; a padding position gets its neighbour's number, which nothing reads). With `sequence_ids`
+    (packed rows: the index of each token's sample in its row, -1 on padding, each sample contiguous): every
+    sample restarts at 0; with `prefix_lengths` (a shared-prefix row: sample 0 is the prefix), every later sample
+    continues from the row's prefix length, as it would follow the prefix alone. Padding is 0 there."""
+    if sequence_ids is None:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    length = sequence_ids.shape[1]
+    index = torch.arange(length, device=sequence_ids.device).expand_as(sequence_ids)
+    starts = torch.ones_like(sequence_ids, dtype=torch.bool)
+    starts[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
+    start = torch.where(starts, index, torch.zeros_like(index)).cummax(-1).values
+    positions = index - start
+    if prefix_lengths is not None:
+        prefix = prefix_lengths.to(sequence_ids.device)[:, None].expand_as(sequence_ids)
+        positions = positions + torch.where((sequence_ids > 0) & (prefix > 0), prefix, torch.zeros_like(prefix))
+    return positions.masked_fill(sequence_ids < 0, 0)
+
+
 class LanguageModel(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()

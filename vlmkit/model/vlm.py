@@ -20,11 +20,12 @@ from vlmkit.config import ArchConfig, LoRAConfig, without_remote_code
 from vlmkit.connectors import build_connector
 from vlmkit.connectors.qformer import CONNECTOR_TOKENIZER_DIR
 from vlmkit.data.images import ImageTransform
+from vlmkit.data.packing import block_diagonal_mask
 from vlmkit.data.render import IGNORE_INDEX, IMAGE_TOKEN
 from vlmkit.encoders import VisionEncoder, load_vision_tower
 from vlmkit.errors import BadRecord, ConfigError
 from vlmkit.io import atomic_dir
-from vlmkit.llm import LanguageModel
+from vlmkit.llm import LanguageModel, sample_positions
 from vlmkit.llm.lora import (ADAPTER_DIR, attach_lora, has_lora, lora_record, quantization_config,
                               restore_token_originals)
 from vlmkit.model.weights import load_into, read_state_dict, stream_safetensors
@@ -344,9 +345,11 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, labels=None, image_counts=None, pixel_values=None,
                 vision_features=None, record_ids=None, position_ids=None, objective=None, decoder_input_ids=None,
-                text_inputs=None):
+                text_inputs=None, sequence_ids=None, prefix_lengths=None):
         """Returns (loss or None, logits), as a Hugging Face model does: with labels, the next-token loss on the
         supervised tokens and the logits there (`supervised_logits`); without, the logits of every position.
+        Packed rows (`sequence_ids`, and `prefix_lengths` for shared-prefix rows; vlmkit.data.packing): the model
+        makes their block-diagonal mask and their positions (`position_ids`) itself.
 
         `objective` (vlmkit.objectives): that objective's loss instead, `objective.loss(model, **inputs)`, computed
         here so that it runs inside a wrapped forward (DDP's and FSDP's hooks see every parameter it uses; BLIP-2's
@@ -355,21 +358,24 @@ class VisionLanguageModel(nn.Module):
             return objective.loss(self, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                                   image_counts=image_counts, pixel_values=pixel_values,
                                   vision_features=vision_features, record_ids=record_ids, position_ids=position_ids,
-                                  text_inputs=text_inputs)
+                                  text_inputs=text_inputs, sequence_ids=sequence_ids, prefix_lengths=prefix_lengths)
         if labels is None:
             return None, self.logits(input_ids, attention_mask, image_counts, pixel_values, vision_features,
-                                     record_ids, position_ids, decoder_input_ids, text_inputs)
+                                     record_ids, position_ids, decoder_input_ids, text_inputs, sequence_ids,
+                                     prefix_lengths)
         logits, targets = self.supervised_logits(input_ids, attention_mask, labels, image_counts, pixel_values,
-                                                 vision_features, record_ids, position_ids, text_inputs)
+                                                 vision_features, record_ids, position_ids, text_inputs, sequence_ids,
+                                                 prefix_lengths)
         return F.cross_entropy(logits.float(), targets), logits
 
     def logits(self, input_ids, attention_mask=None, image_counts=None, pixel_values=None, vision_features=None,
-               record_ids=None, position_ids=None, decoder_input_ids=None, text_inputs=None) -> torch.Tensor:
+               record_ids=None, position_ids=None, decoder_input_ids=None, text_inputs=None, sequence_ids=None,
+               prefix_lengths=None) -> torch.Tensor:
         """Logits of every position (an encoder-decoder LLM: of its decoder over `decoder_input_ids`, by default
         the start token alone)."""
         llm = self.require_llm("the language model's forward")
         if llm.is_encoder_decoder:
-            self._refuse_positions(position_ids)
+            self._refuse_positions(position_ids if sequence_ids is None else sequence_ids)
             if decoder_input_ids is None:
                 decoder_input_ids = torch.full((input_ids.shape[0], 1), llm.decoder_start_token_id, dtype=torch.long)
             if attention_mask is None:
@@ -379,13 +385,14 @@ class VisionLanguageModel(nn.Module):
             return logits
         inputs_embeds, image_token_mask = self.embed(input_ids, image_counts, pixel_values, vision_features,
                                                      record_ids, text_inputs=text_inputs)
-        logits, _ = llm(inputs_embeds, attention_mask=self._here(attention_mask),
-                        position_ids=self._here(position_ids), image_token_mask=image_token_mask)
+        attention_mask, position_ids = self._layout(attention_mask, position_ids, sequence_ids, prefix_lengths)
+        logits, _ = llm(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                        image_token_mask=image_token_mask)
         return logits
 
     def supervised_logits(self, input_ids, attention_mask, labels, image_counts=None, pixel_values=None,
-                          vision_features=None, record_ids=None, position_ids=None,
-                          text_inputs=None) -> tuple[torch.Tensor, torch.Tensor]:
+                          vision_features=None, record_ids=None, position_ids=None, text_inputs=None,
+                          sequence_ids=None, prefix_lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, targets) at the supervised positions only, each position predicting its next token: what a
         next-token loss reads, without the logits of the rest (a vocabulary-wide row per token).
 
@@ -393,7 +400,7 @@ class VisionLanguageModel(nn.Module):
         images, the prompt) and the rest in its decoder (`split_for_encoder_decoder`)."""
         llm = self.require_llm("the language model's forward")
         if llm.is_encoder_decoder:
-            self._refuse_positions(position_ids)
+            self._refuse_positions(position_ids if sequence_ids is None else sequence_ids)
             encoder_ids, encoder_mask, decoder_ids, decoder_mask, targets = split_for_encoder_decoder(
                 input_ids, labels, attention_mask, llm.decoder_start_token_id, self.tokenizer.pad_token_id,
                 self.image_token_id, record_ids)
@@ -404,14 +411,45 @@ class VisionLanguageModel(nn.Module):
             return logits[supervised], targets[supervised]
         inputs_embeds, image_token_mask = self.embed(input_ids, image_counts, pixel_values, vision_features,
                                                      record_ids, labels=labels, text_inputs=text_inputs)
-        hidden = llm.hidden_states(inputs_embeds, attention_mask=self._here(attention_mask),
-                                   position_ids=self._here(position_ids), image_token_mask=image_token_mask)
+        attention_mask, position_ids = self._layout(attention_mask, position_ids, sequence_ids, prefix_lengths)
+        hidden = llm.hidden_states(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                   image_token_mask=image_token_mask)
         targets = labels[:, 1:].to(hidden.device)
         supervised = targets != IGNORE_INDEX
         return llm.logits(hidden[:, :-1][supervised]), targets[supervised]
 
     def _here(self, tensor):
         return tensor.to(self.device) if tensor is not None else None
+
+    def _layout(self, attention_mask, position_ids, sequence_ids, prefix_lengths):
+        """(attention mask, position ids) on the model's device; for packed rows made from their `sequence_ids`."""
+        if sequence_ids is not None:
+            sequence_ids = sequence_ids.to(self.device)
+            attention_mask = block_diagonal_mask(sequence_ids, prefix_lengths=prefix_lengths)
+            if position_ids is None:
+                position_ids = self.position_ids(None, sequence_ids, prefix_lengths)
+        return self._here(attention_mask), self._here(position_ids)
+
+    # -- positions and decoding: every caller (training, packing, generation, evaluation) goes through these ---------
+    def position_ids(self, attention_mask, sequence_ids=None, prefix_lengths=None) -> torch.Tensor:
+        """The position of every token of a batch, each numbered as in its sample alone (`sample_positions`): a
+        right-padded training batch, a left-padded generation batch (from `attention_mask`), packed rows
+        (`sequence_ids`) and shared-prefix rows (`prefix_lengths`)."""
+        return sample_positions(attention_mask, sequence_ids, prefix_lengths)
+
+    def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cache=None, image_token_mask=None,
+               use_cache: bool = True, logits_to_keep: int = 1):
+        """The language model on `inputs_embeds` (B, n), the continuation of `cache` (None: from the start), with
+        `attention_mask` (B, cached + n) over both; their positions are the last n of `position_ids`. A prompt's
+        prefill, a shared prefix's suffixes, and (without a cache) a whole sequence. Returns (logits, cache)."""
+        positions = self.position_ids(attention_mask)[:, -inputs_embeds.shape[1]:]
+        return self.llm(inputs_embeds, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+                        use_cache=use_cache, image_token_mask=image_token_mask, logits_to_keep=logits_to_keep)
+
+    def decode_step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, cache):
+        """One new token per row (B,) after `cache`, `attention_mask` (B, cached + 1): (logits, cache)."""
+        fed = tokens[:, None]
+        return self.decode(self.llm.embed(fed), attention_mask, cache, torch.zeros_like(fed, dtype=torch.bool))
 
     def _refuse_positions(self, position_ids) -> None:
         if position_ids is not None:

@@ -18,7 +18,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from vlmkit.data.packing import block_diagonal_mask
 from vlmkit.data.render import IGNORE_INDEX
 from vlmkit.errors import BadRecord, ConfigError
 from vlmkit.objectives.blip2 import qformer_losses
@@ -54,15 +53,12 @@ class LanguageModeling:
 
     def __call__(self, forward: Callable, batch, features=None) -> tuple[torch.Tensor, dict]:
         pixels = batch.pixel_values if features is None else None
-        attention_mask, extra = batch.attention_mask, {}
-        if getattr(batch, "sequence_ids", None) is not None:  # packed rows: no attention across samples
-            # (but to the row's shared prefix, when share_prefix wrote one)
-            attention_mask = block_diagonal_mask(batch.sequence_ids, prefix_lengths=getattr(batch, "prefix_lengths", None))
-            extra["position_ids"] = batch.position_ids
-        return forward(batch.input_ids, attention_mask=attention_mask, labels=batch.labels,
+        # packed rows: the model keeps samples apart (but lets them see the row's shared prefix) and numbers them
+        return forward(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
                        image_counts=batch.image_counts, pixel_values=pixels, vision_features=features,
-                       record_ids=batch.record_ids, text_inputs=getattr(batch, "text_inputs", None), objective=self,
-                       **extra)
+                       record_ids=batch.record_ids, text_inputs=getattr(batch, "text_inputs", None),
+                       sequence_ids=getattr(batch, "sequence_ids", None),
+                       prefix_lengths=getattr(batch, "prefix_lengths", None), objective=self)
 
     def loss(self, model, **inputs) -> tuple[torch.Tensor, dict]:
         logits, targets = model.supervised_logits(**inputs)

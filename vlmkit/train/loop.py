@@ -144,6 +144,10 @@ def _probe_frozen_features(features, dataset: ConversationDataset, stage: StageC
 
 def _layout(model, stage: StageConfig, dataset: ConversationDataset) -> tuple[dict, list | None]:
     """How the stage lays samples out in rows: ({"collate_fn": …} or {}, the image keys share_prefix groups by)."""
+    if (stage.pack_to or stage.share_prefix > 0) and getattr(model.connector, "reads_instruction", False):
+        raise ConfigError(f"stage {stage.name!r}: {'pack_to' if stage.pack_to else 'share_prefix'} cannot be used with "
+                          "a connector that reads the instruction (the images of a row would all read its first "
+                          "question)")
     if stage.pack_to:  # a micro-batch is still batch_size samples, packed into as few rows as fit
         longest = max(range(len(dataset)), key=lambda i: len(dataset[i].input_ids))
         if len(dataset[longest].input_ids) > stage.pack_to:
@@ -157,9 +161,6 @@ def _layout(model, stage: StageConfig, dataset: ConversationDataset) -> tuple[di
     if model.llm is None or model.llm.is_encoder_decoder:
         raise ConfigError(f"stage {stage.name!r}: share_prefix needs a decoder-only LLM (the samples' branches "
                           "share the prefix's keys inside one sequence)")
-    if getattr(model.connector, "reads_instruction", False):
-        raise ConfigError(f"stage {stage.name!r}: share_prefix cannot be used with a connector that reads the "
-                          "instruction (one image's rows would need one image embedding per question)")
     image_keys = [tuple(dataset[i].image_indices) for i in range(len(dataset))]
     return {"collate_fn": SharedPrefixCollate(model.image_token_id, stage.share_prefix)}, image_keys
 
