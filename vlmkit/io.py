@@ -17,7 +17,7 @@ def cache_home() -> Path:
 
 def resolve_device(name: str = "auto"):
     """'auto' -> the first CUDA GPU when one is visible, else the CPU; 'cpu', 'cuda', 'cuda:N' as given, checked."""
-    import torch
+    import torch  # start-up: vlmkit.io stays importable without torch (1.4 s, benchmarks/import_times.py)
 
     from vlmkit.errors import ConfigError
 
@@ -212,7 +212,7 @@ def cpu_flags() -> str:
 
 def machine_summary() -> dict:
     """The machine a measurement was taken on, for benchmark and scoreboard files: CPU, cores, flags, torch."""
-    import torch  # only when a report is written: vlmkit.io itself stays importable without torch's start-up
+    import torch  # start-up: vlmkit.io stays importable without torch (1.4 s, benchmarks/import_times.py)
 
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "flags": cpu_flags(),
             "torch": torch.__version__}
