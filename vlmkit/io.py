@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
+import hashlib
+import json
 import os
 import platform
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+from vlmkit.errors import ConfigError
 
 
 def cache_home() -> Path:
@@ -18,8 +23,6 @@ def cache_home() -> Path:
 def resolve_device(name: str = "auto"):
     """'auto' -> the first CUDA GPU when one is visible, else the CPU; 'cpu', 'cuda', 'cuda:N' as given, checked."""
     import torch  # start-up: vlmkit.io stays importable without torch (1.4 s, benchmarks/import_times.py)
-
-    from vlmkit.errors import ConfigError
 
     text = (name or "auto").strip().lower()
     if text == "auto":
@@ -43,8 +46,6 @@ def check_local_path(name_or_path: str, what: str) -> None:
     """A name that can only be a local path (absolute, ./, ../, ~, more than one '/', or under an existing
     directory) must exist; otherwise it would be taken for a hub id and fail after retries. Hub ids
     (`org/name`) pass."""
-    from vlmkit.errors import ConfigError
-
     text = str(name_or_path)
     path = Path(text).expanduser()
     looks_local = (text.startswith(("/", "./", "../", "~", ".\\")) or text.count("/") > 1
@@ -53,8 +54,6 @@ def check_local_path(name_or_path: str, what: str) -> None:
         parent = path.parent
         hint = ""
         if parent.is_dir():
-            import difflib
-
             close = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()], n=1, cutoff=0.5)
             hint = f"; did you mean {str(parent / close[0])!r}?" if close else f" ({parent} exists)"
         raise ConfigError(f"{what} {text!r}: no such file or directory{hint}")
@@ -77,8 +76,6 @@ def _files(root: Path) -> list[Path]:
 
 
 def file_digest(path: Path) -> str:
-    import hashlib
-
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
@@ -86,8 +83,6 @@ def file_digest(path: Path) -> str:
 def write_manifest(root: Path) -> None:
     """List every file under `root` with its size and SHA-256, written last: a directory whose manifest is there
     and agrees with the files is complete, whatever a crash or a power cut did to it."""
-    import json
-
     entries = {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": file_digest(p)}
                for p in _files(root) if p.name != MANIFEST}
     (root / MANIFEST).write_text(json.dumps({"version": 1, "files": entries}, indent=1))
@@ -96,8 +91,6 @@ def write_manifest(root: Path) -> None:
 def verify_manifest(root: str | os.PathLike) -> str | None:
     """What is wrong with a directory written with a manifest (None: every file is there, whole and unchanged;
     also None for a directory written before manifests, which cannot be checked)."""
-    import json
-
     root = Path(root)
     manifest = root / MANIFEST
     if not manifest.exists():
@@ -158,8 +151,6 @@ def atomic_dir(target: str | os.PathLike, manifest: bool = True):
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The entries of a JSON-lines log; a line that does not parse (torn by a crash mid-write) is left out."""
-    import json
-
     entries = []
     for line in Path(path).read_text(errors="replace").splitlines():
         if not line.strip():
@@ -177,8 +168,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 def loading(what: str, name: str):
     """Turn a failure to read a backbone (a hub id not in the local cache without network, a missing or broken
     directory) into one line naming the flag and the name, instead of transformers' traceback."""
-    from vlmkit.errors import ConfigError
-
     try:
         yield
     except ValueError as exc:

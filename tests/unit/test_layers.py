@@ -101,3 +101,38 @@ def test_tiny_names_resolve_through_the_registered_scheme():
     assert PREFIX == "tiny:"
     assert resolve_name("org/model") == "org/model" and resolve_name(None) is None
     assert resolve_name("tiny:tokenizer", verbose=False) == str(tiny_dir("tokenizer"))
+
+
+def test_an_import_inside_a_function_says_why():
+    """Modules import at module level; an import inside a function (outside cli.py, whose commands import what they
+    run) must say on its line why: an optional dependency, or start-up time. A third-party start-up reason must be
+    measured (benchmarks/import_times.py: at least 50 ms after torch)."""
+    import json
+    import re
+
+    measured = json.loads((ROOT.parent / "benchmarks" / "results" / "import_times.json").read_text())
+    cost = {row["module"].split(".")[0]: row["seconds"] for row in measured["modules"] if row["seconds"] is not None}
+    unexplained, unmeasured = [], []
+    for path in sorted(ROOT.rglob("*.py")):
+        if path.name == "cli.py":
+            continue
+        lines = path.read_text().splitlines()
+
+        def visit(node, in_function):
+            for child in ast.iter_child_nodes(node):
+                inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+                if in_function and isinstance(child, (ast.Import, ast.ImportFrom)):
+                    text = " ".join(lines[child.lineno - 1:child.end_lineno])
+                    where = f"{path.relative_to(ROOT.parent)}:{child.lineno}: {lines[child.lineno - 1].strip()}"
+                    why = re.search(r"#.*\b(start-up|optional)\b", text)
+                    module = (child.module if isinstance(child, ast.ImportFrom) else child.names[0].name) or ""
+                    top = module.split(".")[0]
+                    if not why:
+                        unexplained.append(where)
+                    elif why.group(1) == "start-up" and top not in ("vlmkit", "torch") and cost.get(top, 0) < 0.05:
+                        unmeasured.append(f"{where} ({top}: {cost.get(top, 'not measured')} s)")
+                visit(child, inside)
+        visit(ast.parse("\n".join(lines)), False)
+    assert not unexplained, "imports inside functions without a reason on the line:\n" + "\n".join(unexplained)
+    assert not unmeasured, "start-up reasons that benchmarks/import_times.py does not show:\n" + "\n".join(unmeasured)
+    assert measured["torch_seconds"] > 0.05  # what the `vlmkit` and `torch` start-up reasons cite

@@ -18,17 +18,23 @@ from pathlib import Path
 import torch
 
 from vlmkit.archs import from_name
-
 from vlmkit.config import ArchConfig
-from vlmkit.model.weights import hf_from_pretrained
+from vlmkit.data.images import ImageTransform
+from vlmkit.data.render import IMAGE_TOKEN
+from vlmkit.data.templates import fill, get_template
 from vlmkit.errors import ConfigError
+from vlmkit.io import atomic_dir
+from vlmkit.llm import LanguageModel
+from vlmkit.llm.lora import merge_lora
+from vlmkit.model.vlm import VisionLanguageModel, prepare_tokenizer
+from vlmkit.model.weights import hf_from_pretrained
 
 VLMKIT_SIDECAR = "vlmkit_arch.json"  # the preset (template, stages…) travels with an export for a lossless return
 _VIT_TOWERS = {"clip_vision_model": True, "siglip_vision_model": False}  # model_type -> has a CLS token
 
 
 def _image_processor_config(src: str) -> dict:
-    from transformers.utils import cached_file
+    from transformers.utils import cached_file  # start-up: transformers, 0.76 s
 
     for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
         path = cached_file(src, name, _raise_exceptions_for_missing_entries=False)
@@ -44,8 +50,6 @@ def _image_processor_config(src: str) -> dict:
 
 def arch_from_hf_config(hf_config, src: str, image_processor: dict, preset: str = "llava-1.5") -> ArchConfig:
     """The vlmkit config equivalent to a `LlavaConfig`, or a ConfigError naming the field it cannot honour."""
-    from vlmkit.data.images import ImageTransform
-
     vision_type = hf_config.vision_config.model_type
     if vision_type not in _VIT_TOWERS:
         raise ConfigError(f"{src}: vision tower {vision_type!r} is not one vlmkit imports from the LLaVA format "
@@ -71,7 +75,7 @@ def arch_from_hf_config(hf_config, src: str, image_processor: dict, preset: str 
 
 def causal_lm_from_parts(text_config, base_model: torch.nn.Module, lm_head: torch.nn.Module) -> torch.nn.Module:
     """An `AutoModelForCausalLM` whose base model and head are the given modules (no weights copied)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # start-up: transformers, 0.76 s
 
     with torch.device("meta"):
         causal = AutoModelForCausalLM.from_config(text_config)
@@ -87,7 +91,7 @@ def causal_lm_from_parts(text_config, base_model: torch.nn.Module, lm_head: torc
 def hf_arch(src: str, preset: str = "llava-1.5"):
     """The vlmkit config of a Hugging Face LLaVA directory or hub id, read from its config files alone (no
     weights): (ArchConfig, the HF config, the image-processor config)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # start-up: transformers, 0.76 s
 
     hf_config = AutoConfig.from_pretrained(src)
     if hf_config.model_type != "llava":
@@ -106,12 +110,7 @@ def hf_arch(src: str, preset: str = "llava-1.5"):
 
 def from_hf(src: str | os.PathLike, *, preset: str = "llava-1.5", dtype=None, device_map=None, verbose: bool = True):
     """A vlmkit `VisionLanguageModel` from a `LlavaForConditionalGeneration` directory or hub id."""
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
-
-    from vlmkit.data.images import ImageTransform
-    from vlmkit.data.render import IMAGE_TOKEN
-    from vlmkit.llm import LanguageModel
-    from vlmkit.model.vlm import VisionLanguageModel, prepare_tokenizer
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration  # start-up: transformers, 0.76 s
 
     src = str(src)
     arch, hf_config, image_processor = hf_arch(src, preset)
@@ -163,8 +162,6 @@ def check_exportable(model) -> str:
 
 def chat_template_jinja(template, tokenizer) -> str:
     """A Jinja chat template that renders exactly what vlmkit's renderer does, for `apply_chat_template`."""
-    from vlmkit.data.templates import fill
-
     if "{n}" in template.image_format:
         raise ConfigError(f"template {template.name!r} numbers its images ({template.image_format!r}), which the "
                           "exported chat template does not do yet")
@@ -203,12 +200,7 @@ def to_hf(model, out: str | os.PathLike) -> Path:
     """Write `model` as a `LlavaForConditionalGeneration` + `LlavaProcessor` directory (atomically).
 
     LoRA adapters the model still carries are merged into its weights first (this changes `model`)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    from vlmkit.data.templates import get_template
-    from vlmkit.io import atomic_dir
-
-    from vlmkit.llm.lora import merge_lora
+    from transformers import LlavaConfig, LlavaForConditionalGeneration  # start-up: transformers, 0.76 s
 
     strategy = check_exportable(model)
     merge_lora(model.llm)  # kept LoRA adapters are folded into the weights (in place): the format has no adapters
@@ -239,10 +231,14 @@ def to_hf(model, out: str | os.PathLike) -> Path:
 
 
 def _processor(model, strategy: str, chat_template: str):
-    from transformers import LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    from transformers import LlavaProcessor  # start-up: transformers, 0.76 s
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # start-up
+    from transformers.models.llava.image_processing_pil_llava import (  # start-up: transformers, 0.76 s
+        LlavaImageProcessorPil,
+    )
+    from transformers.models.siglip.image_processing_pil_siglip import (  # start-up: transformers, 0.76 s
+        SiglipImageProcessorPil,
+    )
 
     fields = model.image_transform.to_config()
     kind = fields.pop("image_processor_type")

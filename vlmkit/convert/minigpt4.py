@@ -11,8 +11,12 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
+from vlmkit.archs import from_name
 from vlmkit.errors import ConfigError
+from vlmkit.model.vlm import VisionLanguageModel
+from vlmkit.model.weights import _load_pickle
 
 KEYS = ("llama_proj.weight", "llama_proj.bias")
 
@@ -23,14 +27,11 @@ def read_projection(path: str | os.PathLike, allow_pickle: bool = False) -> dict
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such MiniGPT-4 checkpoint file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         state = load_file(str(path))
     else:
         if not allow_pickle:
             raise ConfigError(f"{path} is a pickle file, which can run code when loaded; pass --allow-pickle if you "
                               "trust it (it is then read as plain tensors, torch.load(weights_only=True))")
-        from vlmkit.model.weights import _load_pickle
 
         state = _load_pickle(path)
     state = state.get("model", state) if isinstance(state, dict) else state
@@ -43,9 +44,6 @@ def read_projection(path: str | os.PathLike, allow_pickle: bool = False) -> dict
 
 def from_minigpt4(projection: str | os.PathLike, blip2: str, llm: str, allow_pickle: bool = False, dtype=None,
                   verbose: bool = True):
-    from vlmkit.archs import from_name
-    from vlmkit.model.vlm import VisionLanguageModel
-
     tensors = read_projection(projection, allow_pickle)
     config = from_name("minigpt4", scale="paper", vision={"name_or_path": str(blip2)},
                        connector={"name_or_path": str(blip2)}, llm={"name_or_path": str(llm)})

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+import easy_vqa
+
 COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
 
@@ -25,10 +27,6 @@ class Question:
 
 @lru_cache(maxsize=2)
 def load_split(split: str) -> tuple[list[Question], dict[int, str]]:
-    try:
-        import easy_vqa
-    except ImportError as exc:  # pragma: no cover - it is a declared dependency
-        raise ImportError("the easy-vqa data needs the `easy-vqa` package: pip install easy-vqa") from exc
     if split == "train":
         texts, answers, ids = easy_vqa.get_train_questions()
         paths = easy_vqa.get_train_image_paths()
@@ -41,7 +39,6 @@ def load_split(split: str) -> tuple[list[Question], dict[int, str]]:
 
 
 def answers() -> list[str]:
-    import easy_vqa
     return list(easy_vqa.get_answers())
 
 

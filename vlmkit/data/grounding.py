@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from vlmkit.data import boxes as box_formats
+from vlmkit.data.scenes import plain_boxes
 from vlmkit.errors import ConfigError
 
 # MiniGPT-v2's task tokens for the scene record kinds (its released datasets' prompts)
@@ -21,8 +22,6 @@ BOX_FORMATS = ("plain", *box_formats.FORMATS)
 
 def formatters(box_format: str):
     """(format_boxes(boxes, size) -> str, format_ref(phrase) -> str) for a box format."""
-    from vlmkit.data.scenes import plain_boxes
-
     if box_format == "plain":
         return plain_boxes, (lambda phrase: phrase)
     if box_format not in box_formats.FORMATS:

@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlmkit.errors import ConfigError
+from vlmkit.io import atomic_dir, cache_home
 
 VERSION = 1  # bump when a change alters generated scenes or records (cache keys include it)
 
@@ -620,8 +621,6 @@ def parse_source_name(name: str) -> dict:
 
 
 def _cache_dir(split: str, n: int, seed: int, size: int, max_shapes: int) -> Path:
-    from vlmkit.io import cache_home
-
     return cache_home() / "scenes" / f"v{VERSION}-{split}-n{n}-size{size}-shapes{max_shapes}-seed{seed}"
 
 
@@ -638,8 +637,6 @@ def scene_objects(split: str = "train", n: int = 10_000, seed: int = 0, size: in
 
 def ensure_scenes(split: str = "train", n: int = 10_000, seed: int = 0, size: int = 64, max_shapes: int = 3) -> Path:
     """A cached directory of every kind's records for these arguments ($VLMKIT_HOME/scenes/...), written once."""
-    from vlmkit.io import atomic_dir
-
     target = _cache_dir(split, n, seed, size, max_shapes)
     if not (target / f"{split}_scenes.json").exists():
         with atomic_dir(target) as tmp:

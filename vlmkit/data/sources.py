@@ -23,8 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlmkit.data import easyvqa, grounding, scenes
 from vlmkit.data.dataset import ConversationDataset, Mixture, load_llava_json  # noqa: F401 (Mixture: public here too)
 from vlmkit.data.images import ImageLimits
+from vlmkit.data.templates import get_template
 from vlmkit.errors import ConfigError
 
 EASY_VQA = "easy-vqa"
@@ -63,25 +65,21 @@ def register_source(name: str):
 
 @register_source("easy-vqa:captions")
 def _easyvqa_captions(config, stage, answer_prompt):
-    from vlmkit.data import easyvqa
     return easyvqa.caption_records("train", config.caption_prompt)
 
 
 @register_source("easy-vqa:instructions")
 def _easyvqa_instructions(config, stage, answer_prompt):
-    from vlmkit.data import easyvqa
     return easyvqa.instruction_records("train", answer_prompt, seed=config.seed, max_turns=stage.max_turns)
 
 
 @register_source("easy-vqa:matches")
 def _easyvqa_matches(config, stage, answer_prompt):
-    from vlmkit.data import easyvqa
     return easyvqa.match_records("train", answer_prompt)
 
 
 @register_source("easy-vqa:questions")
 def _easyvqa_questions(config, stage, answer_prompt):
-    from vlmkit.data import easyvqa
     return easyvqa.question_records("train", answer_prompt)
 
 
@@ -90,8 +88,6 @@ SCENES = "scenes"  # generated scenes: `scenes:KIND[:OPTION...]` (vlmkit.data.sc
 
 def _scenes_source(name: str):
     def records(config, stage, answer_prompt):
-        from vlmkit.data import grounding, scenes
-
         format_boxes, format_ref = grounding.formatters(config.box_format)  # the preset's box format
         found = scenes.builtin_records(name, answer_prompt, config.caption_prompt, format_boxes, format_ref)
         if config.box_format == "minigpt_v2":
@@ -177,8 +173,6 @@ def build_dataset(model, records: list[dict], source: str, template_name: str,
                   data: DataSpec, mode: str = "train", answer_prompt: str = "", verbose: bool = True,
                   image_folder: str | None = None):
     """A validated ConversationDataset of `records` for `model` (its tokenizer, image transform, image tokens)."""
-    from vlmkit.data.templates import get_template
-
     builtin = source.startswith((EASY_VQA, f"{SCENES}:"))
     folder = None if builtin else (image_folder or data.image_folder)
     transform = model.image_transform

@@ -44,10 +44,16 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from PIL import Image, ImageDraw, ImageFont
+
 from vlmkit.data import boxes as box_formats
+from vlmkit.data import grounding, scenes
 from vlmkit.data.boxes import ParseResult, iou
+from vlmkit.data.dataset import load_llava_json
+from vlmkit.data.scenes import COLORS, SHAPES, Scene, SceneObject, referring_phrases
+from vlmkit.data.sources import SCENES, DataSpec, Source, build_dataset, parse_mixture, source_records
 from vlmkit.errors import ConfigError, VlmkitError
-from vlmkit.eval.vqa import normalise_answer
+from vlmkit.eval.vqa import generate_answers, normalise_answer
 
 TASKS = ("rec", "reg", "caption", "vqa")
 IOU_THRESHOLD = 0.5
@@ -90,7 +96,6 @@ def failure_reason(error: str | None) -> str:
 # ---- words -----------------------------------------------------------------------------------------------
 
 def _scene_words():
-    from vlmkit.data.scenes import COLORS, SHAPES
     return tuple(COLORS), SHAPES
 
 
@@ -210,8 +215,6 @@ def rec_metrics(predictions: list[str], records: list[dict], box_format: str) ->
 
 def _valid_phrases(record: dict) -> list[str] | None:
     """Every phrase that names the record's target object and no other (None without objects/targets)."""
-    from vlmkit.data.scenes import Scene, SceneObject, referring_phrases
-
     objects, targets, size = record.get("objects"), record.get("targets"), record.get("image_size")
     if not objects or not targets or not size:
         return None
@@ -321,9 +324,6 @@ def summary_line(task: str, report: dict) -> str:
 def trained_scene_options(config, task: str, stages_ran=None) -> dict:
     """size / max_shapes / seed of the scenes the run trained this task on (its last stage that read them; of
     the stages that ran, when `stages_ran` names them)."""
-    from vlmkit.data import scenes
-    from vlmkit.data.sources import SCENES, parse_mixture
-
     for stage in reversed(getattr(config, "stages", []) or []):
         if stages_ran is not None and stage.name not in stages_ran:
             continue
@@ -351,8 +351,6 @@ def default_source(config, task: str, split: str = "test", n: int = DEFAULT_SCEN
 def render_scene_json(config, records: list[dict]) -> list[dict]:
     """Records of `vlmkit data scenes` (box and phrase placeholders) rendered as the preset's training data
     was (vlmkit.data.sources: the box format, MiniGPT-v2's plain phrases in questions and task tokens)."""
-    from vlmkit.data import grounding, scenes
-
     format_boxes, format_ref = grounding.formatters(config.box_format)
     out = []
     for record in records:
@@ -372,10 +370,6 @@ def task_records(config, task: str, data: str | None, split: str = "test",
                  image_folder: str | None = None, stages_ran=None) -> tuple[list[dict], str]:
     """(records of `task`, source name): a built-in scenes source (default: the test split) or a JSON file
     (image paths relative to `image_folder`, default the file's folder; placeholders rendered per preset)."""
-    from vlmkit.data import scenes
-    from vlmkit.data.dataset import load_llava_json
-    from vlmkit.data.sources import SCENES, Source, source_records
-
     if task not in TASKS:
         raise ConfigError(f"unknown evaluation task {task!r}; tasks: {', '.join(TASKS)}")
     if data is None:
@@ -467,7 +461,6 @@ def grid_size(count: int, columns: int = GRID_COLUMNS, tile: int = TILE) -> tupl
 
 
 def _font():
-    from PIL import ImageFont
     return ImageFont.load_default()
 
 
@@ -506,8 +499,6 @@ def _tile_content(task: str, row: dict) -> tuple[list, list, list[str]]:
 def draw_grid(task: str, rows: list[dict], out_file, count: int = 16, columns: int = GRID_COLUMNS,
               tile: int = TILE) -> Path:
     """The first `count` rows' images in a grid, true boxes green, predicted red, small labels under each."""
-    from PIL import Image, ImageDraw
-
     rows = [r for r in rows if r.get("image")][:count]
     width, height = grid_size(len(rows), columns, tile)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
@@ -546,8 +537,6 @@ def draw_answer_boxes(image_path: str, answer: str, box_format: str, out_file, m
     """Draw the boxes `answer` holds (parsed with `box_format` against the image's size) on the image, in
     red with their phrases; an image smaller than `min_side` is enlarged by a whole factor first (pixels kept
     sharp). Returns (boxes drawn, the parse error or None); the image is written even with no box."""
-    from PIL import Image, ImageDraw
-
     with Image.open(image_path) as opened:
         image = opened.convert("RGB")
     parsed = parse_answer(box_format, answer, image.size)
@@ -580,9 +569,6 @@ def run_grounding_eval(model, task: str, data: str | None, out_dir, split: str =
     """Evaluate `task` on held-out scenes (or a JSON), write eval_<task>.json and eval_<task>.png under
     `out_dir`, print one summary line; returns the report. `stages_ran` (the stage names of the run's
     checkpoints) picks the scenes the default test data mirrors when a run trained only some stages."""
-    from vlmkit.data.sources import DataSpec, build_dataset
-    from vlmkit.eval.vqa import generate_answers
-
     start = time.time()
     config = model.config
     records, source = task_records(config, task, data, split, image_folder, stages_ran)

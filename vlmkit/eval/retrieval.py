@@ -14,10 +14,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm.auto import tqdm
 
-from vlmkit.errors import ConfigError
 from vlmkit.connectors.qformer import attention_mask
+from vlmkit.data import scenes
+from vlmkit.data.dataset import load_llava_json
+from vlmkit.errors import ConfigError
 
 DEFAULT_CANDIDATES = 100
 DEFAULT_TOP_K = 16
@@ -133,9 +136,6 @@ def summary_table(report: dict) -> str:
 
 def retrieval_records(config, data: str | None, split: str, limit: int, image_folder: str | None = None) -> list[dict]:
     """Caption records with distinct captions: held-out scenes by default, or a scene source / LLaVA JSON."""
-    from vlmkit.data import scenes
-    from vlmkit.data.dataset import load_llava_json
-
     source = data or f"scenes:caption:{split}:n{max(1000, 4 * limit)}"
     if source.startswith("scenes:"):
         records = scenes.builtin_records(source)
@@ -154,8 +154,6 @@ def retrieval_records(config, data: str | None, split: str, limit: int, image_fo
 
 def run_retrieval_eval(model, data: str | None, out_dir, split: str = "test", limit: int = 0,
                        image_folder: str | None = None, top_k: int = DEFAULT_TOP_K, verbose: bool = True) -> dict:
-    from PIL import Image
-
     limit = limit or DEFAULT_CANDIDATES
     records = retrieval_records(model.config, data, split, limit, image_folder)
     images = []

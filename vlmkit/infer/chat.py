@@ -1,6 +1,8 @@
 """Chat with a model: one answer, or an interactive loop that keeps the conversation."""
 from __future__ import annotations
 
+import torch
+
 from vlmkit.data.images import load_image
 from vlmkit.data.render import IMAGE_TOKEN, render_conversation
 from vlmkit.data.templates import get_template
@@ -23,7 +25,6 @@ def answer(model, messages: list[dict], images: list, config: GenerationConfig |
     pixels = [transform(load_image(i, "chat", transform=transform) if isinstance(i, str) else i.convert("RGB"))
               for i in images]
     rendered = render_prompt(model, messages, max_length=model.config.max_length)
-    import torch
 
     pixel_values = torch.stack(pixels) if pixels else None
     tokens = generate(model, [rendered.input_ids], [len(pixels)], pixel_values=pixel_values, config=config)[0]

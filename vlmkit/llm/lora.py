@@ -30,7 +30,7 @@ def check_quantization(lora: LoRAConfig) -> None:
                           "Use plain LoRA (lora.quantize='') on CPU")
     if lora.quantize:
         try:
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes  # noqa: F401 (optional dependency: QLoRA only)
         except ImportError:
             raise ConfigError("QLoRA needs bitsandbytes: pip install bitsandbytes") from None
 
@@ -40,7 +40,7 @@ def quantization_config(lora: LoRAConfig):
     if not lora.quantize:
         return None
     check_quantization(lora)
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # start-up: transformers, 0.76 s
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16)
@@ -50,7 +50,7 @@ def attach_lora(llm, lora: LoRAConfig, token_ids=()) -> int:
     """Wrap `llm.model` with fresh adapters; only they train, with the embedding (and tied LM-head) rows of
     `token_ids` (peft's trainable_token_indices: tokens a base model lacks, such as coordinate tokens). Returns
     the number of trainable parameters."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # start-up: peft, 3 s
 
     if has_lora(llm):
         raise ConfigError("the language model already carries LoRA adapters (a kept adapter from an earlier stage); "

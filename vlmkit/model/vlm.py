@@ -7,9 +7,11 @@ how many belong to sample i, in order, and each must fill exactly `num_image_tok
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from pathlib import Path
+from pathlib import Path as _Path
 
 import torch
 import torch.nn.functional as F
@@ -17,14 +19,16 @@ from safetensors.torch import save_file, save_model
 from torch import nn
 
 from vlmkit.config import ArchConfig, LoRAConfig, without_remote_code
-from vlmkit.connectors import build_connector
-from vlmkit.connectors.qformer import CONNECTOR_TOKENIZER_DIR
+from vlmkit.connectors import build_connector, connector_class
+from vlmkit.connectors.qformer import CONNECTOR_TOKENIZER_DIR, QFormerText, load_text_tokenizer
+from vlmkit.data.boxes import coordinate_tokens
 from vlmkit.data.images import ImageTransform
 from vlmkit.data.packing import block_diagonal_mask
 from vlmkit.data.render import IGNORE_INDEX, IMAGE_TOKEN
+from vlmkit.data.templates import get_template, token_id
 from vlmkit.encoders import VisionEncoder, load_vision_tower
 from vlmkit.errors import BadRecord, ConfigError
-from vlmkit.io import atomic_dir
+from vlmkit.io import atomic_dir, check_local_path, loading, resolve_name
 from vlmkit.llm import LanguageModel, sample_positions
 from vlmkit.llm.lora import (ADAPTER_DIR, attach_lora, has_lora, lora_record, quantization_config,
                               restore_token_originals)
@@ -38,10 +42,6 @@ WEIGHTS_NAME = "model.safetensors"
 def check_read_features(config: ArchConfig, read: dict | None, vision_path: str) -> None:
     """A trained connector (MiniGPT-4's Q-Former) only works on the features it was trained on: the same tower, read
     the same way; otherwise a ConfigError saying which setting to change."""
-    from pathlib import Path as _Path
-
-    from vlmkit.io import resolve_name
-
     if not read:
         return
     source = config.connector.name_or_path
@@ -60,7 +60,7 @@ def check_read_features(config: ArchConfig, read: dict | None, vision_path: str)
 
 def llm_width(path: str, trust_remote_code: bool = False) -> int:
     """An LLM's hidden size from its config alone (no weights loaded)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # start-up: transformers, 0.76 s
 
     hf = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     hf = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
@@ -171,12 +171,6 @@ class VisionLanguageModel(nn.Module):
         fp32; the new connector follows the LLM's embeddings. `with_llm=False` (BLIP-2's stage 1): the LLM's
         tokenizer and width are read, its weights are not loaded (`attach_llm` loads them for a later stage).
         A connector that starts from a checkpoint of its own (the Q-Former's BERT) is initialised from it."""
-        import dataclasses
-
-        from vlmkit.connectors import connector_class
-        from vlmkit.io import check_local_path, loading
-        from vlmkit.io import resolve_name
-
         vision_path = resolve_name(config.vision.name_or_path, verbose=verbose)
         llm_path = resolve_name(config.llm.name_or_path, verbose=verbose)
         check_local_path(vision_path, "--vision.name-or-path")
@@ -226,9 +220,6 @@ class VisionLanguageModel(nn.Module):
     def attach_llm(self, verbose: bool = True, allow_pickle: bool = False) -> None:
         """Load the LLM that `config.llm` names into a model built without one (BLIP-2 after its stage 1), where
         the model is, in its dtype; the tokenizer keeps its ids (the embeddings grow to its length)."""
-        from vlmkit.io import check_local_path, loading
-        from vlmkit.io import resolve_name
-
         if self.llm is not None:
             return
         path = resolve_name(self.config.llm.name_or_path, verbose=verbose)
@@ -271,8 +262,6 @@ class VisionLanguageModel(nn.Module):
         """Preprocess images to `size` x `size` from now on (a stage's `image_size`): the tower's grid follows (a
         ViT interpolates its position embeddings), and the connector must give a fixed number of tokens
         whatever the grid (the resampler), or the image token count changes with it."""
-        import dataclasses
-
         transform = self.image_transform
         if transform.crop == (size, size) and (transform.size == size or transform.resize_exact):
             return
@@ -467,8 +456,6 @@ class VisionLanguageModel(nn.Module):
 
     def qformer_text(self):
         """The Q-Former's text reader (`QFormerText`): its own tokenizer over this model's tokens."""
-        from vlmkit.connectors.qformer import QFormerText
-
         tokenizer = getattr(self.connector, "tokenizer", None)
         if tokenizer is None:
             raise ConfigError("this needs the Q-Former's text tokenizer: connector.type qformer and "
@@ -524,7 +511,7 @@ class VisionLanguageModel(nn.Module):
         weights (.bin/.pt) is refused unless `allow_pickle` (then read with torch.load(weights_only=True)).
         The saved config never turns on `llm.trust_remote_code` (a later `attach_llm` would run the code of the
         directory it names); `trust_remote_code` here does."""
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # start-up: transformers, 0.76 s
 
         directory = Path(directory)
         config_file = directory / CONFIG_NAME
@@ -543,7 +530,7 @@ class VisionLanguageModel(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(directory)
         # built on the meta device (no memory, no random initialisation), then each tensor is read, cast and
         # moved on its own: a checkpoint never materialises in fp32 on the CPU on its way to a bf16 GPU model
-        from accelerate import init_empty_weights
+        from accelerate import init_empty_weights  # start-up: accelerate, 88 ms
 
         with init_empty_weights(include_buffers=False):  # buffers computed at init (rotary tables) stay real
             llm = LanguageModel.from_hf_config(saved["llm"]) if saved["llm"] is not None else None
@@ -552,8 +539,6 @@ class VisionLanguageModel(nn.Module):
         if llm is not None:
             model.llm.causal_lm.tie_weights()  # not tied under init_empty_weights (it re-creates assigned parameters)
         if (directory / CONNECTOR_TOKENIZER_DIR).is_dir():
-            from vlmkit.connectors.qformer import load_text_tokenizer
-
             model.connector.tokenizer = load_text_tokenizer(directory / CONNECTOR_TOKENIZER_DIR)
         if saved.get("lora"):  # kept adapters: the weights file holds them under peft's names
             record = dict(saved["lora"])
@@ -587,8 +572,6 @@ def _without_shared(state: dict) -> dict:
 
 def template_tokens(config: ArchConfig) -> list[str]:
     """Special tokens that the templates of a config's stages need (ChatML's <|im_start|>, <|im_end|>)."""
-    from vlmkit.data.templates import get_template
-
     names = [config.template] + [stage.template for stage in config.stages if stage.template]
     return [token for name in dict.fromkeys(names) for token in get_template(name).special_tokens]
 
@@ -598,7 +581,6 @@ def coordinate_token_ids(model) -> list[int]:
     rows LoRA stages train besides the adapters), else []."""
     if not getattr(model.config, "coordinate_tokens", False):
         return []
-    from vlmkit.data.boxes import coordinate_tokens
 
     vocab = model.tokenizer.get_vocab()
     return [vocab[t] for t in coordinate_tokens(model.config.box_format) if t in vocab]
@@ -610,8 +592,6 @@ def add_coordinate_tokens(tokenizer, llm: LanguageModel, box_format: str) -> lis
     a fixed random orthonormal map, at the norm of the existing rows around their mean), so neighbouring
     coordinates start out similar and the LM head can read a position off a direction; tokens the tokenizer
     already has (Qwen-VL's single digits) keep their rows."""
-    from vlmkit.data.boxes import coordinate_tokens
-
     tokens = coordinate_tokens(box_format)
     vocab = tokenizer.get_vocab()
     missing = [t for t in tokens if t not in vocab]
@@ -646,7 +626,7 @@ def add_coordinate_tokens(tokenizer, llm: LanguageModel, box_format: str) -> lis
 
 def load_tokenizer(path, trust_remote_code: bool = False):
     """The LLM's own tokenizer class (AutoTokenizer), fast where one exists (character offsets for the mask)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # start-up: transformers, 0.76 s
 
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
@@ -654,8 +634,6 @@ def load_tokenizer(path, trust_remote_code: bool = False):
 def prepare_tokenizer(tokenizer, llm: LanguageModel, extra_tokens: list[str] = ()):
     """Make sure the tokenizer has an image placeholder, the templates' special tokens and a pad token; grow
     the embeddings if needed."""
-    from vlmkit.data.templates import token_id
-
     missing = [t for t in dict.fromkeys([IMAGE_TOKEN, *extra_tokens]) if token_id(tokenizer, t) is None]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)

@@ -6,6 +6,8 @@ passes `allow_pickle=True`, and even then loads with `torch.load(weights_only=Tr
 from __future__ import annotations
 
 import json
+import math
+import struct
 from pathlib import Path
 
 import torch
@@ -69,9 +71,6 @@ def read_safetensors_header(path: str | Path) -> tuple[dict, int]:
     before anything is allocated: a known dtype, a shape of non-negative integers, offsets that are in order,
     do not overlap, hold exactly shape x itemsize bytes and end within the file. Any fault is a ConfigError
     naming the file and the tensor (a hostile header would otherwise allocate what it claims)."""
-    import math
-    import struct
-
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as handle:

@@ -20,7 +20,9 @@ numbered from 0 either way, and only the query slice reads the image), so ITC us
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.nn.functional import all_gather
 
 from vlmkit.connectors.qformer import attention_mask
 from vlmkit.errors import ConfigError
@@ -31,13 +33,9 @@ IGNORE = -100
 
 def _gather(tensor: torch.Tensor, with_grad: bool) -> torch.Tensor:
     """Every rank's `tensor` concatenated along dim 0 (this rank's own keeps its gradient); itself on one process."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
     if with_grad:
-        from torch.distributed.nn.functional import all_gather
-
         return torch.cat(all_gather(tensor), dim=0)
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
@@ -46,8 +44,6 @@ def _gather(tensor: torch.Tensor, with_grad: bool) -> torch.Tensor:
 
 
 def _rank_offset(batch: int) -> int:
-    import torch.distributed as dist
-
     return dist.get_rank() * batch if dist.is_available() and dist.is_initialized() else 0
 
 

@@ -9,12 +9,19 @@ generation in the engine's thread, so the event loop only moves bytes.
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import re
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
+from urllib.parse import urlsplit
+
+import uvicorn
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect, Request
 
 from vlmkit.serve.engine import Engine, context_length, prepare
 from vlmkit.serve.protocol import (
@@ -49,7 +56,6 @@ async def read_body(request, limit: int, timeout: float = 30.0) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body is {int(declared):,} bytes, more than this server's limit of "
                             f"{limit:,} (--max-body-bytes)", code="body_too_large")
-    from starlette.requests import ClientDisconnect
 
     chunks, size = [], 0
 
@@ -121,8 +127,6 @@ def _host_refusal(request, settings: ServeSettings) -> str | None:
                 "an IP address or localhost (or a name given with --allowed-host)")
     origin = request.headers.get("origin")
     if origin is not None:
-        from urllib.parse import urlsplit
-
         try:
             parts = urlsplit(origin)
             same = parts.scheme in ("http", "https") and parts.netloc.lower() == host.lower()
@@ -136,7 +140,7 @@ def _host_refusal(request, settings: ServeSettings) -> str | None:
 
 def _refusal(request, settings: ServeSettings, api_key: str | None):
     """The response refusing a request before any route sees it, or None."""
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse  # start-up: FastAPI, 0.32 s
 
     if not api_key:
         refusal = _host_refusal(request, settings)
@@ -167,8 +171,6 @@ class _Gate:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            from starlette.requests import Request
-
             refusal = _refusal(Request(scope), self.settings, self.api_key)
             if refusal is not None:
                 await refusal(scope, receive, send)
@@ -177,8 +179,6 @@ class _Gate:
 
 
 def _ip_or_local(name: str) -> bool:
-    import ipaddress
-
     if name == "localhost" or name.endswith(".localhost"):
         return True
     try:
@@ -191,10 +191,8 @@ def _ip_or_local(name: str) -> bool:
 def create_app(model, model_name: str, settings: ServeSettings | None = None, api_key: str | None = None,
                engine: Engine | None = None):
     """The ASGI app serving `model` under `model_name`; `api_key` makes /v1/* require `Bearer <key>`."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from fastapi import FastAPI, Request  # start-up: FastAPI, 0.32 s
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse  # start-up: FastAPI, 0.32 s
 
     settings = settings or ServeSettings()
     engine = engine or Engine(model, settings)
@@ -345,7 +343,5 @@ async def _stream(job, events: asyncio.Queue, cid: str, model_name: str, include
 def serve(model, model_name: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
           api_key: str | None = None, log_level: str = "info") -> None:
     """Run the server in the foreground with uvicorn until Ctrl-C."""
-    import uvicorn
-
     app = create_app(model, model_name, settings, api_key)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

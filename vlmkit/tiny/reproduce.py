@@ -208,10 +208,10 @@ def markdown(data: dict) -> str:
 
 
 def plot(data: dict, out_file: Path) -> Path:
-    import matplotlib
+    import matplotlib  # start-up: matplotlib, 0.55 s
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up: matplotlib, 0.55 s
 
     headline = [r for r in rows(data) if r["headline"]]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(headline) + 1.4), dpi=110)

@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
+from vlmkit.errors import ConfigError
 from vlmkit.io import atomic_dir, verify_manifest
+from vlmkit.train import distributed
 
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
@@ -89,13 +94,6 @@ def save_sharded_checkpoint(directory: Path, model, optimizer, scheduler, state:
     """The FSDP step checkpoint; every rank calls it. The optimizer's shards go through
     torch.distributed.checkpoint (each rank writes its own), the model is gathered and written by rank 0,
     and rank 0 renames the finished directory into place after every rank's shards are on disk."""
-    import os
-
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-
-    from vlmkit.train import distributed
-
     info = distributed.current()
     full = distributed.full_state_dict(model)  # collective: rank 0 receives the gathered model
     tmp = directory.parent / f".{directory.name}.tmp-sharded"  # one name every rank agrees on
@@ -145,9 +143,6 @@ def load_resume(directory: Path) -> Resume:
 
 def restore(resume: Resume, optimizer, scheduler, model=None) -> None:
     if "sharded" in resume.optimizer:
-        from vlmkit.train import distributed
-        from vlmkit.errors import ConfigError
-
         if model is None or not distributed.is_sharded(model):
             raise ConfigError(f"{resume.directory} holds a sharded (FSDP) optimizer state: resume it under torchrun "
                               "with --distributed fsdp")

@@ -15,6 +15,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 from vlmkit.errors import ConfigError
 
@@ -97,8 +102,6 @@ def prepare(model, info: DistInfo, strategy: str, bf16: bool = False):
     if not info.enabled or strategy == "deepspeed":  # DeepSpeed's engine is made with the optimizer (vlmkit.train.zero)
         return model
     if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         device_ids = [info.local_rank] if torch.cuda.is_available() else None
         # a step may leave trainable parameters without gradients: a text-only micro-batch never runs the
         # connector (LLaVA-1.5's mix665k has text-only ShareGPT records), and a trained tower whose features
@@ -106,8 +109,6 @@ def prepare(model, info: DistInfo, strategy: str, bf16: bool = False):
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
                                        find_unused_parameters=True)
     if not getattr(model, "_fsdp_sharded", False):
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
             MixedPrecisionPolicy()
         for layer in decoder_layers(model.llm.causal_lm) if model.llm is not None else []:
@@ -133,23 +134,16 @@ def decoder_layers(causal_lm) -> list:
 
 def full_state_dict(model) -> dict:
     """All ranks call this (it gathers shards); returns the full state on the CPU."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def sharded_optimizer_state(model, optimizer) -> dict:
     """This rank's shards of the optimizer state, keyed by parameter name (for torch.distributed.checkpoint)."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
     return get_optimizer_state_dict(model, optimizer)
 
 
 def load_sharded_optimizer_state(model, optimizer, directory) -> None:
     """Read a sharded optimizer state written by `torch.distributed.checkpoint` into `optimizer` (every rank)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
     state = {"optimizer": sharded_optimizer_state(model, optimizer)}  # the layout to fill (zero moments)
     dcp.load(state, checkpoint_id=str(directory))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])

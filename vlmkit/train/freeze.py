@@ -6,7 +6,7 @@ import torch
 from vlmkit.config import LoRAConfig
 from vlmkit.errors import ConfigError
 from vlmkit.llm.lora import attach_lora, has_lora
-
+from vlmkit.model.vlm import coordinate_token_ids
 
 BATCH_NORM = ("frozen", "train")
 
@@ -50,8 +50,6 @@ def apply_stage_freezing(model, train: list[str], log=print, lora: LoRAConfig | 
                 for pname, param in module.named_parameters():
                     param.requires_grad_("lora_" in pname or "trainable_tokens_delta" in pname)
             else:
-                from vlmkit.model.vlm import coordinate_token_ids
-
                 attach_lora(model.llm, lora, coordinate_token_ids(model))
             model.llm.train(True)
         counts[name] = sum(p.numel() for p in module.parameters() if p.requires_grad)

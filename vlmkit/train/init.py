@@ -15,7 +15,10 @@ from pathlib import Path
 import torch
 
 from vlmkit.config import ArchConfig, apply_dotted, deep_merge, without_remote_code
+from vlmkit.convert.hf_llava import from_hf, hf_arch
 from vlmkit.errors import ConfigError
+from vlmkit.io import check_local_path
+from vlmkit.model.vlm import VisionLanguageModel
 
 _PARTS = ("vision", "connector", "llm")
 
@@ -36,8 +39,6 @@ def _vlmkit_dir(source) -> Path | None:
 
 def init_config(source: str) -> ArchConfig:
     """The config of the model at `source`, from its config files alone (no weights are read)."""
-    from vlmkit.io import check_local_path
-
     found = _vlmkit_dir(source)
     if found is not None:
         return without_remote_code(ArchConfig.from_dict(json.loads((found / "config.json").read_text())["arch"]))
@@ -45,7 +46,6 @@ def init_config(source: str) -> ArchConfig:
     if Path(source).is_dir() and not (Path(source) / "config.json").exists():
         raise ConfigError(f"--init {source}: a directory without config.json (expected a vlmkit run or checkpoint, "
                           "or a Hugging Face LLaVA directory)")
-    from vlmkit.convert.hf_llava import hf_arch
 
     return hf_arch(str(source))[0]
 
@@ -64,13 +64,10 @@ def with_overrides(config: ArchConfig, overrides: dict) -> ArchConfig:
 
 def load_init(source: str, device=None, allow_pickle: bool = False, trust_remote_code: bool = False):
     """The model at `source`, in fp32, loaded straight onto `device`."""
-    from vlmkit.model.vlm import VisionLanguageModel
-
     found = _vlmkit_dir(source)
     if found is not None:
         return VisionLanguageModel.from_pretrained(found, device=device, dtype=torch.float32,
                                                    allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    from vlmkit.convert.hf_llava import from_hf
 
     target = torch.device(device) if device is not None else torch.device("cpu")
     return from_hf(str(source), dtype=torch.float32, device_map=target if target.type != "cpu" else None,

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from vlmkit.config import StageConfig
@@ -31,13 +32,12 @@ from vlmkit.model.features import cache_features
 from vlmkit.objectives import get_objective
 from vlmkit.train import distributed
 from vlmkit.train.checkpoint import Resume, TrainState, restore
-from vlmkit.train.freeze import apply_stage_freezing, trains
+from vlmkit.train.freeze import apply_stage_freezing, trained_submodule, trains
+from vlmkit.train.probe import answer_probe
 from vlmkit.train.strategy import make_strategy
 
 
 def param_groups(model, stage: StageConfig) -> list[dict]:
-    from vlmkit.train.freeze import trained_submodule
-
     groups = []
     for name in stage.train:
         lr = stage.lr.get(name, stage.lr.get(name.split(".", 1)[0]))  # a part inside a module: its own, or the module's
@@ -57,8 +57,6 @@ def checkpoint_layers(causal_lm):
     """Run each decoder layer under torch.utils.checkpoint (non-reentrant: gradients reach the inputs and
     LoRA adapters whether or not the layer's own weights train), in train or eval mode alike (transformers'
     own switch acts only in train mode, and a frozen LLM is in eval mode). Returns the function that undoes it."""
-    from torch.utils.checkpoint import checkpoint
-
     layers = distributed.decoder_layers(causal_lm)
     for layer in layers:
         original = layer.forward
@@ -130,8 +128,6 @@ def stage_schedule(stage: StageConfig, epoch_size: int, steps_per_epoch: int) ->
 
 def _probe_frozen_features(features, dataset: ConversationDataset, stage: StageConfig, log) -> None:
     """Say how well the frozen encoder's features separate the stage's answers; suggest training it if badly."""
-    from vlmkit.train.probe import answer_probe
-
     result = answer_probe(features, dataset.question_answers)
     if result is None:
         return

@@ -76,7 +76,12 @@ import torch
 from torch import nn
 
 from vlmkit.config import ArchConfig, LoRAConfig, StageConfig
+from vlmkit.connectors import build_connector, connector_class
+from vlmkit.data.images import ImageTransform
+from vlmkit.encoders import _VISION_HALF, VisionEncoder
 from vlmkit.errors import ConfigError
+from vlmkit.io import check_local_path, loading, resolve_name
+from vlmkit.train.distributed import decoder_layers
 
 GiB = 2 ** 30
 STRATEGIES = ("ddp", "zero2", "fsdp", "lora", "qlora")
@@ -130,8 +135,6 @@ def _count(module: nn.Module) -> int:
 
 def _crop_size(vision_path: str) -> int | None:
     """The preprocessor's crop size when the tower's directory has one (convolutional towers need it)."""
-    from vlmkit.data.images import ImageTransform
-
     try:
         return ImageTransform.from_pretrained(vision_path).crop[0]
     except (OSError, ValueError, KeyError, TypeError):
@@ -140,20 +143,13 @@ def _crop_size(vision_path: str) -> int | None:
 
 def build_meta(config: ArchConfig) -> MetaModel:
     """The config's vision tower, connector and LLM on the meta device: configs are read, weights never."""
-    import transformers
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    from vlmkit.connectors import build_connector
-    from vlmkit.encoders import _VISION_HALF, VisionEncoder
-    from vlmkit.io import check_local_path
-    from vlmkit.io import resolve_name
-    from vlmkit.train.distributed import decoder_layers
+    import transformers  # start-up: transformers, 0.76 s
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # start-up: transformers, 0.76 s
 
     vision_path = resolve_name(config.vision.name_or_path, verbose=False)
     llm_path = resolve_name(config.llm.name_or_path, verbose=False)
     check_local_path(vision_path, "--vision.name-or-path")
     check_local_path(llm_path, "--llm.name-or-path")
-    from vlmkit.io import loading
 
     with loading("--vision.name-or-path", vision_path):
         vision_hf = AutoConfig.from_pretrained(vision_path)
@@ -171,7 +167,6 @@ def build_meta(config: ArchConfig) -> MetaModel:
         causal_lm = AutoModelForCausalLM.from_config(llm_hf)
     vision = VisionEncoder(tower, config.vision, _crop_size(vision_path))
     hidden = causal_lm.get_input_embeddings().embedding_dim
-    from vlmkit.connectors import connector_class
 
     connector_config, _ = connector_class(config.connector).resolve_pretrained(config.connector)  # the Q-Former's
     with torch.device("meta"):  # sizes are its BERT's (or its trained checkpoint's)

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,19 +27,21 @@ import torch
 
 from vlmkit.config import ArchConfig
 from vlmkit.data.sources import DataSpec, build_dataset, stage_dataset  # noqa: F401 (build_dataset: public here too)
+from vlmkit.data.sources import stage_sources
 from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.io import read_jsonl, resolve_device
 from vlmkit.model.vlm import VisionLanguageModel
+from vlmkit.objectives import needs_llm
 from vlmkit.train import checkpoint, distributed, report
 from vlmkit.train.freeze import BATCH_NORM
+from vlmkit.train.init import load_init
 from vlmkit.train.loop import train_stage
 from vlmkit.train.plot import plot_loss
+
 
 def stage_fingerprint(config: ArchConfig, stage, data: DataSpec, world_size: int, init: str | None = None) -> dict:
     """What decides a stage's data order and its steps: a step checkpoint records it, and --resume with any of
     it changed would silently read other data in another order."""
-    from vlmkit.data.sources import stage_sources
-
     return {"preset": config.name, "stage": stage.name, "seed": config.seed,
             "data": [f"{s.source}={s.weight:g}" for s in stage_sources(config, stage, data)],
             "image_folder": data.image_folder or "", "batch_size": stage.batch_size, "grad_accum": stage.grad_accum,
@@ -64,7 +70,6 @@ def _clear_or_refuse(run_dir: Path, overwrite: bool, log, delete: bool = True) -
                           "--overwrite (which deletes them), or pick another --run-dir")
     if not delete:
         return
-    import shutil
 
     for name in ("checkpoints", "model", "runs"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
@@ -151,12 +156,9 @@ def train_run(config: ArchConfig, run_dir: str | Path, data: DataSpec | None = N
         if log_file.exists() and info.is_main:
             log_file.unlink()
         if info.is_main:  # a fresh start: the TensorBoard events of an earlier run in this directory go too
-            import shutil
 
             shutil.rmtree(run_dir / "runs", ignore_errors=True)
         if init:
-            from vlmkit.train.init import load_init
-
             model = load_init(init, device=target, allow_pickle=allow_pickle,
                               trust_remote_code=config.llm.trust_remote_code)
             model.config = config  # its own config, with this run's stage settings
@@ -265,16 +267,11 @@ def _run_stages(model, run: StageRun, selected: list, first: int, resume_from) -
 def _ignore_file_size_signal() -> None:
     """Past a file-size limit (ulimit -f) a write raises SIGXFSZ, whose default action kills the process; ignored,
     the write fails with EFBIG instead, which a checkpoint write reports while training goes on."""
-    import signal
-    import threading
-
     if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
 def _stage_needs_llm(stage) -> bool:
-    from vlmkit.objectives import needs_llm
-
     return "llm" in stage.train or needs_llm(stage.objective)
 
 
@@ -293,8 +290,6 @@ WRITE_ERRORS = (OSError, SafetensorError)
 
 def _why(exc: BaseException) -> str:
     """The OS's words for a failed write ("No space left on device"), also out of safetensors' longer message."""
-    import re
-
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     found = re.search(r"I/O error: (.+?) \(os error \d+\)", text)
     return found.group(1) if found else text

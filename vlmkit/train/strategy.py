@@ -19,7 +19,7 @@ import torch
 
 from vlmkit.config import StageConfig
 from vlmkit.errors import ConfigError
-from vlmkit.train import distributed
+from vlmkit.train import distributed, zero
 
 
 class Strategy:
@@ -99,8 +99,6 @@ class DeepSpeed(Strategy):
                 "use --save-every 0 (each stage still ends with a checkpoint), or --distributed fsdp, which has both"))
 
     def prepare(self, model, param_groups, lr_lambda):
-        from vlmkit.train import zero
-
         self.optimizer = torch.optim.AdamW(param_groups(), betas=(0.9, 0.999), eps=1e-8, fused=False)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
         self.home = model.device
@@ -125,8 +123,6 @@ class DeepSpeed(Strategy):
         return self.engine.get_global_grad_norm() if max_grad_norm else None
 
     def finish(self, model):
-        from vlmkit.train import zero
-
         zero.finish(self.engine, model, self.scratch, self.buffers, self.home)
 
 

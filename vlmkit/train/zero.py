@@ -22,13 +22,16 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from vlmkit.errors import ConfigError
+from vlmkit.model.weights import load_into
+from vlmkit.train import distributed
 
 
 def _require():
     try:
-        import deepspeed
+        import deepspeed  # optional dependency (the deepspeed extra)
     except ImportError:
         raise ConfigError("--distributed deepspeed needs the deepspeed package: pip install deepspeed") from None
     return deepspeed
@@ -92,11 +95,7 @@ def initialize(model, optimizer, schedule, config: dict):
 
 def finish(engine, model, scratch: Path, buffers: dict[str, torch.Tensor], device: torch.device) -> None:
     """Give `model` its trained fp32 weights back as ordinary parameters and take the engine apart."""
-    import torch.distributed as dist
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from vlmkit.model.weights import load_into
-    from vlmkit.train import distributed
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # optional dependency
 
     info = distributed.current()
     if info.is_main:
