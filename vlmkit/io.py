@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import difflib
 import hashlib
 import json
@@ -208,19 +209,37 @@ def machine_summary() -> dict:
 
 
 # -- backbone names with a scheme ('tiny:llama') ------------------------------------------------------------
-_SCHEMES: dict[str, Callable[[str, bool], str]] = {}
+_SCHEMES: dict[str, tuple[Callable[[str, bool], str], Callable[[str], str] | None]] = {}
+_CONFIGS_ONLY = contextvars.ContextVar("vlmkit_configs_only", default=False)
 
 
-def register_scheme(prefix: str, resolver: Callable[[str, bool], str]) -> None:
+def register_scheme(prefix: str, resolver: Callable[[str, bool], str],
+                    config_resolver: Callable[[str], str] | None = None) -> None:
     """Names that start with `prefix` are resolved by `resolver(name, verbose)` to a local directory (vlmkit.tiny
-    registers 'tiny:', building a backbone on first need), so the parts that load backbones need not know it."""
-    _SCHEMES[prefix] = resolver
+    registers 'tiny:', building a backbone on first need), so the parts that load backbones need not know it.
+    `config_resolver(name)` answers a directory with the backbone's configuration alone, building no weights
+    (used inside `configs_only()`)."""
+    _SCHEMES[prefix] = (resolver, config_resolver)
+
+
+@contextlib.contextmanager
+def configs_only():
+    """Within it, scheme names resolve to their configuration alone (`vlmkit train --dry-run` reads configs, and
+    must not first pretrain a tiny backbone for minutes); other names are unaffected (a hub id or a directory is
+    read for its config.json either way)."""
+    token = _CONFIGS_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _CONFIGS_ONLY.reset(token)
 
 
 def resolve_name(name_or_path, verbose: bool = True):
     """A backbone name with a registered scheme -> its local directory; anything else as it is."""
     if isinstance(name_or_path, str):
-        for prefix, resolver in _SCHEMES.items():
+        for prefix, (resolver, config_resolver) in _SCHEMES.items():
             if name_or_path.startswith(prefix):
+                if _CONFIGS_ONLY.get() and config_resolver is not None:
+                    return config_resolver(name_or_path)
                 return resolver(name_or_path, verbose)
     return name_or_path

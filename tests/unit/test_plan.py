@@ -236,3 +236,32 @@ def test_printed_plan(hub, meta7b):
     assert memory_plan_main(config, 8, 80.0, print_fn=printed.append) == 0
     assert memory_plan_main(config, 8, 40.0, print_fn=printed.append) == 1  # align needs 43.9 GiB
     assert "303.5M" in printed[0] and "6.74B" in printed[0] and "576 image tokens" in printed[0]
+
+
+@pytest.mark.parametrize("preset", ["minigpt4", "blip2-t5"])  # every tiny backbone kind: LM, T5, tower, Q-Former
+def test_tiny_dry_run_reads_configs_without_pretraining(tmp_path, preset):
+    """`vlmkit train --dry-run` on an empty cache writes the tiny backbones' configurations, never their weights
+    (it used to pretrain them first, for minutes, without a word); only the tokenizer and the random BERT, which
+    size the vocabularies and train nothing, are built. The counts are those of the built backbones."""
+    import os
+    import subprocess
+    import sys
+
+    from vlmkit.tiny import ensure
+
+    env = dict(os.environ, VLMKIT_HOME=str(tmp_path), TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run([sys.executable, "-m", "vlmkit", "train", "--preset", preset, "--dry-run"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "configs only" in done.stdout
+    weights = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.safetensors"))
+    assert weights == ["tiny-v5/bert/model.safetensors"]  # the random BERT alone: nothing was pretrained
+    assert sorted(p.name for p in (tmp_path / "tiny-v5").iterdir()) == ["bert", "tokenizer"]
+    # the same parameter counts as the model built from the real backbones (the shared cache's, built if missing)
+    config = from_name(preset, scale="tiny")
+    for name in {"llama", "t5", "vision"} & {config.llm.name_or_path[5:], config.vision.name_or_path[5:]}:
+        ensure(name, verbose=False)
+    from vlmkit.train.plan import _n, build_meta
+
+    p = build_meta(config).params
+    assert f"vision {_n(p['vision'])} + connector {_n(p['connector'])} + llm {_n(p['llm'])} =" in done.stdout

@@ -59,4 +59,23 @@ def ensure(name: str, verbose: bool = True) -> Path:
     return path
 
 
-register_scheme(PREFIX, resolve)
+def resolve_config(name_or_path: str) -> str:
+    """'tiny:NAME' -> a directory with what its configuration says (config.json, the preprocessor's, the tokenizer),
+    without pretraining anything: the built backbone's own directory when the cache has it, else one written from
+    the build's constants (`build.config_only`; the tokenizer and the BERT, which train nothing, are built)."""
+    name = name_or_path[len(PREFIX):]
+    if name not in NAMES:
+        raise ValueError(f"unknown tiny backbone {name_or_path!r}; available: {', '.join(PREFIX + n for n in NAMES)}")
+    built = tiny_dir(name)
+    if name in ("tokenizer", "bert") or (built / "config.json").exists():
+        return str(ensure(name, verbose=False))
+    path = cache_home() / f"tiny-{VERSION}-configs" / name
+    if not (path / "config.json").exists():
+        from vlmkit.tiny import build  # start-up: `import vlmkit` registers the scheme without torch (1.4 s)
+
+        build.config_only(name, path, ensure("tokenizer", verbose=False),
+                          ensure("bert", verbose=False) if name == "qformer" else None)
+    return str(path)
+
+
+register_scheme(PREFIX, resolve, resolve_config)

@@ -5,6 +5,7 @@ atomically) with a `vlmkit_build.json` recording how it was made and how long it
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -20,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tqdm.auto import tqdm
 
 from vlmkit.archs import from_name
+from vlmkit.connectors import connector_class
 from vlmkit.data import easyvqa, scenes
 from vlmkit.data.boxes import BoxError, iou
 from vlmkit.data.dataset import Example, collate
@@ -135,16 +137,69 @@ def _save_lm(path: Path, model, tokenizer, kind: str, steps: int, losses: list, 
                           "final_loss": sum(losses[-20:]) / 20, "seconds": time.time() - start})
 
 
+# -- the backbones' configurations, which `config_only` writes without building anything ----------------------------
+def llama_config(tokenizer):
+    from transformers import LlamaConfig  # start-up: transformers, 0.76 s
+
+    return LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       attn_implementation="sdpa", **LM_CONFIG)
+
+
+def t5_config(tokenizer):
+    from transformers import T5Config  # start-up: transformers, 0.76 s
+
+    return T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                    decoder_start_token_id=tokenizer.pad_token_id, **T5_CONFIG)
+
+
+def vision_config(size: int):
+    from transformers import ResNetConfig  # start-up: transformers, 0.76 s
+
+    return ResNetConfig(image_size=size, **VISION_TOWER)
+
+
+def scenes_transform() -> ImageTransform:
+    return ImageTransform(size=SCENES_IMAGE_SIZE, crop=(SCENES_IMAGE_SIZE,) * 2, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def config_only(name: str, path: Path, tokenizer_dir: Path, bert_dir: Path) -> None:
+    """Write what a tiny backbone's directory says about its shape — config.json, the preprocessor's config, the
+    tokenizer — without pretraining it: what `vlmkit train --dry-run` reads (vlmkit.io.configs_only). The
+    tokenizer and the Q-Former's BERT are built for real first (seconds, no training: they size the vocabularies)."""
+    from transformers import AutoTokenizer  # start-up: transformers, 0.76 s
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    with atomic_dir(path) as tmp:
+        if name == "llama":
+            llama_config(tokenizer).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        elif name == "t5":
+            t5_config(tokenizer).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        elif name in ("vision", "scenes-vision"):
+            size = IMAGE_SIZE if name == "vision" else SCENES_IMAGE_SIZE
+            vision_config(size).save_pretrained(tmp)
+            (ImageTransform(size=size, crop=(size, size)) if name == "vision" else scenes_transform()).save(tmp)
+        elif name == "qformer":  # a blip2 stage-1 checkpoint's config (its sizes the BERT's), and that tokenizer
+            arch = from_name("blip2", scale="tiny")
+            arch = dataclasses.replace(arch, connector=connector_class(arch.connector).resolve_pretrained(
+                arch.connector)[0])
+            (Path(tmp) / "config.json").write_text(json.dumps({"format": "vlmkit", "format_version": 1,
+                                                               "arch": arch.to_dict()}, indent=2, default=str))
+            shutil.copytree(bert_dir, Path(tmp) / "connector_tokenizer",
+                            ignore=shutil.ignore_patterns("*.safetensors", "config.json", "manifest.json"))
+        else:
+            raise ValueError(f"no configuration-only form of tiny:{name}")
+
+
 def build_llama(path: Path, tokenizer_dir: Path, verbose: bool = True, seed: int = 0) -> None:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # start-up: transformers, 0.76 s
+    from transformers import AutoTokenizer, LlamaForCausalLM  # start-up: transformers, 0.76 s
 
     start = time.time()
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         attn_implementation="sdpa", **LM_CONFIG)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(llama_config(tokenizer))
     documents = _lm_documents(tokenizer, seed)
     encoded = [[tokenizer.bos_token_id] + tokenizer.encode(d, add_special_tokens=False) for d in documents]
     encoded = [Example(str(i), ids, ids, []) for i, ids in enumerate(encoded)]  # every token is a target
@@ -190,14 +245,12 @@ def _t5_pairs(tokenizer, seed: int = 0) -> list:
 def build_t5(path: Path, tokenizer_dir: Path, verbose: bool = True, seed: int = 0) -> None:
     """A T5 encoder-decoder (Flan-T5's architecture at the tiny width) pretrained on the training split's
     question-answer pairs and captions as prompt -> answer: what `blip2-t5` keeps frozen at the tiny scale."""
-    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration  # start-up: transformers, 0.76 s
+    from transformers import AutoTokenizer, T5ForConditionalGeneration  # start-up: transformers, 0.76 s
 
     start = time.time()
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id, **T5_CONFIG)
-    model = T5ForConditionalGeneration(config)
+    model = T5ForConditionalGeneration(t5_config(tokenizer))
     pairs = [Example(str(i), r.input_ids, r.labels, []) for i, r in enumerate(_t5_pairs(tokenizer, seed))]
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     rng = random.Random(seed)
@@ -210,7 +263,7 @@ def build_t5(path: Path, tokenizer_dir: Path, verbose: bool = True, seed: int = 
     for _ in bar:
         batch = collate(rng.sample(pairs, T5_BATCH), tokenizer.pad_token_id)
         encoder_ids, encoder_mask, decoder_ids, decoder_mask, labels = split_for_encoder_decoder(
-            batch.input_ids, batch.labels, batch.attention_mask, config.decoder_start_token_id,
+            batch.input_ids, batch.labels, batch.attention_mask, model.config.decoder_start_token_id,
             tokenizer.pad_token_id, image_id)
         loss = model(input_ids=encoder_ids, attention_mask=encoder_mask, decoder_input_ids=decoder_ids,
                      decoder_attention_mask=decoder_mask, labels=labels).loss
@@ -269,14 +322,13 @@ def build_vision(path: Path, tokenizer_dir: Path, verbose: bool = True, seed: in
         AutoTokenizer,
         CLIPTextConfig,
         CLIPTextModelWithProjection,
-        ResNetConfig,
         ResNetModel,
     )
 
     start = time.time()
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tower = ResNetModel(ResNetConfig(image_size=IMAGE_SIZE, **VISION_TOWER))
+    tower = ResNetModel(vision_config(IMAGE_SIZE))
     text = CLIPTextModelWithProjection(CLIPTextConfig(
         vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
         pad_token_id=tokenizer.pad_token_id, **CLIP_TEXT))
@@ -385,15 +437,15 @@ def _safe_iou(predicted, true) -> float:
 def build_scenes_vision(path: Path, verbose: bool = True, seed: int = 0, **_) -> None:
     """Per-cell detection pretraining on generated scenes (training split only); held-out test scenes measure
     how well a linear head reads objects and boxes off the features."""
-    from transformers import ResNetConfig, ResNetModel  # start-up: transformers, 0.76 s
+    from transformers import ResNetModel  # start-up: transformers, 0.76 s
 
     start = time.time()
     torch.manual_seed(seed)
     size = SCENES_IMAGE_SIZE
     images, targets = _scene_tensors("train", SCENES_TRAIN, size, seed)
     held_images, held_targets = _scene_tensors("test", SCENES_HELD_OUT, size, seed)
-    transform = ImageTransform(size=size, crop=(size, size), mean=(0.5,) * 3, std=(0.5,) * 3)
-    tower = ResNetModel(ResNetConfig(image_size=size, **VISION_TOWER))
+    transform = scenes_transform()
+    tower = ResNetModel(vision_config(size))
     n_classes = [len(scenes.COLORS), len(scenes.SHAPES), len(scenes.SIZE_CLASSES)]
     head = torch.nn.Conv2d(VISION_TOWER["hidden_sizes"][-1], 1 + sum(n_classes) + 4, 1)
 

@@ -4,7 +4,7 @@ weight is read.
 The model is built on PyTorch's meta device from the backbones' configs alone (`AutoConfig.from_pretrained`:
 a local directory or one small config.json from the hub; no weights are downloaded or allocated): the vision
 tower the way `vlmkit.encoders.load_vision_tower` picks it (the image half of a CLIP/SigLIP checkpoint), the
-LLM with `AutoModelForCausalLM.from_config`, the connector with `vlmkit.connectors.build_connector`. Parameter
+LLM with `AutoModelForCausalLM.from_config` (seq-to-seq for an encoder-decoder), the connector with `vlmkit.connectors.build_connector`. Parameter
 counts are therefore exact; memory is estimated from them with the rules below. GB in this module means GiB
 (2**30 bytes): an "80 GB" A100/H100 holds 80 GiB.
 
@@ -80,7 +80,8 @@ from vlmkit.connectors import build_connector, connector_class
 from vlmkit.data.images import ImageTransform
 from vlmkit.encoders import _VISION_HALF, VisionEncoder
 from vlmkit.errors import ConfigError
-from vlmkit.io import check_local_path, loading, resolve_name
+from vlmkit.io import check_local_path, configs_only, loading, resolve_name
+from vlmkit.llm import _auto_class
 from vlmkit.train.distributed import decoder_layers
 
 GiB = 2 ** 30
@@ -142,9 +143,15 @@ def _crop_size(vision_path: str) -> int | None:
 
 
 def build_meta(config: ArchConfig) -> MetaModel:
-    """The config's vision tower, connector and LLM on the meta device: configs are read, weights never."""
+    """The config's vision tower, connector and LLM on the meta device: configs are read, weights never (a tiny
+    backbone is not pretrained for it: `configs_only`)."""
+    with configs_only():
+        return _build_meta(config)
+
+
+def _build_meta(config: ArchConfig) -> MetaModel:
     import transformers  # start-up: transformers, 0.76 s
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # start-up: transformers, 0.76 s
+    from transformers import AutoConfig, AutoModel  # start-up: transformers, 0.76 s
 
     vision_path = resolve_name(config.vision.name_or_path, verbose=False)
     llm_path = resolve_name(config.llm.name_or_path, verbose=False)
@@ -164,7 +171,7 @@ def build_meta(config: ArchConfig) -> MetaModel:
         if hasattr(tower, "vision_model") and hasattr(tower, "text_model"):
             raise ConfigError(f"{vision_path}: a {vision_hf.model_type} dual encoder; vlmkit knows how to take the "
                               f"vision half of {sorted(_VISION_HALF)} only")
-        causal_lm = AutoModelForCausalLM.from_config(llm_hf)
+        causal_lm = _auto_class(llm_hf).from_config(llm_hf)  # an encoder-decoder LLM (Flan-T5) too
     vision = VisionEncoder(tower, config.vision, _crop_size(vision_path))
     hidden = causal_lm.get_input_embeddings().embedding_dim
 
@@ -314,7 +321,8 @@ def plan_memory(config: ArchConfig, gpus: int = 1, gpu_memory_gb: float = 80.0, 
     root_params = total - meta.layers * meta.layer_params
     rows_out = []
     for stage in config.stages:
-        unknown = set(stage.train) - set(meta.params)
+        trained = list(dict.fromkeys(n.split(".", 1)[0] for n in stage.train))  # a part inside a module: the module
+        unknown = set(trained) - set(meta.params)
         if unknown:
             raise ConfigError(f"stage {stage.name!r} trains unknown module(s) {sorted(unknown)}")
         rows = micro_batch or math.ceil(stage.batch_size / gpus)
@@ -355,7 +363,7 @@ def plan_memory(config: ArchConfig, gpus: int = 1, gpu_memory_gb: float = 80.0, 
             ckpt = checkpointing if checkpointing is not None else config.gradient_checkpointing
             if name == "qlora":
                 ckpt = True if checkpointing is None else checkpointing
-            act = activation_bytes(meta, stage.train, rows, length,
+            act = activation_bytes(meta, trained, rows, length,
                                    precision="fp32" if name == "qlora" else precision, attention=attention,
                                    checkpointing=ckpt, lora=lora)
             activations = act["llm"] + act["connector"] + act["vision"]
