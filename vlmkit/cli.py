@@ -16,6 +16,7 @@ from vlmkit.archs import from_name
 from vlmkit.config import (
     ArchConfig,
     ConnectorConfig,
+    connector_fields,
     LLMConfig,
     LoRAConfig,
     StageConfig,
@@ -68,8 +69,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: ArchConfig) ->
             _add_field(top, f"--{f.name.replace('_', '-')}", f"cfg:{f.name}", f.type, getattr(config, f.name),
                        f.metadata.get("help", ""))
     for part, cls in _PART_CLASSES.items():
-        group = parser.add_argument_group(f"{part}")
+        group = parser.add_argument_group(f"{part}" + (f" ({config.connector.type}: the fields it reads)"
+                                                       if part == "connector" else ""))
         for f in dataclasses.fields(cls):
+            if part == "connector" and f.name not in connector_fields(config.connector.type):
+                continue  # another connector's field (--connector.type TYPE shows that type's)
             _add_field(group, f"--{part}.{f.name.replace('_', '-')}", f"cfg:{part}.{f.name}", f.type,
                        getattr(getattr(config, part), f.name), f.metadata.get("help", ""))
     for stage in config.stages:
@@ -93,12 +97,14 @@ def config_overrides(args: argparse.Namespace) -> dict:
             if key.startswith("cfg:") and value is not None}
 
 
-def _preset_from_argv(argv: list[str], default: str) -> tuple[str, str]:
+def _preset_from_argv(argv: list[str], default: str) -> tuple[str, str, str | None]:
+    """--preset, --scale and --connector.type, read first: the flags of `train` are those of that config."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default=default)
     pre.add_argument("--scale", default="tiny")
+    pre.add_argument("--connector.type", dest="connector_type", default=None)
     known, _ = pre.parse_known_args(argv)
-    return known.preset, known.scale
+    return known.preset, known.scale, known.connector_type
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -416,6 +422,22 @@ def _add_image_limits(parser, pixels: int = 40_000_000, side: int = 16_384, aspe
                                 "links out of it); without it such paths are read as written")
 
 
+def add_options(parser, cls, skip: tuple = ()) -> None:
+    """One flag per field of a command's settings dataclass (`ChatOptions`, `EvalOptions`, `ServerOptions`): its
+    default and help are the field's, so they are written once; dest is the field name."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        extra = {key: meta[key] for key in ("choices", "metavar") if key in meta}
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction if f.default else "store_true",
+                                default=f.default, help=meta["help"])
+        else:
+            kind = meta.get("kind") or type(f.default)
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=meta["help"], **extra)
+
+
 def _add_serve_settings(parser) -> None:
     """`vlmkit serve`'s limits and defaults, one flag per ServeSettings field (its default and help are there)."""
     from vlmkit.serve.protocol import ServeSettings
@@ -471,17 +493,21 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                                    "trained with each paper's staged recipe.",
         epilog="Start with `vlmkit demo`; `vlmkit presets` lists architectures; `vlmkit COMMAND --help` for more.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from vlmkit.eval import EvalOptions
+    from vlmkit.infer.chat import ChatOptions
+    from vlmkit.serve.protocol import ServerOptions
 
     p = sub.add_parser("presets", help="list every preset with its parts and stages")
     p.add_argument("--scale", default="tiny", choices=["tiny", "paper"])
     p.set_defaults(func=cmd_presets)
 
     command = next((a for a in argv if not a.startswith("-")), None)
-    preset, scale = _preset_from_argv(argv, "llava-1.5")
+    preset, scale, connector_type = _preset_from_argv(argv, "llava-1.5")
     config = None
     if command in ("train", "demo"):
         try:
-            config = from_name(preset, scale="tiny" if command == "demo" else scale)
+            config = from_name(preset, scale="tiny" if command == "demo" else scale,
+                               **({"connector": {"type": connector_type}} if connector_type else {}))
         except KeyError as exc:
             raise VlmkitError(str(exc).strip('"')) from None
 
@@ -577,23 +603,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                                    "and eval_<task>.png "
                                    "(16 test images, true boxes green, predicted red) in the run directory.")
     p.add_argument("run", help="run directory or checkpoint")
-    p.add_argument("--task", default=None, choices=["rec", "reg", "caption", "vqa", "retrieval", "pope"],
-                   help="grounding evaluation on generated scenes (see above); retrieval: a Q-Former's image-text "
-                        "retrieval (ITC ranking, ITM re-ranking of the top 16), R@1/R@5 both ways, among --limit "
-                        "(default 100) held-out scenes with distinct captions, or a caption JSON's records")
-    p.add_argument("--data", default=None,
-                   help="without --task: 'easy-vqa' (default) or a LLaVA JSON file (last turn = reference); with "
-                        "--task: a scene source (default scenes:TASK:test:n1000 at the size and shape count the run "
-                        "trained on, e.g. scenes:rec:test:n500) or a JSON written by `vlmkit data scenes`")
-    p.add_argument("--split", default=None, choices=["train", "test"],
-                   help="easy-VQA split, or with --task the scenes' split (default test)")
-    p.add_argument("--image-folder", default=None,
-                   help="folder the JSON's image paths are relative to (with --task: default the JSON's folder)")
-    p.add_argument("--skip-bad", action="store_true", help="skip bad records and count them")
-    p.add_argument("--limit", type=int, default=0, help="only the first N records (0 = all)")
-    p.add_argument("--batch-size", type=int, default=128, help="prompts per generation batch")
-    p.add_argument("--max-new-tokens", type=int, default=0,
-                   help="answer token budget (0 = 8 without --task; with it 1.25 x the longest reference + 4)")
+    add_options(p, EvalOptions)
     _add_allow_pickle(p)
     _add_device(p)
     _add_image_limits(p)
@@ -603,14 +613,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory or checkpoint")
     p.add_argument("question", nargs="*", help="the question; omit it for an interactive chat")
     p.add_argument("--image", default=None, help="image file")
-    p.add_argument("--short", action=argparse.BooleanOptionalAction, default=True,
-                   help="append the preset's short-answer prompt to a one-off question")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--draw", default=None, metavar="OUT.png",
-                   help="draw the boxes the answer holds (read in the run's box format) on the image, into OUT.png")
+    add_options(p, ChatOptions)
     _add_allow_pickle(p)
     _add_device(p)
     _add_image_limits(p, confine=False)
@@ -624,13 +627,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                               "point an OpenAI client at http://127.0.0.1:8000/v1",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run", help="run directory or checkpoint")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (or set VLMKIT_API_KEY)")
-    p.add_argument("--model-name", default=None, help="the model id clients send (default: the run's directory name)")
+    add_options(p, ServerOptions)
     _add_serve_settings(p)
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_allow_pickle(p)
     _add_device(p)
     p.set_defaults(func=cmd_serve)

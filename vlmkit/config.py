@@ -20,6 +20,19 @@ def _help(text: str, **kw) -> Any:
     return field(metadata={"help": text}, **kw)
 
 
+def _reads(connectors: tuple[str, ...], text: str, **kw) -> Any:
+    """A ConnectorConfig field that only these connector types read (the others ignore it; `--help` shows it only
+    for them, and setting it for another type is refused: `connector_fields`)."""
+    return field(metadata={"help": text, "connectors": connectors}, **kw)
+
+
+def option(default, text: str, kind: type | None = None, **metadata) -> Any:
+    """A field of a command's settings dataclass (`ChatOptions`, `EvalOptions`, `ServerOptions`): its default, its
+    `--help` text, and for the flag made from it (vlmkit.cli) the value type when the default is None (`kind`),
+    `choices`, `metavar`."""
+    return field(default=default, metadata={"help": text, **({"kind": kind} if kind else {}), **metadata})
+
+
 @dataclass
 class VisionConfig:
     name_or_path: str = _help("Hugging Face vision tower: a local directory or a hub id "
@@ -38,44 +51,59 @@ class VisionConfig:
 @dataclass
 class ConnectorConfig:
     type: str = _help("Connector registered in vlmkit.connectors ('linear', 'mlp2x_gelu', 'concat4' = MiniGPT-v2's "
-                      "token merge, 'resampler' = Qwen-VL's cross-attention resampler, 'qformer' = BLIP-2's "
-                      "querying transformer).", default="mlp2x_gelu")
-    act: str = _help("Activation between the MLP's layers (a transformers ACT2FN name: gelu, gelu_pytorch_tanh, "
-                     "quick_gelu, silu...).", default="gelu")
-    bias: bool = _help("Whether the connector's Linear layers have biases.", default=True)
-    merge: int = _help("concat4: how many consecutive vision tokens (row-major, a 1 x merge strip of one row) are "
-                       "concatenated into one before the Linear; the token count must be a multiple of it.",
-                       default=4)
-    num_queries: int = _help("resampler: learned queries, i.e. tokens per image; a square (a side x side grid for "
-                             "the 2-D position table), 256 = 16 x 16 in Qwen-VL.", default=256)
-    num_heads: int = _help("resampler: heads of its cross-attention (0 = Qwen-VL's rule, embed_dim // 128, at "
-                           "least 1; 32 at width 4096); must divide embed_dim.", default=0)
-    embed_dim: int = _help("resampler: width of the queries and the attention (0 = the LLM's width, as in Qwen-VL); "
-                           "a multiple of 4 for the 2-D sin-cos table. qformer: its BERT width (0 = 768, or the "
-                           "width of the BERT named by connector.name_or_path).", default=0)
-    name_or_path: str = _help("qformer: a BERT checkpoint (directory or hub id) whose layers initialise the Q-Former "
-                              "(BLIP-2 starts from bert-base-uncased) and whose tokenizer reads stage-1 text; '' = "
-                              "random layers of the sizes below.", default="")
-    num_layers: int = _help("qformer: BERT layers (12 in BLIP-2).", default=12)
-    intermediate_size: int = _help("qformer: feed-forward width (0 = 4 x embed_dim).", default=0)
-    cross_attention_frequency: int = _help("qformer: a cross-attention to the image every this many layers, "
-                                           "starting at layer 0 (2 in BLIP-2).", default=2)
-    text_input: bool = _help("qformer: the text side of the Q-Former exists (its embeddings, feed-forward weights "
-                             "and the stage-1 heads: ITC projections, ITM head, ITG decoder); False for a Q-Former "
-                             "that only ever reads images (a Blip2ForConditionalGeneration import).", default=True)
-    proj_dim: int = _help("qformer: width of the ITC embedding space (256 in BLIP-2).", default=256)
-    vocab_size: int = _help("qformer: the text side's vocabulary (0 = its tokenizer's length with BLIP-2's added [DEC] "
-                            "token; set when the model is built).", default=0)
-    text_positions: int = _help("qformer: the text side's position embeddings (0 = 512, BERT's; set from the BERT when "
-                                "the model is built).", default=0)
-    instruction_aware: bool = _help("qformer: the queries also read the text of the image's user turn through the "
-                                    "self-attention (BLIP-2's VQA fine-tuning gives the Q-Former the question; "
-                                    "InstructBLIP its instruction), so the visual tokens depend on what is asked.",
-                                    default=False)
-    dropout: float = _help("qformer: dropout on its hidden states and attention probabilities (BERT's and BLIP-2's "
-                           "0.1); a frozen Q-Former computes without it.", default=0.1)
-    max_text_tokens: int = _help("qformer: stage-1 texts are cut and padded to this many Q-Former tokens (LAVIS's "
-                                 "max_txt_len).", default=32)
+                      "token merge, 'resampler' = Qwen-VL's cross-attention resampler, 'qformer' = BLIP-2's querying "
+                      "transformer).", default="mlp2x_gelu")
+    act: str = _reads(("mlp2x_gelu",), "Activation between the MLP's layers (a transformers ACT2FN name: gelu, "
+                                       "gelu_pytorch_tanh, quick_gelu, silu...).", default="gelu")
+    bias: bool = _reads(("linear", "mlp2x_gelu", "concat4"), "Whether the connector's Linear layers have biases.",
+                        default=True)
+    merge: int = _reads(("concat4",), "concat4: how many consecutive vision tokens (row-major, a 1 x merge strip of "
+                                      "one row) are concatenated into one before the Linear; the token count must be a "
+                                      "multiple of it.", default=4)
+    num_queries: int = _reads(("resampler", "qformer"), "resampler: learned queries, i.e. tokens per image; a square "
+                                                        "(a side x side grid for the 2-D position table), 256 = 16 x "
+                                                        "16 in Qwen-VL.", default=256)
+    num_heads: int = _reads(("resampler", "qformer"), "resampler: heads of its cross-attention (0 = Qwen-VL's rule, "
+                                                      "embed_dim // 128, at least 1; 32 at width 4096); must divide "
+                                                      "embed_dim.", default=0)
+    embed_dim: int = _reads(("resampler", "qformer"), "resampler: width of the queries and the attention (0 = the "
+                                                      "LLM's width, as in Qwen-VL); a multiple of 4 for the 2-D "
+                                                      "sin-cos table. qformer: its BERT width (0 = 768, or the width "
+                                                      "of the BERT named by connector.name_or_path).", default=0)
+    name_or_path: str = _reads(("qformer",), "qformer: a BERT checkpoint (directory or hub id) whose layers initialise "
+                                             "the Q-Former (BLIP-2 starts from bert-base-uncased) and whose tokenizer "
+                                             "reads stage-1 text; '' = random layers of the sizes below.", default="")
+    num_layers: int = _reads(("qformer",), "qformer: BERT layers (12 in BLIP-2).", default=12)
+    intermediate_size: int = _reads(("qformer",), "qformer: feed-forward width (0 = 4 x embed_dim).", default=0)
+    cross_attention_frequency: int = _reads(("qformer",), "qformer: a cross-attention to the image every this many "
+                                                          "layers, starting at layer 0 (2 in BLIP-2).", default=2)
+    text_input: bool = _reads(("qformer",), "qformer: the text side of the Q-Former exists (its embeddings, "
+                                            "feed-forward weights and the stage-1 heads: ITC projections, ITM head, "
+                                            "ITG decoder); False for a Q-Former that only ever reads images (a "
+                                            "Blip2ForConditionalGeneration import).", default=True)
+    proj_dim: int = _reads(("qformer",), "qformer: width of the ITC embedding space (256 in BLIP-2).", default=256)
+    vocab_size: int = _reads(("qformer",), "qformer: the text side's vocabulary (0 = its tokenizer's length with "
+                                           "BLIP-2's added [DEC] token; set when the model is built).", default=0)
+    text_positions: int = _reads(("qformer",), "qformer: the text side's position embeddings (0 = 512, BERT's; set "
+                                               "from the BERT when the model is built).", default=0)
+    instruction_aware: bool = _reads(("qformer",), "qformer: the queries also read the text of the image's user turn "
+                                                   "through the self-attention (BLIP-2's VQA fine-tuning gives the "
+                                                   "Q-Former the question; InstructBLIP its instruction), so the "
+                                                   "visual tokens depend on what is asked.", default=False)
+    dropout: float = _reads(("qformer",), "qformer: dropout on its hidden states and attention probabilities (BERT's "
+                                          "and BLIP-2's 0.1); a frozen Q-Former computes without it.", default=0.1)
+    max_text_tokens: int = _reads(("qformer",), "qformer: stage-1 texts are cut and padded to this many Q-Former "
+                                                "tokens (LAVIS's max_txt_len).", default=32)
+
+
+def connector_fields(connector_type: str) -> list[str]:
+    """The ConnectorConfig fields a connector type reads: `type` and the fields marked for it (all of them for a
+    type registered elsewhere, whose reads vlmkit does not know)."""
+    fields = dataclasses.fields(ConnectorConfig)
+    marked = {t for f in fields for t in f.metadata.get("connectors", ())}
+    if connector_type not in marked:
+        return [f.name for f in fields]
+    return [f.name for f in fields if connector_type in f.metadata.get("connectors", (connector_type,))]
 
 
 @dataclass

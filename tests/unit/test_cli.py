@@ -138,3 +138,58 @@ def test_device_is_resolved_and_checked(backbones, tmp_path, image_files, capsys
         assert "--device cuda: no CUDA GPU is visible" in err and "Traceback" not in err
     assert main(["eval", str(run), "--device", "tpu", "--data", str(data), "--image-folder", str(tmp_path)]) == 2
     assert "--device 'tpu': not a device (auto, cpu, cuda, cuda:N)" in capsys.readouterr().err
+
+
+def test_eval_chat_and_serve_flags_are_their_settings_fields():
+    """Every field of EvalOptions, ChatOptions, ServerOptions and ServeSettings is a flag of its command with the
+    field's default and help (written once, in the dataclass), and those commands have no other settings flags."""
+    import argparse
+    import dataclasses
+
+    from vlmkit.cli import build_parser
+    from vlmkit.eval import EvalOptions
+    from vlmkit.infer.chat import ChatOptions
+    from vlmkit.serve.protocol import ServeSettings, ServerOptions
+
+    parser = build_parser(["eval"])
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    # the flags every command that loads a run shares, and the command's inputs
+    common = {"help", "run", "allow_pickle", "device", "dtype", "max_image_pixels", "max_image_side",
+              "max_image_aspect", "confine_images"}
+    inputs = {"eval": set(), "chat": {"question", "image"}, "serve": set()}
+    for command, classes in (("eval", [EvalOptions]), ("chat", [ChatOptions]), ("serve", [ServerOptions, ServeSettings])):
+        actions = {a.dest: a for a in commands[command]._actions}
+        fields = {f.name: f for cls in classes for f in dataclasses.fields(cls)}
+        assert set(actions) - common - inputs[command] == set(fields) - common, command
+        for name, f in fields.items():
+            if name in common:
+                continue
+            default = [] if f.metadata.get("repeat") else f.default
+            assert actions[name].default == default, (command, name)
+            assert f.metadata["help"] in actions[name].help, (command, name)
+
+
+def test_train_help_shows_the_fields_of_the_presets_connector_only(capsys):
+    """Each ConnectorConfig field says which connector types read it; a preset's `train --help` lists those of its
+    connector (another type's with --connector.type), and another connector's field is refused, not ignored."""
+    import dataclasses
+
+    import pytest
+
+    from vlmkit.archs import preset_data
+    from vlmkit.config import ConnectorConfig, connector_fields
+
+    owners = {f.name: f.metadata.get("connectors") for f in dataclasses.fields(ConnectorConfig)}
+    assert [name for name, types in owners.items() if types is None] == ["type"]  # every other field is marked
+    for preset, argv in (("llava", []), ("minigpt-v2", []), ("qwen-vl", []), ("blip2", []),
+                         ("llava-1.5", ["--connector.type", "resampler"])):
+        with pytest.raises(SystemExit):
+            main(["train", "--preset", preset, *argv, "--help"])
+        shown = [line.split()[0].rstrip(",")[len("--connector."):] for line in capsys.readouterr().out.splitlines()
+                 if line.strip().startswith("--connector.")]
+        kind = argv[1] if argv else preset_data(preset)["connector"]["type"]
+        assert shown == [name.replace("_", "-") for name in connector_fields(kind)], preset
+    assert "merge" not in connector_fields("qformer") and "name_or_path" not in connector_fields("resampler")
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "llava-1.5", "--connector.merge", "2", "--dry-run"])
+    assert "unrecognized arguments: --connector.merge 2" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -1,12 +1,27 @@
 """Chat with a model: one answer, or an interactive loop that keeps the conversation."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from vlmkit.config import option
 from vlmkit.data.images import load_image
 from vlmkit.data.render import IMAGE_TOKEN, render_conversation
 from vlmkit.data.templates import get_template
 from vlmkit.infer.generate import GenerationConfig, decode_answer, generate
+
+
+@dataclass
+class ChatOptions:
+    """`vlmkit chat`'s settings (its flags are made from these fields)."""
+    short: bool = option(True, "append the preset's short-answer prompt to a one-off question")
+    max_new_tokens: int = option(64, "answer token budget")
+    temperature: float = option(0.0, "0 = greedy")
+    top_p: float = option(1.0, "nucleus sampling: the smallest set of tokens whose probability reaches this")
+    seed: int | None = option(None, "seed of the sampling (temperature > 0)", kind=int)
+    draw: str | None = option(None, "draw the boxes the answer holds (read in the run's box format) on the image, "
+                                    "into this PNG", kind=str, metavar="OUT.png")
 
 
 def render_prompt(model, messages: list[dict], record_id="chat", max_length: int | None = None):

@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from vlmkit.serve.engine import Engine, context_length, prepare
 from vlmkit.serve.protocol import (
     ApiError,
+    ServerOptions,
     ServeSettings,
     chunk_body,
     completion_body,
@@ -340,8 +341,9 @@ async def _stream(job, events: asyncio.Queue, cid: str, model_name: str, include
             job.cancelled = True  # the client went away: stop generating for it
 
 
-def serve(model, model_name: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
-          api_key: str | None = None, log_level: str = "info") -> None:
+def serve(model, model_name: str, host: str = ServerOptions.host, port: int = ServerOptions.port,
+          settings: ServeSettings | None = None, api_key: str | None = None,
+          log_level: str = ServerOptions.log_level) -> None:
     """Run the server in the foreground with uvicorn until Ctrl-C."""
     app = create_app(model, model_name, settings, api_key)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from vlmkit.config import option
 from vlmkit.data.images import ImageLimits
 from vlmkit.data.render import IMAGE_TOKEN
 
@@ -29,6 +30,16 @@ def _setting(default, text: str, flag: str = "", image_limit: bool = False):
     if isinstance(default, tuple):
         return field(default=default, metadata={**metadata, "repeat": True})
     return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ServerOptions:
+    """Where `vlmkit serve` listens and who may call it (its flags are made from these fields, as ServeSettings')."""
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
+    port: int = option(8000, "port to listen on")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1/* (or set VLMKIT_API_KEY)", kind=str)
+    model_name: str | None = option(None, "the model id clients send (default: the run's directory name)", kind=str)
+    log_level: str = option("info", "uvicorn's log level", choices=("critical", "error", "warning", "info", "debug"))
 
 
 @dataclass
