@@ -195,3 +195,40 @@ def test_absolute_positions_batched_shared_and_packed_equal_alone(absolute_model
     for batch in (collate_packed([examples[:2], examples[2:]], pad), collate_shared(examples, pad, model.image_token_id)):
         parts = torch.stack([part.sum() for part in per_sample(batch).split(sizes)])
         torch.testing.assert_close(parts, alone, atol=2e-4, rtol=1e-5)
+
+
+def test_the_llm_sees_which_tokens_are_image_tokens_in_every_forward(preset_model):
+    """The routing mask (CogVLM's visual expert would send image tokens to their own weights) reaches the LLM
+    wrapper with every forward of generation, cached and not, with a shared prefix too: one flag per new token,
+    true exactly on the image's tokens."""
+    model = preset_model("llava-1.5")
+    ids = prompts(model, QUESTIONS)
+    pixels = torch.randn(3, 3, 32, 32)
+    seen = []
+    original = model.llm.forward
+
+    def recording(inputs_embeds, *args, image_token_mask=None, **kwargs):
+        seen.append((tuple(inputs_embeds.shape[:2]), None if image_token_mask is None else image_token_mask.clone()))
+        return original(inputs_embeds, *args, image_token_mask=image_token_mask, **kwargs)
+
+    model.llm.forward = recording
+    try:
+        for use_cache in (True, False):
+            seen.clear()
+            generate(model, ids, [1, 1, 1], pixel_values=pixels, stop_ids=set(),
+                     config=GenerationConfig(max_new_tokens=3, use_cache=use_cache))
+            assert len(seen) == 3
+            for shape, mask in seen:
+                assert mask is not None and tuple(mask.shape) == shape
+                assert mask.sum(1).tolist() == [model.num_image_tokens] * 3 or (use_cache and not mask.any())
+            assert seen[0][1].sum(1).tolist() == [model.num_image_tokens] * 3  # the prefill holds the images
+        seen.clear()
+        from vlmkit.eval.vqa import _prefix_end
+
+        cut = _prefix_end(ids[0], model.image_token_id)
+        generate(model, [i[cut:] for i in ids], pixel_values=pixels[:1], stop_ids=set(),
+                 config=GenerationConfig(max_new_tokens=2), prefix=(torch.tensor([ids[0][:cut]]), [0, 0, 0]))
+        (prefix_shape, prefix_mask), (_, suffix_mask), (_, step_mask) = seen
+        assert prefix_mask.sum().item() == model.num_image_tokens and not suffix_mask.any() and not step_mask.any()
+    finally:
+        del model.llm.forward

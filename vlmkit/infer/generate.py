@@ -159,8 +159,8 @@ class Decoder:
         self.rows: list[Row] = []
         self.cache = None
         self.embeds = None      # use_cache=False: the whole sequence so far
-        self.image_mask = None  # use_cache=False: which of its positions are image tokens
         self.mask = None        # (rows, cached length)
+        self.image_mask = None  # (rows, cached length): which positions are image tokens (the model's to read)
         self.pending = None     # (rows,) the token to feed next
         self.seq2seq = model.llm.is_encoder_decoder
         self.encoder = None     # encoder-decoder: (encoder states (rows, S, D), encoder mask (rows, S))
@@ -190,7 +190,8 @@ class Decoder:
         logits, cache = model.decode(embeds, mask, image_token_mask=image_mask, use_cache=self.use_cache)
         pending = self._sample(logits[:, -1], rows)
         if not self.rows:
-            self.cache, self.embeds, self.image_mask, self.mask, self.pending = cache, embeds, image_mask, mask, pending
+            self.cache, self.embeds, self.mask, self.pending = cache, embeds, mask, pending
+            self.image_mask = image_mask
         else:  # merge: left-pad the shorter side's cache and mask to the longer one, stack the rows
             length = max(self.mask.shape[1], mask.shape[1])
             for old, new in zip(_dynamic_layers(self.cache), _dynamic_layers(cache)):
@@ -198,6 +199,8 @@ class Decoder:
                 old.values = torch.cat([_left_pad_time(old.values, length, 2),
                                         _left_pad_time(new.values, length, 2)])
             self.mask = torch.cat([_left_pad_time(self.mask, length, 1), _left_pad_time(mask, length, 1)])
+            self.image_mask = torch.cat([_left_pad_time(self.image_mask, length, 1),
+                                         _left_pad_time(image_mask, length, 1)])
             self.pending = torch.cat([self.pending, pending])
         self.rows.extend(rows)
         self._take(rows, pending)
@@ -226,9 +229,9 @@ class Decoder:
         suffix_ids, suffix_mask = left_pad(suffixes, model.tokenizer.pad_token_id)
         suffix_ids, suffix_mask = suffix_ids.to(device), suffix_mask.to(device)
         mask = torch.cat([ones[index], suffix_mask], dim=1)  # the suffixes' padding sits after the prefix
-        logits, cache = model.decode(model.llm.embed(suffix_ids), mask, cache,
-                                     image_token_mask=torch.zeros_like(suffix_ids, dtype=torch.bool))
-        self.cache, self.mask = cache, mask
+        image_mask = torch.cat([image_mask[index], torch.zeros_like(suffix_ids, dtype=torch.bool)], dim=1)
+        logits, cache = model.decode(model.llm.embed(suffix_ids), mask, cache, image_token_mask=image_mask)
+        self.cache, self.mask, self.image_mask = cache, mask, image_mask
         self.pending = self._sample(logits[:, -1], rows)
         self.rows = list(rows)
         self._take(rows, self.pending)
@@ -265,11 +268,11 @@ class Decoder:
             self._step_decoder(fed)
             return
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        self.image_mask = torch.cat([self.image_mask, torch.zeros_like(fed[:, None], dtype=torch.bool)], dim=1)
         if self.use_cache:
-            logits, self.cache = model.decode_step(fed, self.mask, self.cache)
+            logits, self.cache = model.decode_step(fed, self.mask, self.cache, self.image_mask)
         else:
             self.embeds = torch.cat([self.embeds, model.llm.embed(fed[:, None])], dim=1)
-            self.image_mask = torch.cat([self.image_mask, torch.zeros_like(fed[:, None], dtype=torch.bool)], dim=1)
             logits, _ = model.decode(self.embeds, self.mask, image_token_mask=self.image_mask, use_cache=False)
         self.pending = self._sample(logits[:, -1], self.rows)
         self._take(self.rows, self.pending)
@@ -294,18 +297,18 @@ class Decoder:
                 self.decoded = self.decoded[index]
             return done
         index = torch.tensor(keep, device=self.mask.device)
-        self.mask, self.pending = self.mask[index], self.pending[index]
+        self.mask, self.image_mask, self.pending = self.mask[index], self.image_mask[index], self.pending[index]
         layers = _dynamic_layers(self.cache) if self.use_cache else None
         if self.use_cache and layers is None:
             self.cache.batch_select_indices(index)  # other cache layouts: select rows, keep the length
             return done
         start = int(self.mask.any(0).long().argmax())  # leading columns that are padding in every kept row
-        self.mask = self.mask[:, start:]
+        self.mask, self.image_mask = self.mask[:, start:], self.image_mask[:, start:]
         if layers is not None:
             for layer in layers:
                 layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
         else:
-            self.embeds, self.image_mask = self.embeds[index, start:], self.image_mask[index, start:]
+            self.embeds = self.embeds[index, start:]
         return done
 
     def _sample(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:

@@ -423,22 +423,29 @@ class VisionLanguageModel(nn.Module):
     def position_ids(self, attention_mask, sequence_ids=None, prefix_lengths=None) -> torch.Tensor:
         """The position of every token of a batch, each numbered as in its sample alone (`sample_positions`): a
         right-padded training batch, a left-padded generation batch (from `attention_mask`), packed rows
-        (`sequence_ids`) and shared-prefix rows (`prefix_lengths`)."""
+        (`sequence_ids`) and shared-prefix rows (`prefix_lengths`). The one place a scheme that numbers image
+        tokens differently (CogVLM: one position per image) would change; every caller passes through here."""
         return sample_positions(attention_mask, sequence_ids, prefix_lengths)
 
     def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cache=None, image_token_mask=None,
                use_cache: bool = True, logits_to_keep: int = 1):
         """The language model on `inputs_embeds` (B, n), the continuation of `cache` (None: from the start), with
-        `attention_mask` (B, cached + n) over both; their positions are the last n of `position_ids`. A prompt's
+        `attention_mask` (B, cached + n) over both, and `image_token_mask` over the same length (which positions
+        are image tokens; the LLM gets the last n); their positions are the last n of `position_ids`. A prompt's
         prefill, a shared prefix's suffixes, and (without a cache) a whole sequence. Returns (logits, cache)."""
-        positions = self.position_ids(attention_mask)[:, -inputs_embeds.shape[1]:]
+        new = inputs_embeds.shape[1]
+        positions = self.position_ids(attention_mask)[:, -new:]
+        routing = image_token_mask[:, -new:] if image_token_mask is not None else None
         return self.llm(inputs_embeds, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
-                        use_cache=use_cache, image_token_mask=image_token_mask, logits_to_keep=logits_to_keep)
+                        use_cache=use_cache, image_token_mask=routing, logits_to_keep=logits_to_keep)
 
-    def decode_step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, cache):
-        """One new token per row (B,) after `cache`, `attention_mask` (B, cached + 1): (logits, cache)."""
+    def decode_step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, cache, image_token_mask=None):
+        """One new token per row (B,) after `cache`; `attention_mask` and `image_token_mask` (B, cached + 1) cover
+        the cached positions and the new one. Returns (logits, cache)."""
         fed = tokens[:, None]
-        return self.decode(self.llm.embed(fed), attention_mask, cache, torch.zeros_like(fed, dtype=torch.bool))
+        if image_token_mask is None:
+            image_token_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
+        return self.decode(self.llm.embed(fed), attention_mask, cache, image_token_mask)
 
     def _refuse_positions(self, position_ids) -> None:
         if position_ids is not None:
