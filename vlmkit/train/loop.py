@@ -179,11 +179,11 @@ def micro_batches(dataset: ConversationDataset, stage: StageConfig, state: Train
         epoch, skip = epoch + 1, 0
 
 
-def run_step(forward, objective, strategy, micro: list, cached, info, autocast, stopping: bool) -> dict:
+def run_step(forward, objective, strategy, micro: list, cached, info, autocast, stop: StopRequested) -> dict:
     """Forward and backward of one optimiser step's micro-batches. The step's loss is normalised by its units
     (supervised tokens) over every micro-batch and rank; returns the step's loss, the objective's terms, rows
-    (samples, or packed rows) and units, summed over the ranks, and whether any rank got a stop signal (all
-    ranks then checkpoint and stop after the same step; a signal arriving later is seen at the next step)."""
+    (samples, or packed rows) and units, summed over the ranks, and whether any rank got a stop signal by the end
+    of its backward (all ranks then checkpoint and stop after the same step; a later signal: the next step)."""
     units = [objective.units(batch) if real else 0 for _, _, real, batch in micro]
     total_units = sum(units)
     if info.enabled:
@@ -201,6 +201,7 @@ def run_step(forward, objective, strategy, micro: list, cached, info, autocast, 
         for name, value in terms.items():  # the objective's parts (BLIP-2: itc, itm, itg), weighted alike
             term_sums[name] = term_sums.get(name, 0.0) + value * count
     rows = sum(int(batch.input_ids.shape[0]) for _, _, real, batch in micro if real)
+    stopping = stop.signal_name is not None
     if info.enabled:
         names = sorted(term_sums)
         step_sum, rows, stops, *sums = distributed.all_reduce_sum(
@@ -268,8 +269,7 @@ def train_stage(model, stage: StageConfig, dataset: ConversationDataset, *, seed
         with StopRequested() as stop:
             for step in bar:
                 micro = [next(batches) for _ in range(stage.grad_accum)]
-                result = run_step(forward, objective, engine, micro, cached, info, autocast,
-                                  stop.signal_name is not None)
+                result = run_step(forward, objective, engine, micro, cached, info, autocast, stop)
                 norm = engine.step(stage.max_grad_norm)
                 state.step, state.epoch, state.batch_in_epoch = step + 1, micro[-1][0], micro[-1][1] + 1
                 state.losses.append(result["loss"])
