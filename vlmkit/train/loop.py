@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.checkpoint import checkpoint
+import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
 from vlmkit.config import StageConfig
@@ -62,7 +62,7 @@ def checkpoint_layers(causal_lm):
         original = layer.forward
 
         def forward(*args, _original=original, **kwargs):
-            return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+            return torch.utils.checkpoint.checkpoint(_original, *args, use_reentrant=False, **kwargs)
         layer.forward = forward
 
     def undo():
