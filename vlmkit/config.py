@@ -106,6 +106,34 @@ def connector_fields(connector_type: str) -> list[str]:
     return [f.name for f in fields if connector_type in f.metadata.get("connectors", (connector_type,))]
 
 
+_TYPED_NAMES = {"linear": "LinearConfig", "mlp2x_gelu": "MLPConfig", "concat4": "Concat4Config",
+                "resampler": "ResamplerConfig", "qformer": "QFormerConfig"}
+_TYPED: dict[str, type] = {}
+
+
+def connector_config_class(connector_type: str) -> type:
+    """One connector type's own typed config: a dataclass of `type` and the ConnectorConfig fields it reads, with
+    their defaults and help (written once, in ConnectorConfig). A connector holds its config as this type, so a field
+    it does not read is not there to read (`QFormerConfig` has no `merge`, `MLPConfig` no `num_queries`)."""
+    if connector_type not in _TYPED:
+        owned = connector_fields(connector_type)
+        fields = [(f.name, f.type, field(default=connector_type if f.name == "type" else f.default,
+                                         metadata=f.metadata))
+                  for f in dataclasses.fields(ConnectorConfig) if f.name in owned]
+        name = _TYPED_NAMES.get(connector_type) or connector_type.title().replace("_", "") + "Config"
+        _TYPED[connector_type] = dataclasses.make_dataclass(name, fields, namespace={"__module__": __name__})
+    return _TYPED[connector_type]
+
+
+def typed_connector_config(config):
+    """`config` (the ConnectorConfig a preset or checkpoint holds: every connector's fields) as its type's own
+    config (`connector_config_class`); a typed config as it is."""
+    if not isinstance(config, ConnectorConfig):
+        return config
+    cls = connector_config_class(config.type)
+    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+
 @dataclass
 class LLMConfig:
     name_or_path: str = _help("Hugging Face causal LM: a local directory or a hub id.", default="tiny:llama")

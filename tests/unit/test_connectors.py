@@ -37,3 +37,24 @@ def test_unknown_connector_lists_the_registered_ones():
     assert {"linear", "mlp2x_gelu"} <= set(names())
     with pytest.raises(ConfigError, match="unknown connector 'perceiver'.*linear"):
         build_connector(ConnectorConfig(type="perceiver"), 4, 4, 1)
+
+
+def test_each_connector_holds_its_own_typed_config():
+    """A connector's config is its type's own dataclass: `type` and the ConnectorConfig fields that type reads
+    (defaults and help from ConnectorConfig, written once); another connector's field is not there to read."""
+    import dataclasses
+
+    from vlmkit.config import connector_config_class, connector_fields
+
+    sizes = {"linear": {}, "mlp2x_gelu": {}, "concat4": {}, "resampler": {"num_queries": 4}}
+    for name, extra in sizes.items():
+        connector = build_connector(ConnectorConfig(type=name, merge=2, act="relu", **extra), 8, 16, 16)
+        cls = connector_config_class(name)
+        assert type(connector.config) is cls and cls.__name__.endswith("Config")
+        assert [f.name for f in dataclasses.fields(cls)] == connector_fields(name)
+        assert connector.config.type == name
+        assert not hasattr(connector.config, "name_or_path")  # the Q-Former's, read by no other connector
+    assert build_connector(ConnectorConfig(type="concat4", merge=2), 8, 16, 16).config.merge == 2
+    assert build_connector(ConnectorConfig(type="mlp2x_gelu", act="relu"), 8, 16, 16).config.act == "relu"
+    assert not hasattr(build_connector(ConnectorConfig(type="resampler", num_queries=4), 8, 16, 16).config, "merge")
+    assert connector_config_class("qformer")().num_layers == ConnectorConfig().num_layers

@@ -12,7 +12,7 @@ from typing import Callable
 
 from torch import nn
 
-from vlmkit.config import ConnectorConfig
+from vlmkit.config import ConnectorConfig, typed_connector_config
 from vlmkit.errors import ConfigError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -43,7 +43,7 @@ def build_connector(config: ConnectorConfig, vision_hidden: int, llm_hidden: int
 class Connector(nn.Module):
     def __init__(self, config: ConnectorConfig, vision_hidden: int, llm_hidden: int, num_vision_tokens: int):
         super().__init__()
-        self.config = config
+        self.config = typed_connector_config(config)  # its own fields only (vlmkit.config.connector_config_class)
         self.vision_hidden, self.llm_hidden = vision_hidden, llm_hidden
         self.num_output_tokens = num_vision_tokens
 
