@@ -141,6 +141,10 @@ class LLMConfig:
                                     "remote code): only for a checkpoint you trust. Taken from this command line or "
                                     "Python call alone: a preset, a saved config or --init never turns it on.",
                                     default=False)
+    visual_expert: bool = _help("CogVLM: every decoder layer gets a visual expert (its own q/k/v/o projections and "
+                                "MLP, initialised as copies of the layer's) that an image's tokens use, and an image "
+                                "takes three positions (begin, all patches, end) instead of one per token.",
+                                default=False)
 
 
 @dataclass

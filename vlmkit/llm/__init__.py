@@ -15,6 +15,8 @@ import inspect
 import torch
 from torch import nn
 
+from vlmkit.llm.visual_expert import Route, add_visual_experts
+
 
 def sample_positions(attention_mask: torch.Tensor, sequence_ids: torch.Tensor | None = None,
                      prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -44,6 +46,8 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.model = model  # a transformers causal LM, or a peft model wrapping one during a LoRA stage
         self.lora = None    # the LoRAConfig of attached adapters (vlmkit.llm.lora)
+        self.experts = None  # CogVLM's visual experts, one per decoder layer (vlmkit.llm.visual_expert)
+        self.route = Route()
         # transformers >= 5.2x calls the KV cache `cache`; earlier versions `past_key_values`
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -105,8 +109,21 @@ class LanguageModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.causal_lm.get_input_embeddings()(input_ids)
 
+    def add_visual_experts(self) -> None:
+        """CogVLM: give every decoder layer a visual expert (vlmkit.llm.visual_expert), initialised as copies of
+        the layer's own weights; the tokens `image_token_mask` marks use it from then on."""
+        if self.experts is None:
+            self.experts = add_visual_experts(self.causal_lm, self.route)
+
+    def _routing(self, image_token_mask) -> None:
+        """The tokens that take the visual experts in the forward about to run (none without experts)."""
+        if self.experts is not None:
+            self.route.mask = image_token_mask.bool() if image_token_mask is not None else None
+
     def hidden_states(self, inputs_embeds, attention_mask=None, position_ids=None, image_token_mask=None):
-        """Last hidden states (B, T, D), without the LM head: the loss applies the head only where needed."""
+        """Last hidden states (B, T, D), without the LM head: the loss applies the head only where needed.
+        `image_token_mask` (B, T): the tokens routed to the visual experts, when the LLM has them."""
+        self._routing(image_token_mask)
         decoder = self.causal_lm.get_decoder()
         outputs = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False)
@@ -117,6 +134,7 @@ class LanguageModel(nn.Module):
 
     def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache: bool = False, image_token_mask=None, logits_to_keep: int = 0):
+        self._routing(image_token_mask)
         outputs = self.causal_lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=use_cache, logits_to_keep=logits_to_keep,
                              **{self._cache_kwarg: past_key_values})

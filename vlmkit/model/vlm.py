@@ -215,7 +215,10 @@ class VisionLanguageModel(nn.Module):
         llm_kwargs = dict(load_kwargs, quantization_config=quantization_config(qlora)) if qlora else dict(load_kwargs)
         if config.llm.trust_remote_code:
             llm_kwargs["trust_remote_code"] = True
-        return LanguageModel.from_pretrained(llm_path, **llm_kwargs)
+        llm = LanguageModel.from_pretrained(llm_path, **llm_kwargs)
+        if config.llm.visual_expert:
+            llm.add_visual_experts()
+        return llm
 
     def attach_llm(self, verbose: bool = True, allow_pickle: bool = False) -> None:
         """Load the LLM that `config.llm` names into a model built without one (BLIP-2 after its stage 1), where
@@ -374,9 +377,10 @@ class VisionLanguageModel(nn.Module):
             return logits
         inputs_embeds, image_token_mask = self.embed(input_ids, image_counts, pixel_values, vision_features,
                                                      record_ids, text_inputs=text_inputs)
-        attention_mask, position_ids = self._layout(attention_mask, position_ids, sequence_ids, prefix_lengths)
+        attention_mask, position_ids = self._layout(attention_mask, position_ids, sequence_ids, prefix_lengths,
+                                                    image_token_mask)
         logits, _ = llm(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                        image_token_mask=image_token_mask)
+                        image_token_mask=self.routing_mask(image_token_mask))
         return logits
 
     def supervised_logits(self, input_ids, attention_mask, labels, image_counts=None, pixel_values=None,
@@ -400,9 +404,10 @@ class VisionLanguageModel(nn.Module):
             return logits[supervised], targets[supervised]
         inputs_embeds, image_token_mask = self.embed(input_ids, image_counts, pixel_values, vision_features,
                                                      record_ids, labels=labels, text_inputs=text_inputs)
-        attention_mask, position_ids = self._layout(attention_mask, position_ids, sequence_ids, prefix_lengths)
+        attention_mask, position_ids = self._layout(attention_mask, position_ids, sequence_ids, prefix_lengths,
+                                                    image_token_mask)
         hidden = llm.hidden_states(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                   image_token_mask=image_token_mask)
+                                   image_token_mask=self.routing_mask(image_token_mask))
         targets = labels[:, 1:].to(hidden.device)
         supervised = targets != IGNORE_INDEX
         return llm.logits(hidden[:, :-1][supervised]), targets[supervised]
@@ -410,8 +415,15 @@ class VisionLanguageModel(nn.Module):
     def _here(self, tensor):
         return tensor.to(self.device) if tensor is not None else None
 
-    def _layout(self, attention_mask, position_ids, sequence_ids, prefix_lengths):
-        """(attention mask, position ids) on the model's device; for packed rows made from their `sequence_ids`."""
+    def _layout(self, attention_mask, position_ids, sequence_ids, prefix_lengths, image_token_mask=None):
+        """(attention mask, position ids) on the model's device; for packed rows made from their `sequence_ids`;
+        a visual-expert model's own positions (`position_ids`) where none are given."""
+        if self.visual_expert and position_ids is None:
+            position_ids = self.position_ids(attention_mask, sequence_ids, prefix_lengths, image_token_mask)
+            if attention_mask is None and image_token_mask is not None:
+                # an explicit mask: without one transformers reads repeated position ids (an image's patches) as
+                # the starts of packed sequences and keeps them from attending to each other
+                attention_mask = torch.ones_like(image_token_mask, dtype=torch.long)
         if sequence_ids is not None:
             sequence_ids = sequence_ids.to(self.device)
             attention_mask = block_diagonal_mask(sequence_ids, prefix_lengths=prefix_lengths)
@@ -420,12 +432,39 @@ class VisionLanguageModel(nn.Module):
         return self._here(attention_mask), self._here(position_ids)
 
     # -- positions and decoding: every caller (training, packing, generation, evaluation) goes through these ---------
-    def position_ids(self, attention_mask, sequence_ids=None, prefix_lengths=None) -> torch.Tensor:
+    @property
+    def visual_expert(self) -> bool:
+        return self.llm is not None and self.llm.experts is not None
+
+    def position_ids(self, attention_mask, sequence_ids=None, prefix_lengths=None,
+                     image_token_mask=None) -> torch.Tensor:
         """The position of every token of a batch, each numbered as in its sample alone (`sample_positions`): a
         right-padded training batch, a left-padded generation batch (from `attention_mask`), packed rows
-        (`sequence_ids`) and shared-prefix rows (`prefix_lengths`). The one place a scheme that numbers image
-        tokens differently (CogVLM: one position per image) would change; every caller passes through here."""
+        (`sequence_ids`) and shared-prefix rows (`prefix_lengths`). Every caller passes through here.
+
+        With visual experts (CogVLM) an image takes three positions: its first token (the begin-image vector) one,
+        all its patches the next, its last token (end-image) the one after; text continues from there, padding
+        does not advance (`image_token_mask` over the same length says where the images are)."""
+        if self.visual_expert and image_token_mask is not None:
+            if sequence_ids is not None:
+                raise ConfigError("packed rows with a visual-expert LLM (CogVLM): its images' positions are its own; "
+                                  "train without pack_to / share_prefix")
+            real = torch.ones_like(image_token_mask) if attention_mask is None else attention_mask.bool()
+            index = _index_in_image(image_token_mask.bool(), self.num_image_tokens)
+            advance = real & (~image_token_mask.bool() | (index <= 1) | (index == self.num_image_tokens - 1))
+            return (advance.long().cumsum(-1) - 1).clamp(min=0)
         return sample_positions(attention_mask, sequence_ids, prefix_lengths)
+
+    def routing_mask(self, image_token_mask):
+        """Which tokens the LLM's visual experts take (CogVLM): an image's tokens whose next token is of the same
+        image, so the begin-image vector and the patches, not the end-image vector, not the last token of a
+        sequence, not a single decode step. Without experts: the image tokens, for the LLM to read or not."""
+        if image_token_mask is None or not self.visual_expert:
+            return image_token_mask
+        mask = image_token_mask.bool()
+        following = torch.zeros_like(mask)
+        following[:, :-1] = mask[:, 1:]
+        return mask & following & (_index_in_image(mask, self.num_image_tokens) != self.num_image_tokens - 1)
 
     def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cache=None, image_token_mask=None,
                use_cache: bool = True, logits_to_keep: int = 1):
@@ -434,8 +473,9 @@ class VisionLanguageModel(nn.Module):
         are image tokens; the LLM gets the last n); their positions are the last n of `position_ids`. A prompt's
         prefill, a shared prefix's suffixes, and (without a cache) a whole sequence. Returns (logits, cache)."""
         new = inputs_embeds.shape[1]
-        positions = self.position_ids(attention_mask)[:, -new:]
-        routing = image_token_mask[:, -new:] if image_token_mask is not None else None
+        positions = self.position_ids(attention_mask, image_token_mask=image_token_mask)[:, -new:]
+        routing = self.routing_mask(image_token_mask)
+        routing = routing[:, -new:] if routing is not None else None
         return self.llm(inputs_embeds, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
                         use_cache=use_cache, image_token_mask=routing, logits_to_keep=logits_to_keep)
 
@@ -541,6 +581,8 @@ class VisionLanguageModel(nn.Module):
 
         with init_empty_weights(include_buffers=False):  # buffers computed at init (rotary tables) stay real
             llm = LanguageModel.from_hf_config(saved["llm"]) if saved["llm"] is not None else None
+            if llm is not None and config.llm.visual_expert:
+                llm.add_visual_experts()
             model = cls._assemble(config, load_vision_tower(None, hf_config=saved["vision_tower"]), llm, tokenizer,
                                   transform, llm_hidden=saved.get("llm_hidden"))
         if llm is not None:
@@ -564,6 +606,15 @@ class VisionLanguageModel(nn.Module):
         model.to(target)  # the buffers made at init (parameters are there already)
         model.eval()
         return model
+
+
+def _index_in_image(image_token_mask: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
+    """For every image token, its index within its image (0 .. tokens_per_image - 1; images side by side are told
+    apart by the count); -1 elsewhere."""
+    count = image_token_mask.long().cumsum(-1)
+    before_run = torch.where(image_token_mask, torch.zeros_like(count), count).cummax(-1).values
+    index = (count - before_run - 1) % max(1, tokens_per_image)
+    return torch.where(image_token_mask, index, torch.full_like(index, -1))
 
 
 def _without_shared(state: dict) -> dict:
