@@ -50,9 +50,9 @@ class VisionConfig:
 
 @dataclass
 class ConnectorConfig:
-    type: str = _help("Connector registered in vlmkit.connectors ('linear', 'mlp2x_gelu', 'concat4' = MiniGPT-v2's "
-                      "token merge, 'resampler' = Qwen-VL's cross-attention resampler, 'qformer' = BLIP-2's querying "
-                      "transformer).", default="mlp2x_gelu")
+    type: str = _help("Connector registered in vlmkit.connectors ('linear', 'mlp2x_gelu', 'glu' = CogVLM's adapter, "
+                      "'concat4' = MiniGPT-v2's token merge, 'resampler' = Qwen-VL's cross-attention resampler, "
+                      "'qformer' = BLIP-2's querying transformer).", default="mlp2x_gelu")
     act: str = _reads(("mlp2x_gelu",), "Activation between the MLP's layers (a transformers ACT2FN name: gelu, "
                                        "gelu_pytorch_tanh, quick_gelu, silu...).", default="gelu")
     bias: bool = _reads(("linear", "mlp2x_gelu", "concat4"), "Whether the connector's Linear layers have biases.",
@@ -74,7 +74,8 @@ class ConnectorConfig:
                                              "the Q-Former (BLIP-2 starts from bert-base-uncased) and whose tokenizer "
                                              "reads stage-1 text; '' = random layers of the sizes below.", default="")
     num_layers: int = _reads(("qformer",), "qformer: BERT layers (12 in BLIP-2).", default=12)
-    intermediate_size: int = _reads(("qformer",), "qformer: feed-forward width (0 = 4 x embed_dim).", default=0)
+    intermediate_size: int = _reads(("qformer", "glu"), "qformer: feed-forward width (0 = 4 x embed_dim). glu: the "
+                                                        "SwiGLU's inner width (0 = 8/3 of the LLM's width).", default=0)
     cross_attention_frequency: int = _reads(("qformer",), "qformer: a cross-attention to the image every this many "
                                                           "layers, starting at layer 0 (2 in BLIP-2).", default=2)
     text_input: bool = _reads(("qformer",), "qformer: the text side of the Q-Former exists (its embeddings, "
@@ -107,7 +108,7 @@ def connector_fields(connector_type: str) -> list[str]:
 
 
 _TYPED_NAMES = {"linear": "LinearConfig", "mlp2x_gelu": "MLPConfig", "concat4": "Concat4Config",
-                "resampler": "ResamplerConfig", "qformer": "QFormerConfig"}
+                "resampler": "ResamplerConfig", "qformer": "QFormerConfig", "glu": "GLUConfig"}
 _TYPED: dict[str, type] = {}
 
 

@@ -248,3 +248,57 @@ def test_a_visual_expert_model_saves_and_reloads(trained_expert_model, tmp_path)
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.logits(ids, None, [1], pixels), again.logits(ids, None, [1], pixels))
+
+
+def test_cogvlm_trains_both_stages_from_the_cli_and_chats(backbones, tmp_path, image_files, capsys):
+    """The preset: pretraining trains the adapter and the experts only (the LLM's own weights stay as loaded), SFT
+    the LLM too; the run saves, reloads with its experts, evaluates, chats; packing is refused for it."""
+    import json
+
+    from vlmkit.cli import main
+
+    records = [{"id": f"r{i}", "image": image_files[i % 3].split("/")[-1], "conversations": [
+        {"from": "human", "value": "<image>\nwhat color is the shape?"}, {"from": "gpt", "value": c}]}
+        for i, c in enumerate(["red", "blue", "green"] * 4)]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    run = tmp_path / "run"
+    argv = ["train", "--preset", "cogvlm", "--run-dir", str(run), "--data", str(data), "--caption-data", str(data),
+            "--image-folder", str(tmp_path), "--pretrain.max-steps", "2", "--pretrain.batch-size", "4",
+            "--sft.max-steps", "2", "--sft.batch-size", "4", "--vision.name-or-path", backbones["clip"],
+            "--vision.feature-layer", "-2", "--vision.select", "patch", "--llm.name-or-path", backbones["llm"]]
+    assert main(argv) == 0
+    first = VisionLanguageModel.from_pretrained(run / "checkpoints" / "1-pretrain")
+    final = VisionLanguageModel.from_pretrained(run / "model")
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(backbones["llm"])
+    own = first.llm.causal_lm.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in llm.state_dict().items() if "layers." in k)  # frozen in pretraining
+    layer = first.llm.causal_lm.get_decoder().layers[0]
+    assert not torch.equal(first.llm.experts[0]["q_proj"].weight, layer.self_attn.q_proj.weight)  # experts trained
+    assert final.visual_expert and final.num_image_tokens == 16 + 2  # the patches and the begin/end vectors
+    assert not torch.equal(final.llm.causal_lm.get_decoder().layers[0].self_attn.q_proj.weight,
+                           layer.self_attn.q_proj.weight)  # SFT trains the LLM
+    capsys.readouterr()
+    assert main(["chat", str(run), "--image", image_files[0], "--max-new-tokens", "3", "what", "color?"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+    assert main(["eval", str(run), "--data", str(data), "--image-folder", str(tmp_path)]) == 0
+    packed = argv[:4] + [str(tmp_path / "packed")] + argv[5:] + ["--stages", "sft", "--sft.pack-to", "256"]
+    assert main(packed) == 2
+    assert "visual-expert" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_shared_prefix_generation_equals_whole_prompts_with_experts(trained_expert_model):
+    from vlmkit.eval.vqa import _prefix_end
+
+    model = trained_expert_model
+    ids = prompts(model, ["what color is the shape?", "what?", "is it red?"])
+    pixels = torch.randn(2, 3, 32, 32)
+    owners = [0, 1, 0]
+    config = GenerationConfig(max_new_tokens=8)
+    whole = generate(model, ids, [1, 1, 1], pixel_values=pixels[owners], config=config, stop_ids=set())
+    cut = _prefix_end(ids[0], model.image_token_id)
+    shared = generate(model, [i[cut:] for i in ids], pixel_values=pixels, config=config, stop_ids=set(),
+                      prefix=(torch.tensor([ids[0][:cut]] * 2), owners))
+    assert shared == whole

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 
 from vlmkit.config import ConnectorConfig, typed_connector_config
@@ -128,6 +129,38 @@ class ConcatConnector(Connector):
         batch, num_tokens, hidden = features.shape
         self._check_count(num_tokens)
         return self.llama_proj(features.reshape(batch, num_tokens // self.merge, hidden * self.merge))
+
+
+@register("glu")
+class GLUAdapter(Connector):
+    """CogVLM's adapter, as released (`GLU` in its EVA2-CLIP model): Linear without bias -> LayerNorm -> GELU ->
+    SwiGLU (`gate_proj`, `dense_h_to_4h`, `dense_4h_to_h`, no biases) at the LLM's width, then a learned begin-image
+    and end-image vector (`boi`, `eoi`, zero at initialisation) around the image's tokens: two more tokens than
+    the tower gives. The SwiGLU's inner width is `connector.intermediate_size` (0 = 8/3 of the LLM's, Llama's
+    ratio, rounded up to a multiple of 8)."""
+
+    def __init__(self, config: ConnectorConfig, vision_hidden: int, llm_hidden: int, num_vision_tokens: int):
+        super().__init__(config, vision_hidden, llm_hidden, num_vision_tokens)
+        inner = config.intermediate_size or -(-8 * llm_hidden // 3 // 8) * 8
+        self.linear_proj = nn.Linear(vision_hidden, llm_hidden, bias=False)
+        self.norm1 = nn.LayerNorm(llm_hidden)
+        self.act1 = nn.GELU()
+        self.gate_proj = nn.Linear(llm_hidden, inner, bias=False)
+        self.dense_h_to_4h = nn.Linear(llm_hidden, inner, bias=False)
+        self.dense_4h_to_h = nn.Linear(inner, llm_hidden, bias=False)
+        self.boi = nn.Parameter(torch.zeros(1, 1, llm_hidden))
+        self.eoi = nn.Parameter(torch.zeros(1, 1, llm_hidden))
+        self.num_output_tokens = num_vision_tokens + 2
+
+    def output_tokens_for(self, num_vision_tokens: int) -> int:
+        return num_vision_tokens + 2
+
+    def forward(self, features):
+        x = self.act1(self.norm1(self.linear_proj(features)))
+        x = self.dense_4h_to_h(nn.functional.silu(self.gate_proj(x)) * self.dense_h_to_4h(x))
+        batch = x.shape[0]
+        return torch.cat([self.boi.expand(batch, -1, -1).to(x.dtype), x, self.eoi.expand(batch, -1, -1).to(x.dtype)],
+                         dim=1)
 
 
 from vlmkit.connectors import resampler  # noqa: F401,E402  (registers 'resampler')

@@ -193,6 +193,20 @@ register(Template(
     image_format="<Img><image></Img>",
 ))
 
+# CogVLM (THUDM's released chat format): the image right after the BOS, then `Question: q Answer: a`, turns joined by
+# "\n"; the answer ends with the EOS. Its VQA format asks for a "Short answer:".
+register(Template(
+    name="cogvlm",
+    system="",
+    user_format="Question: {content}",
+    assistant_prefix=" Answer:",
+    assistant_format=" {content}",
+    stop="{eos}",
+    turn_end="\n",
+    images_first=True,
+))
+register(dataclasses.replace(TEMPLATES["cogvlm"], name="cogvlm_vqa", assistant_prefix=" Short answer:"))
+
 # BLIP-2 with a decoder-only LLM (OPT): `[queries][BOS] Question: q Answer: a\n`, the image tokens before the BOS as
 # transformers' Blip2Processor writes them; LAVIS ends every text with "\n" and stops generation there.
 register(Template(
