@@ -82,6 +82,7 @@ from vlmkit.encoders import _VISION_HALF, VisionEncoder
 from vlmkit.errors import ConfigError
 from vlmkit.io import check_local_path, configs_only, loading, resolve_name
 from vlmkit.llm import _auto_class
+from vlmkit.llm.visual_expert import Route, add_visual_experts
 from vlmkit.train.distributed import decoder_layers
 
 GiB = 2 ** 30
@@ -172,6 +173,8 @@ def _build_meta(config: ArchConfig) -> MetaModel:
             raise ConfigError(f"{vision_path}: a {vision_hf.model_type} dual encoder; vlmkit knows how to take the "
                               f"vision half of {sorted(_VISION_HALF)} only")
         causal_lm = _auto_class(llm_hf).from_config(llm_hf)  # an encoder-decoder LLM (Flan-T5) too
+        if config.llm.visual_expert:  # CogVLM: the experts count with the LLM (and train with it, or alone)
+            causal_lm.visual_experts = add_visual_experts(causal_lm, Route())
     vision = VisionEncoder(tower, config.vision, _crop_size(vision_path))
     hidden = causal_lm.get_input_embeddings().embedding_dim
 
