@@ -257,9 +257,12 @@ def test_tiny_dry_run_reads_configs_without_pretraining(tmp_path, preset):
     weights = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.safetensors"))
     assert weights == ["tiny-v5/bert/model.safetensors"]  # the random BERT alone: nothing was pretrained
     assert sorted(p.name for p in (tmp_path / "tiny-v5").iterdir()) == ["bert", "tokenizer"]
-    # the same parameter counts as the model built from the real backbones (the shared cache's, built if missing)
+    if preset != "minigpt4":
+        return
+    # the same parameter counts as the model built from the real backbones (the shared cache's LM and tower, which
+    # the end-to-end tests build anyway; the Q-Former's is its config either way)
     config = from_name(preset, scale="tiny")
-    for name in {"llama", "t5", "vision"} & {config.llm.name_or_path[5:], config.vision.name_or_path[5:]}:
+    for name in ("llama", "vision"):
         ensure(name, verbose=False)
     from vlmkit.train.plan import _n, build_meta
 
