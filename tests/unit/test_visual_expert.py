@@ -46,12 +46,17 @@ def reference_routing(types: list[int], per_image: int) -> list[bool]:
     return routed
 
 
-@pytest.fixture(scope="module")
-def expert_model(backbones):
-    torch.manual_seed(0)
+def _expert_model(backbones, seed: int):
+    """llava-1.5 over the test Llama with visual experts (fresh copies of its weights)."""
+    torch.manual_seed(seed)
     config = from_name("llava-1.5", scale="tiny", vision={"name_or_path": backbones["clip"], "select": "patch"},
                        llm={"name_or_path": backbones["llm"], "visual_expert": True})
     return VisionLanguageModel.from_config(config, verbose=False).eval()
+
+
+@pytest.fixture(scope="module")
+def expert_model(backbones):
+    return _expert_model(backbones, 0)
 
 
 CASES = {  # name: (types, per image, attention)
@@ -114,10 +119,7 @@ def _perturbed(model):
 
 @pytest.fixture(scope="module")
 def trained_expert_model(backbones):
-    torch.manual_seed(1)
-    config = from_name("llava-1.5", scale="tiny", vision={"name_or_path": backbones["clip"], "select": "patch"},
-                       llm={"name_or_path": backbones["llm"], "visual_expert": True})
-    return _perturbed(VisionLanguageModel.from_config(config, verbose=False).eval())
+    return _perturbed(_expert_model(backbones, 1))  # experts that differ from the LLM's weights
 
 
 def test_each_expert_sees_exactly_its_routed_rows(trained_expert_model):
