@@ -20,7 +20,9 @@ from pathlib import Path
 
 # the third-party modules vlmkit imports inside functions (checked against the code by tests/unit/test_layers.py)
 MODULES = ("transformers", "matplotlib.pyplot", "fastapi", "starlette.responses", "uvicorn", "peft", "accelerate",
-           "huggingface_hub", "easy_vqa", "tokenizers", "safetensors.torch", "PIL.Image", "tqdm.auto")
+           "huggingface_hub", "huggingface_hub.file_download", "easy_vqa", "tokenizers", "safetensors.torch",
+           "PIL.Image", "tqdm.auto", "torch.distributed.checkpoint", "torch.distributed.fsdp",
+           "torch.distributed.nn.functional")
 OPTIONAL = ("deepspeed", "tensorboard", "wandb", "bitsandbytes", "timm")  # extras: may be absent
 
 
@@ -30,11 +32,10 @@ def import_seconds(module: str) -> float | None:
     done = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True)
     if done.returncode != 0:
         return None
-    top = module.split(".")[0]
     cumulative = 0
     for line in done.stderr.splitlines():  # "import time: self [us] | cumulative | imported package"
         parts = [p.strip() for p in line.removeprefix("import time:").split("|")]
-        if len(parts) == 3 and parts[2] in (module, top) and parts[1].isdigit():
+        if len(parts) == 3 and parts[2] == module and parts[1].isdigit():
             cumulative = max(cumulative, int(parts[1]))
     return cumulative / 1e6
 

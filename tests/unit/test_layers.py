@@ -111,7 +111,11 @@ def test_an_import_inside_a_function_says_why():
     import re
 
     measured = json.loads((ROOT.parent / "benchmarks" / "results" / "import_times.json").read_text())
-    cost = {row["module"].split(".")[0]: row["seconds"] for row in measured["modules"] if row["seconds"] is not None}
+    cost = {}  # a package's cost: its dearest measured module (`from huggingface_hub import hf_hub_download` loads
+    for row in measured["modules"]:  # huggingface_hub.file_download, not just the lazy package root)
+        if row["seconds"] is not None:
+            top = row["module"].split(".")[0]
+            cost[top] = max(cost.get(top, 0), row["seconds"])
     unexplained, unmeasured = [], []
     for path in sorted(ROOT.rglob("*.py")):
         if path.name == "cli.py":

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors import safe_open
 from torch import nn
 
@@ -393,6 +392,8 @@ def _trained_qformer(path: str):
     anything else (a BERT)."""
     directory = Path(path)
     if not directory.exists() and path.count("/") == 1:  # a hub id: its config decides (weights come later)
+
+        from huggingface_hub import hf_hub_download, snapshot_download  # start-up: huggingface_hub's downloads
 
         config = json.loads(Path(hf_hub_download(path, "config.json")).read_text())
         if config.get("model_type") != "blip-2":

@@ -13,7 +13,6 @@ import copy
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from torch import nn
 
@@ -60,6 +59,8 @@ def _blip2_vision_half(path: str, config, dtype=None, device_map=None, **_):
 
     directory = Path(path)
     if not directory.exists():
+        from huggingface_hub import snapshot_download  # start-up: huggingface_hub's downloads
+
         directory = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
     files = sorted(directory.glob("*.safetensors"))
     if not files:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.nn.functional import all_gather
+import torch.nn.functional as F
 
 from vlmkit.connectors.qformer import attention_mask
 from vlmkit.errors import ConfigError

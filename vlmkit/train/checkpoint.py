@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 from vlmkit.errors import ConfigError
@@ -101,6 +100,8 @@ def save_sharded_checkpoint(directory: Path, model, optimizer, scheduler, state:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / MODEL_DIR).mkdir(parents=True)
     dist.barrier()
+    import torch.distributed.checkpoint as dcp  # start-up: torch.distributed.checkpoint, FSDP runs only
+
     dcp.save({"optimizer": distributed.sharded_optimizer_state(model, optimizer)},
              checkpoint_id=str(tmp / SHARDED_OPTIMIZER))
     if info.is_main:

@@ -15,10 +15,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from vlmkit.errors import ConfigError
@@ -109,6 +105,8 @@ def prepare(model, info: DistInfo, strategy: str, bf16: bool = False):
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
                                        find_unused_parameters=True)
     if not getattr(model, "_fsdp_sharded", False):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # start-up: torch.distributed.fsdp
+
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
             MixedPrecisionPolicy()
         for layer in decoder_layers(model.llm.causal_lm) if model.llm is not None else []:
@@ -134,16 +132,24 @@ def decoder_layers(causal_lm) -> list:
 
 def full_state_dict(model) -> dict:
     """All ranks call this (it gathers shards); returns the full state on the CPU."""
+    from torch.distributed.checkpoint.state_dict import (  # start-up: torch.distributed.checkpoint
+        StateDictOptions, get_model_state_dict)
+
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def sharded_optimizer_state(model, optimizer) -> dict:
     """This rank's shards of the optimizer state, keyed by parameter name (for torch.distributed.checkpoint)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict  # start-up: torch.distributed.ckpt
+
     return get_optimizer_state_dict(model, optimizer)
 
 
 def load_sharded_optimizer_state(model, optimizer, directory) -> None:
     """Read a sharded optimizer state written by `torch.distributed.checkpoint` into `optimizer` (every rank)."""
+    import torch.distributed.checkpoint as dcp  # start-up: torch.distributed.checkpoint, FSDP runs only
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict  # start-up: as above
+
     state = {"optimizer": sharded_optimizer_state(model, optimizer)}  # the layout to fill (zero moments)
     dcp.load(state, checkpoint_id=str(directory))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
