@@ -118,7 +118,7 @@ class LanguageModel(nn.Module):
     def _routing(self, image_token_mask) -> None:
         """The tokens that take the visual experts in the forward about to run (none without experts)."""
         if self.experts is not None:
-            self.route.mask = image_token_mask.bool() if image_token_mask is not None else None
+            self.route.set(image_token_mask.bool() if image_token_mask is not None else None)
 
     def hidden_states(self, inputs_embeds, attention_mask=None, position_ids=None, image_token_mask=None):
         """Last hidden states (B, T, D), without the LM head: the loss applies the head only where needed.

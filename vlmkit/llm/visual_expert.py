@@ -25,10 +25,18 @@ ROUTED_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 class Route:
-    """The routing mask (B, T) of the forward running now, shared by every routed module of one LLM."""
+    """The routing mask (B, T) of the forward running now, shared by every routed module of one LLM. Whether it
+    routes none, some or all rows is read once when it is set, not in every routed module (on a GPU each read is a
+    device-to-host sync: five per layer otherwise)."""
 
     def __init__(self):
         self.mask: torch.Tensor | None = None
+        self.kind = "none"
+
+    def set(self, mask: torch.Tensor | None) -> None:
+        self.mask = mask
+        routed = int(mask.sum()) if mask is not None else 0
+        self.kind = "none" if not routed else "all" if routed == mask.numel() else "some"
 
 
 def routed_forward(language_forward, expert: nn.Module, route: Route):
@@ -37,9 +45,9 @@ def routed_forward(language_forward, expert: nn.Module, route: Route):
 
     def forward(x):
         mask = route.mask
-        if mask is None or tuple(mask.shape) != tuple(x.shape[:-1]) or not bool(mask.any()):
+        if route.kind == "none" or tuple(mask.shape) != tuple(x.shape[:-1]):
             return language_forward(x)
-        if bool(mask.all()):
+        if route.kind == "all":
             return expert(x)
         keep = ~mask
         language, vision = language_forward(x[keep]), expert(x[mask])
