@@ -20,12 +20,13 @@ from vlmkit.config import (
     LLMConfig,
     LoRAConfig,
     StageConfig,
+    StateConfig,
     VisionConfig,
 )
 from vlmkit.errors import VlmkitError
 
-_PART_CLASSES = {"vision": VisionConfig, "connector": ConnectorConfig, "llm": LLMConfig}
-_SKIP_TOP = {"name", "scale", "vision", "connector", "llm", "stages"}
+_PART_CLASSES = {"vision": VisionConfig, "connector": ConnectorConfig, "llm": LLMConfig, "states": StateConfig}
+_SKIP_TOP = {"name", "scale", "vision", "connector", "llm", "states", "stages"}
 
 
 # -- config -> argparse ---------------------------------------------------------------------------
@@ -42,6 +43,17 @@ def _parse_int_or_list(text: str) -> int | list[int]:
     return values[0] if len(values) == 1 and "," not in text else values
 
 
+def _parse_widths(text: str) -> dict[str, int]:
+    """'obj=7,pose=3' -> {'obj': 7, 'pose': 3} (state kinds and their vector widths; '' = none)."""
+    out = {}
+    for part in (t.strip() for t in text.split(",") if t.strip()):
+        name, _, width = part.partition("=")
+        if not name.strip().isidentifier() or not width.strip().isdigit() or int(width) < 1:
+            raise argparse.ArgumentTypeError(f"expected KIND=WIDTH,... (e.g. obj=7), not {text!r}")
+        out[name.strip()] = int(width)
+    return out
+
+
 # short spellings users know from LLaVA's scripts, next to the dotted field names
 _ALIASES = {"--vision.name-or-path": ["--vision-tower"], "--llm.name-or-path": ["--llm"]}
 
@@ -54,6 +66,8 @@ def _add_field(group, flag: str, dest: str, ftype: str, default, help_text: str)
         group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
     elif ftype == "int | list[int]":
         group.add_argument(*flags, dest=dest, type=_parse_int_or_list, default=None, metavar="N[,N…]", help=help_text)
+    elif ftype == "dict[str, int]":
+        group.add_argument(*flags, dest=dest, type=_parse_widths, default=None, metavar="KIND=N,…", help=help_text)
     elif ftype.startswith("list"):
         group.add_argument(*flags, dest=dest, type=_parse_list, default=None, metavar="A,B", help=help_text)
     else:
@@ -87,7 +101,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: ArchConfig) ->
             _add_field(group, f"--{stage.name}.lora.{f.name.replace('_', '-')}",
                        f"cfg:stages.{stage.name}.lora.{f.name}", f.type, getattr(stage.lora, f.name),
                        f.metadata.get("help", ""))
-        for module in ("vision", "connector", "llm"):
+        for module in ("vision", "connector", "llm", "states"):
             _add_field(group, f"--{stage.name}.lr.{module}", f"cfg:stages.{stage.name}.lr.{module}", "float",
                        stage.lr.get(module), f"Peak learning rate of {module} when it trains in this stage.")
 
@@ -214,6 +228,12 @@ def cmd_eval(args) -> int:
         run_retrieval_eval(model, args.data, out_dir, split=args.split or "test", limit=args.limit,
                            image_folder=args.image_folder)
         return 0
+    if args.task == "tamp":
+        from vlmkit.eval.tamp import run_tamp_eval
+
+        run_tamp_eval(model, args.data, out_dir, limit=args.limit, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, skip_bad=args.skip_bad)
+        return 0
     if args.task:
         from vlmkit.eval.grounding import run_grounding_eval
 
@@ -228,7 +248,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from vlmkit.infer.chat import answer, first_user_turn, interactive
+    from vlmkit.infer.chat import answer, first_user_turn, interactive, read_states
     from vlmkit.infer.generate import GenerationConfig
 
     if args.draw and not (args.image and args.question):
@@ -242,7 +262,8 @@ def cmd_chat(args) -> int:
         if model.config.answer_prompt and args.short:
             question = f"{question}\n{model.config.answer_prompt}"
         messages = [{"role": "user", "content": first_user_turn(question, bool(args.image))}]
-        reply = answer(model, messages, [args.image] if args.image else [], config)
+        reply = answer(model, messages, [args.image] if args.image else [], config,
+                       states=read_states(args.states) if args.states else None)
         print(reply)
         if args.draw:
             from vlmkit.eval.grounding import draw_answer_boxes
@@ -256,6 +277,8 @@ def cmd_chat(args) -> int:
             else:
                 print(f"no box drawn on {args.draw}: {error} ({fmt} format)", file=sys.stderr)
     else:
+        if args.states:
+            raise VlmkitError("--states goes with a one-off question (the interactive loop takes images only)")
         interactive(model, args.image, config)
     return 0
 

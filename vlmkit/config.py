@@ -149,6 +149,15 @@ class LLMConfig:
 
 
 @dataclass
+class StateConfig:
+    kinds: dict[str, int] = _help("PaLM-E: continuous observations written into the text. {'obj': 7} makes <obj> a "
+                                  "token that each of a record's `states: {\"obj\": [[7 numbers], ...]}` vectors "
+                                  "fills, in order, through an MLP of its own kind (the part `states`).",
+                                  default_factory=dict)
+    hidden: int = _help("Width of each state MLP's hidden layer (0 = the LLM's width).", default=0)
+
+
+@dataclass
 class LoRAConfig:
     r: int = _help("LoRA rank for the LLM in this stage (0 = no LoRA: the LLM's own weights train).", default=0)
     alpha: float = _help("LoRA alpha (the update is scaled by alpha / r).", default=16.0)
@@ -213,6 +222,7 @@ class ArchConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    states: StateConfig = field(default_factory=StateConfig)
     template: str = _help("Conversation template (vlmkit.data.templates).", default="vicuna_v1")
     answer_prompt: str = _help("Appended to every question of short-answer VQA data and evaluation.", default="")
     caption_prompt: str = _help("The human turn of stage-1 caption records.", default="Describe the image briefly.")
@@ -295,6 +305,7 @@ _NESTED = {
     (ArchConfig, "vision"): VisionConfig,
     (ArchConfig, "connector"): ConnectorConfig,
     (ArchConfig, "llm"): LLMConfig,
+    (ArchConfig, "states"): StateConfig,
     (ArchConfig, "stages"): StageConfig,
     (StageConfig, "lora"): LoRAConfig,
 }

@@ -81,6 +81,7 @@ class Example:
     labels: list[int] | np.ndarray
     image_indices: list[int]
     answer: str | None = None  # reference answer, for evaluation examples
+    states: dict | None = None  # PaLM-E: {kind: (n, width) float32 vectors, in placeholder order}
 
 
 @dataclass
@@ -106,6 +107,48 @@ class SkipReport:
 SHORT_ANSWER = 32  # characters: the probe reads class-like answers; free text is not kept (LLaVA-665k has millions)
 
 
+def record_states(record: dict, messages: list[dict], record_id, kinds: dict[str, int]) -> dict | None:
+    """The record's state vectors (PaLM-E) as {kind: (n, width) float32}, checked against its `<kind>`
+    placeholders and the model's kinds (`kinds`: name -> width): a missing vector, a wrong width or a number that
+    is not finite is a bad record naming what is wrong. `states` may be a list when the model has one kind."""
+    given = record.get("states")
+    counts = {kind: sum(m["content"].count(f"<{kind}>") for m in messages if m["role"] == "user") for kind in kinds}
+    if given is None:
+        missing = {kind: n for kind, n in counts.items() if n}
+        if missing:
+            kind, n = next(iter(missing.items()))
+            raise BadRecord(record_id, f"has {n} <{kind}> placeholder(s) but no 'states'", kind="state_count")
+        return None
+    if not kinds:
+        raise BadRecord(record_id, "has 'states', but this model takes no state vectors (config states.kinds)",
+                        kind="schema")
+    if isinstance(given, list) and len(kinds) == 1:
+        given = {next(iter(kinds)): given}
+    if not isinstance(given, dict):
+        raise BadRecord(record_id, "'states' must be an object {kind: [[numbers], ...]}", kind="schema")
+    unknown = set(given) - set(kinds)
+    if unknown:
+        raise BadRecord(record_id, f"'states' has unknown kind(s) {sorted(unknown)}; the model takes "
+                                   f"{', '.join(sorted(kinds))}", kind="schema")
+    out = {}
+    for kind, width in kinds.items():
+        vectors = given.get(kind, [])
+        if not isinstance(vectors, list) or not all(isinstance(v, list) for v in vectors):
+            raise BadRecord(record_id, f"states[{kind!r}] must be a list of vectors (lists of numbers)", kind="schema")
+        if len(vectors) != counts[kind]:
+            raise BadRecord(record_id, f"has {counts[kind]} <{kind}> placeholder(s) but {len(vectors)} {kind} state "
+                                       "vector(s)", kind="state_count")
+        for i, vector in enumerate(vectors):
+            if len(vector) != width:
+                raise BadRecord(record_id, f"states[{kind!r}][{i}] has {len(vector)} numbers; the model's {kind} "
+                                           f"vectors have {width}", kind="state_width")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in vector):
+                raise BadRecord(record_id, f"states[{kind!r}][{i}] holds a value that is not a finite number",
+                                kind="state_width")
+        out[kind] = np.asarray(vectors, dtype=np.float32).reshape(len(vectors), width)
+    return out
+
+
 def _turn_pairs(record: dict) -> list[tuple[str, str]]:
     """(question, answer) of each user turn followed by a short assistant turn, the image placeholder removed and
     whitespace collapsed (the record has already been validated)."""
@@ -126,7 +169,7 @@ class ConversationDataset(Dataset):
     def __init__(self, records: list[dict], tokenizer, template: Template, transform: ImageTransform, *,
                  num_image_tokens: int, max_length: int | None = None, image_folder=None, skip_bad: bool = False,
                  source: str | None = None, mode: str = "train", answer_prompt: str = "",
-                 verbose: bool = True, confine_images: bool = False):
+                 verbose: bool = True, confine_images: bool = False, state_kinds: dict[str, int] | None = None):
         self.examples: list[Example] = []
         self.images: list[str] = []
         self.image_owners: list[str] = []  # the first record that uses each image, for error messages
@@ -135,13 +178,15 @@ class ConversationDataset(Dataset):
         self.transform = transform
         self.skipped = SkipReport()
         self.source = source
+        self.state_kinds = dict(state_kinds or {})
         image_index: dict[str, int] = {}
         for position, record in enumerate(tqdm(records, desc=f"reading {source or 'records'}", disable=not verbose,
                                                mininterval=1.0)):
             record_id = record.get("id", f"#{position}") if isinstance(record, dict) else f"#{position}"
             try:
                 example, paths = self._prepare(record, record_id, tokenizer, template, num_image_tokens,
-                                               max_length, image_folder, mode, answer_prompt, confine_images)
+                                               max_length, image_folder, mode, answer_prompt, confine_images,
+                                               self.state_kinds)
                 for path in paths:
                     if path not in image_index:
                         check_image(path, record_id, transform=transform)
@@ -172,6 +217,7 @@ class ConversationDataset(Dataset):
         out = cls.__new__(cls)
         out.examples, out.images, out.image_owners, out.question_answers = [], [], [], []
         out.transform, out.skipped = datasets[0].transform, SkipReport()
+        out.state_kinds = datasets[0].state_kinds
         out.source = " + ".join(d.source or "data" for d in datasets)
         index: dict[str, int] = {}
         ranges = []
@@ -184,8 +230,8 @@ class ConversationDataset(Dataset):
                     out.image_owners.append(owner)
                 remap.append(index[path])
             start = len(out.examples)
-            out.examples += [Example(e.record_id, e.input_ids, e.labels, [remap[i] for i in e.image_indices], e.answer)
-                             for e in dataset.examples]
+            out.examples += [Example(e.record_id, e.input_ids, e.labels, [remap[i] for i in e.image_indices], e.answer,
+                                     e.states) for e in dataset.examples]
             out.question_answers += [(remap[i], q, a) for i, q, a in dataset.question_answers]
             ranges.append((start, len(out.examples)))
             out.skipped.counts.update(dataset.skipped.counts)
@@ -196,7 +242,7 @@ class ConversationDataset(Dataset):
 
     @staticmethod
     def _prepare(record, record_id, tokenizer, template, num_image_tokens, max_length, image_folder, mode,
-                 answer_prompt, confine_images=False) -> tuple[Example, list[str]]:
+                 answer_prompt, confine_images=False, state_kinds=None) -> tuple[Example, list[str]]:
         if not isinstance(record, dict):
             raise BadRecord(record_id, f"a record must be an object, got {type(record).__name__}", kind="schema")
         conversation = record.get("conversations")
@@ -208,6 +254,7 @@ class ConversationDataset(Dataset):
         if placeholders != len(images):
             raise BadRecord(record_id, f"has {len(images)} image(s) but {placeholders} <image> placeholder(s)",
                             kind="image_count")
+        states = record_states(record, messages, record_id, state_kinds or {})
         answer = None
         if mode == "prompt":
             if messages[-1]["role"] != "assistant":
@@ -224,7 +271,7 @@ class ConversationDataset(Dataset):
                                        add_generation_prompt=mode == "prompt")
         # int32 arrays, not lists of Python ints: about 7x less memory per token for the index of a large set
         return Example(str(record_id), np.asarray(rendered.input_ids, dtype=np.int32),
-                       np.asarray(rendered.labels, dtype=np.int32), [], answer), images
+                       np.asarray(rendered.labels, dtype=np.int32), [], answer, states), images
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -262,6 +309,7 @@ class Batch:
     record_ids: list[str]
     pixel_values: torch.Tensor | None = None  # the batch's images, when the loader decoded them
     text_inputs: dict | None = None  # the connector's own tokens of the batch's text, when the loader made them
+    states: dict | None = None  # PaLM-E: {kind: (n, width)} state vectors of the batch, in sample order
 
 
 def collate(examples: list[Example], pad_token_id: int, padding_side: str = "right") -> Batch:
@@ -277,7 +325,16 @@ def collate(examples: list[Example], pad_token_id: int, padding_side: str = "rig
         attention_mask[row, span] = 1
     image_indices = torch.tensor([i for e in examples for i in e.image_indices], dtype=torch.long)
     return Batch(input_ids, attention_mask, labels, image_indices, [len(e.image_indices) for e in examples],
-                 [e.record_id for e in examples])
+                 [e.record_id for e in examples], states=collate_states(examples))
+
+
+def collate_states(examples: list[Example]) -> dict | None:
+    """The examples' state vectors, kind by kind, in sample order (None when none has any)."""
+    kinds = dict.fromkeys(kind for e in examples for kind in (e.states or {}))
+    if not kinds:
+        return None
+    return {kind: torch.from_numpy(np.concatenate([e.states[kind] for e in examples if e.states and kind in e.states]))
+            for kind in kinds}
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group: int = 16,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vlmkit.data.dataset import Example
+from vlmkit.data.dataset import Example, collate_states
 from vlmkit.data.render import IGNORE_INDEX
 from vlmkit.errors import ConfigError
 from vlmkit.llm import sample_positions
@@ -42,6 +42,7 @@ class PackedBatch:
     text_inputs: dict | None = None  # the connector's own tokens of the batch's text (as in Batch)
     # (B,) tokens at the start of each row that all its samples attend to (`collate_shared`); None = 0 everywhere
     prefix_lengths: torch.Tensor | None = None
+    states: dict | None = None  # PaLM-E's state vectors, kind by kind, in token order (as in Batch)
 
 
 def pack_examples(examples: list[Example], pack_to: int) -> list[list[int]]:
@@ -94,7 +95,7 @@ def collate_packed(rows: list[list[Example]], pad_token_id: int) -> PackedBatch:
     return PackedBatch(input_ids, attention_mask, labels, image_indices,
                        [sum(len(e.image_indices) for e in row) for row in rows],
                        [[e.record_id for e in row] for row in rows], sample_positions(attention_mask, sequence_ids),
-                       sequence_ids)
+                       sequence_ids, states=collate_states([e for row in rows for e in row]))
 
 
 def block_diagonal_mask(sequence_ids: torch.Tensor, dtype: torch.dtype = torch.float32,
@@ -143,6 +144,9 @@ def collate_shared(examples: list[Example], pad_token_id: int, image_token_id: i
     prefix cache does. Samples without an image, or whose prefix cannot be shared, get a row of their own.
     `per_row` > 0 caps the samples of a row (an image with more gets several rows, each with the prefix): a
     row's attention is quadratic in its length, most of it masked."""
+    if any(example.states for example in examples):
+        raise ConfigError("share_prefix with state vectors (PaLM-E): a prefix's <obj> tokens would be one sample's; "
+                          "train without share_prefix (pack_to packs them)")
     groups: dict[tuple, list[Example]] = {}
     for position, example in enumerate(examples):
         key = tuple(example.image_indices) if example.image_indices else ("alone", position)

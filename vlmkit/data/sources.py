@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlmkit.data import easyvqa, grounding, scenes
+from vlmkit.data import easyvqa, grounding, scenes, tabletop
 from vlmkit.data.dataset import ConversationDataset, Mixture, load_llava_json  # noqa: F401 (Mixture: public here too)
 from vlmkit.data.images import ImageLimits
 from vlmkit.data.templates import get_template
@@ -100,6 +100,16 @@ for _kind in ("caption", "grounded_caption", "rec", "reg", "detection", "vqa", "
     register_source(f"{SCENES}:{_kind}")(_scenes_source(f"{SCENES}:{_kind}"))
 
 
+def _tabletop_source(name: str):
+    def records(config, stage, answer_prompt):
+        return tabletop.builtin_records(name)
+    return records
+
+
+for _view in tabletop.VIEWS:  # PaLM-E's tabletop: tabletop:VIEW[:train|test][:n<N>][:seed<N>]
+    register_source(f"{tabletop.SOURCE_PREFIX}:{_view}")(_tabletop_source(f"{tabletop.SOURCE_PREFIX}:{_view}"))
+
+
 def parse_mixture(text: str) -> list[Source]:
     """A mixture from `SOURCE[=WEIGHT],...` or from a .json file holding a list of source objects."""
     text = text.strip()
@@ -164,6 +174,8 @@ def source_records(config, stage, source: Source) -> list[dict]:
         return BUILTIN[source.source](config, stage, answer_prompt)
     if source.source.startswith(f"{SCENES}:"):  # with options, e.g. scenes:rec:shapes1:n20000
         return _scenes_source(source.source)(config, stage, answer_prompt)
+    if source.source.startswith(f"{tabletop.SOURCE_PREFIX}:"):  # e.g. tabletop:state:test:n500
+        return tabletop.builtin_records(source.source)
     if source.source.startswith(f"{EASY_VQA}:") or source.source == EASY_VQA:
         raise ConfigError(f"unknown built-in source {source.source!r}; built-in: {', '.join(sorted(BUILTIN))}")
     return load_llava_json(source.source)
@@ -173,7 +185,7 @@ def build_dataset(model, records: list[dict], source: str, template_name: str,
                   data: DataSpec, mode: str = "train", answer_prompt: str = "", verbose: bool = True,
                   image_folder: str | None = None):
     """A validated ConversationDataset of `records` for `model` (its tokenizer, image transform, image tokens)."""
-    builtin = source.startswith((EASY_VQA, f"{SCENES}:"))
+    builtin = source.startswith((EASY_VQA, f"{SCENES}:", f"{tabletop.SOURCE_PREFIX}:"))
     folder = None if builtin else (image_folder or data.image_folder)
     transform = model.image_transform
     if data.image_limits is not None and data.image_limits != transform.limits:
@@ -182,7 +194,8 @@ def build_dataset(model, records: list[dict], source: str, template_name: str,
                                num_image_tokens=model.num_image_tokens, max_length=model.config.max_length,
                                image_folder=folder, skip_bad=data.skip_bad, source=source, mode=mode,
                                answer_prompt=answer_prompt, verbose=verbose,
-                               confine_images=data.confine_images and not builtin)
+                               confine_images=data.confine_images and not builtin,
+                               state_kinds=model.config.states.kinds)
 
 
 def stage_dataset(model, config, stage, data: DataSpec,

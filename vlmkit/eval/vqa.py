@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmkit.data import easyvqa
-from vlmkit.data.dataset import load_llava_json
+from vlmkit.data.dataset import collate_states, load_llava_json
 from vlmkit.data.sources import EASY_VQA, DataSpec, build_dataset
 from vlmkit.infer.generate import GenerationConfig, decode_answer, generate
 from vlmkit.model.features import cache_features
@@ -77,7 +77,8 @@ def generate_answers(model, dataset, batch_size: int = 128, max_new_tokens: int 
     # a connector that reads the question makes each question's image tokens its own: no prefix to share
     # (and an encoder-decoder LLM's encoder reads each prompt whole)
     share_prefix = share_prefix and not getattr(model.connector, "reads_instruction", False) \
-        and not model.require_llm("evaluation").is_encoder_decoder
+        and not model.require_llm("evaluation").is_encoder_decoder \
+        and not any(e.states for e in dataset.examples)  # a state placeholder after the image: not in the prefix
     shared, rest = (_shared_prefix_batches(dataset, model.image_token_id, batch_size)
                     if share_prefix and features is not None else ([], list(range(len(dataset)))))
     order = sorted(rest, key=lambda i: len(dataset[i].input_ids))
@@ -102,7 +103,7 @@ def generate_answers(model, dataset, batch_size: int = 128, max_new_tokens: int 
             dict(pixel_values=dataset.pixels(image_indices))
         outputs = generate(model, [e.input_ids for e in examples], [len(e.image_indices) for e in examples],
                            config=config, record_ids=[e.record_id for e in examples],
-                           **(images if len(image_indices) else {}))
+                           states=collate_states(examples), **(images if len(image_indices) else {}))
         for i, tokens in zip(indices, outputs):
             predictions[i] = decode_answer(model, tokens)
         bar.update(1)

@@ -1,14 +1,18 @@
 """Chat with a model: one answer, or an interactive loop that keeps the conversation."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from vlmkit.config import option
+from vlmkit.data.dataset import record_states
 from vlmkit.data.images import load_image
-from vlmkit.data.render import IMAGE_TOKEN, render_conversation
+from vlmkit.data.render import IMAGE_TOKEN, normalise_messages, render_conversation
 from vlmkit.data.templates import get_template
+from vlmkit.errors import VlmkitError
 from vlmkit.infer.generate import GenerationConfig, decode_answer, generate
 
 
@@ -22,6 +26,9 @@ class ChatOptions:
     seed: int | None = option(None, "seed of the sampling (temperature > 0)", kind=int)
     draw: str | None = option(None, "draw the boxes the answer holds (read in the run's box format) on the image, "
                                     "into this PNG", kind=str, metavar="OUT.png")
+    states: str | None = option(None, "PaLM-E: the question's state vectors, one per placeholder (<obj>) in it, as a "
+                                      "JSON file or inline JSON: {\"obj\": [[x, y, w, h, r, g, b], ...]}, or a list "
+                                      "for a model with one kind", kind=str, metavar="JSON")
 
 
 def render_prompt(model, messages: list[dict], record_id="chat", max_length: int | None = None):
@@ -31,8 +38,29 @@ def render_prompt(model, messages: list[dict], record_id="chat", max_length: int
                                record_id=record_id, add_generation_prompt=True)
 
 
-def answer(model, messages: list[dict], images: list, config: GenerationConfig | None = None) -> str:
-    """Reply to `messages` (role/content, `<image>` where each image goes); images are PIL images or paths."""
+def read_states(text: str):
+    """--states: a JSON file's content, or the JSON itself; a clear error when it is neither."""
+    path = Path(text)
+    if not text.lstrip().startswith(("{", "[")):
+        if not path.is_file():
+            raise VlmkitError(f"--states {text}: no such file (give a JSON file or inline JSON)")
+        text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise VlmkitError(f"--states: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+
+
+def state_tensors(model, messages: list[dict], states, record_id="chat") -> dict | None:
+    """`states` (as a record's 'states' field) checked against the placeholders of `messages`, as tensors."""
+    checked = record_states({"states": states} if states is not None else {}, normalise_messages(messages, record_id),
+                            record_id, model.config.states.kinds)
+    return {kind: torch.from_numpy(values) for kind, values in checked.items()} if checked else None
+
+
+def answer(model, messages: list[dict], images: list, config: GenerationConfig | None = None, states=None) -> str:
+    """Reply to `messages` (role/content, `<image>` where each image goes); images are PIL images or paths;
+    `states` (PaLM-E) as a record's 'states' field, one vector per state placeholder of the messages."""
     transform = model.image_transform
     for image in images:
         if not isinstance(image, str):  # a PIL image the caller decoded: its geometry is still bounded
@@ -42,7 +70,8 @@ def answer(model, messages: list[dict], images: list, config: GenerationConfig |
     rendered = render_prompt(model, messages, max_length=model.config.max_length)
 
     pixel_values = torch.stack(pixels) if pixels else None
-    tokens = generate(model, [rendered.input_ids], [len(pixels)], pixel_values=pixel_values, config=config)[0]
+    tokens = generate(model, [rendered.input_ids], [len(pixels)], pixel_values=pixel_values, config=config,
+                      states=state_tensors(model, messages, states))[0]
     return decode_answer(model, tokens)
 
 

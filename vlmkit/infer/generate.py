@@ -176,14 +176,16 @@ class Decoder:
 
     @torch.no_grad()
     def add(self, prompts: list[list[int]], rows: list[Row], image_counts=None, pixel_values=None,
-            vision_features=None, record_ids=None) -> None:
-        """Prefill `prompts` (token ids with image placeholders) and join their rows to the batch."""
+            vision_features=None, record_ids=None, states=None) -> None:
+        """Prefill `prompts` (token ids with image placeholders, and state placeholders that `states` fill) and
+        join their rows to the batch."""
         if not self.can_join:
             raise RuntimeError("rows cannot join this batch now (cache layout, or use_cache=False)")
         model, device = self.model, self.model.device
         input_ids, mask = left_pad(prompts, model.tokenizer.pad_token_id)
         input_ids, mask = input_ids.to(device), mask.to(device)
-        embeds, image_mask = model.embed(input_ids, image_counts, pixel_values, vision_features, record_ids)
+        embeds, image_mask = model.embed(input_ids, image_counts, pixel_values, vision_features, record_ids,
+                                         states=states)
         if self.seq2seq:
             self._start_decoder(embeds, mask, rows)
             return
@@ -342,8 +344,9 @@ def generate(model, prompts: list[list[int]], image_counts: list[int] | None = N
              vision_features=None, config: GenerationConfig | None = None, stop_ids: set[int] | None = None,
              record_ids=None, stop_strings: tuple[str, ...] | None = None, row_configs: list[GenerationConfig] | None = None,
              on_token: Callable[[int, int], bool] | None = None,
-             prefix: tuple[torch.Tensor, list[int]] | None = None) -> list[list[int]]:
+             prefix: tuple[torch.Tensor, list[int]] | None = None, states: dict | None = None) -> list[list[int]]:
     """Generate continuations for token-id prompts; returns the new tokens of each (stop token excluded).
+    `states` (PaLM-E): {kind: (n, width)} vectors for the prompts' state placeholders, in prompt order.
 
     With `prefix` = (prefix_ids, owners), prompt i is `prefix_ids[owners[i]]` followed by `prompts[i]`, and the
     images (`pixel_values` / `vision_features`, one per prefix row) belong to the prefixes
@@ -368,7 +371,7 @@ def generate(model, prompts: list[list[int]], image_counts: list[int] | None = N
         prefix_ids, owners = prefix
         decoder.add_with_prefix(prefix_ids, owners, prompts, rows, pixel_values, vision_features)
     else:
-        decoder.add(prompts, rows, image_counts, pixel_values, vision_features, record_ids)
+        decoder.add(prompts, rows, image_counts, pixel_values, vision_features, record_ids, states)
     while not all(row.finished for row in rows):
         decoder.step()
     for row in rows:

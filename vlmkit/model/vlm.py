@@ -21,6 +21,7 @@ from torch import nn
 from vlmkit.config import ArchConfig, LoRAConfig, without_remote_code
 from vlmkit.connectors import build_connector, connector_class
 from vlmkit.connectors.qformer import CONNECTOR_TOKENIZER_DIR, QFormerText, load_text_tokenizer
+from vlmkit.connectors.states import StateEncoders, placeholder
 from vlmkit.data.boxes import coordinate_tokens
 from vlmkit.data.images import ImageTransform
 from vlmkit.data.packing import block_diagonal_mask
@@ -147,12 +148,16 @@ class VisionLanguageModel(nn.Module):
     """A vision-language model assembled from parts; `config` is the preset it was built from."""
 
     def __init__(self, config: ArchConfig, vision: VisionEncoder, connector: nn.Module, llm: LanguageModel | None,
-                 tokenizer, image_transform: ImageTransform, llm_hidden: int | None = None):
+                 tokenizer, image_transform: ImageTransform, llm_hidden: int | None = None,
+                 states: StateEncoders | None = None):
         super().__init__()
         self.config = config
         self.vision = vision
         self.connector = connector
         self.llm = llm
+        self.states = states  # PaLM-E's state MLPs (config.states), or None
+        self.state_token_ids = {kind: tokenizer.convert_tokens_to_ids(placeholder(kind)) for kind in
+                                config.states.kinds}
         self.tokenizer = tokenizer
         self.image_transform = image_transform
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -259,7 +264,12 @@ class VisionLanguageModel(nn.Module):
         # its non-persistent buffers — the Q-Former's position ids — are not in the checkpoint to refill them)
         connector.to(device=None if reference.is_meta else reference.device,
                      dtype=reference.dtype if reference.is_floating_point() else None)
-        return cls(config, vision, connector, llm, tokenizer, transform, llm_hidden=llm_hidden)
+        states = None
+        if config.states.kinds:
+            states = StateEncoders(config.states.kinds, llm_hidden, config.states.hidden)
+            states.to(device=None if reference.is_meta else reference.device,
+                      dtype=reference.dtype if reference.is_floating_point() else None)
+        return cls(config, vision, connector, llm, tokenizer, transform, llm_hidden=llm_hidden, states=states)
 
     def set_image_size(self, size: int) -> None:
         """Preprocess images to `size` x `size` from now on (a stage's `image_size`): the tower's grid follows (a
@@ -277,7 +287,7 @@ class VisionLanguageModel(nn.Module):
         return self.connector.num_output_tokens
 
     def parts(self) -> dict[str, nn.Module]:
-        parts = {"vision": self.vision, "connector": self.connector, "llm": self.llm}
+        parts = {"vision": self.vision, "connector": self.connector, "llm": self.llm, "states": self.states}
         return {name: part for name, part in parts.items() if part is not None}
 
     # -- forward -----------------------------------------------------------------------------------
@@ -287,8 +297,9 @@ class VisionLanguageModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, image_counts: list[int] | None = None, pixel_values=None,
               vision_features=None, record_ids=None, labels=None,
-              text_inputs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              text_inputs: dict | None = None, states: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Text embeddings with image embeddings spliced in; returns (inputs_embeds, image_token_mask).
+        `states` (PaLM-E): {kind: (n, width) vectors in sample order}, each filling one `<kind>` placeholder.
         For a connector that reads the instruction: `text_inputs`, each image's instruction in the connector's
         tokens as the loader made them (`QFormerText.instructions`), or else made here from the batch (`labels`:
         where the answers start)."""
@@ -326,6 +337,13 @@ class VisionLanguageModel(nn.Module):
                 features = torch.zeros(1, self.vision.num_tokens, self.vision.hidden_size)
             empty = self.connector(features.to(device=weight.device, dtype=weight.dtype))[:0]
             inputs_embeds = inputs_embeds + empty.sum().to(inputs_embeds.dtype)
+        if self.states is not None:
+            inputs_embeds = self.states.splice(inputs_embeds, input_ids, self.state_token_ids, states, record_ids)
+            if not states and torch.is_grad_enabled() and any(p.requires_grad for p in self.states.parameters()):
+                inputs_embeds = self.states.keep_in_graph(inputs_embeds)
+        elif states:
+            raise ConfigError("the batch has state vectors, but this model has no state encoders (config "
+                              "states.kinds, e.g. --states.kinds obj=7)")
         return inputs_embeds, image_token_mask
 
     @property
@@ -337,7 +355,7 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, labels=None, image_counts=None, pixel_values=None,
                 vision_features=None, record_ids=None, position_ids=None, objective=None, decoder_input_ids=None,
-                text_inputs=None, sequence_ids=None, prefix_lengths=None):
+                text_inputs=None, sequence_ids=None, prefix_lengths=None, states=None):
         """Returns (loss or None, logits), as a Hugging Face model does: with labels, the next-token loss on the
         supervised tokens and the logits there (`supervised_logits`); without, the logits of every position.
         Packed rows (`sequence_ids`, and `prefix_lengths` for shared-prefix rows; vlmkit.data.packing): the model
@@ -350,19 +368,20 @@ class VisionLanguageModel(nn.Module):
             return objective.loss(self, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                                   image_counts=image_counts, pixel_values=pixel_values,
                                   vision_features=vision_features, record_ids=record_ids, position_ids=position_ids,
-                                  text_inputs=text_inputs, sequence_ids=sequence_ids, prefix_lengths=prefix_lengths)
+                                  text_inputs=text_inputs, sequence_ids=sequence_ids, prefix_lengths=prefix_lengths,
+                                  states=states)
         if labels is None:
             return None, self.logits(input_ids, attention_mask, image_counts, pixel_values, vision_features,
                                      record_ids, position_ids, decoder_input_ids, text_inputs, sequence_ids,
-                                     prefix_lengths)
+                                     prefix_lengths, states)
         logits, targets = self.supervised_logits(input_ids, attention_mask, labels, image_counts, pixel_values,
                                                  vision_features, record_ids, position_ids, text_inputs, sequence_ids,
-                                                 prefix_lengths)
+                                                 prefix_lengths, states)
         return F.cross_entropy(logits.float(), targets), logits
 
     def logits(self, input_ids, attention_mask=None, image_counts=None, pixel_values=None, vision_features=None,
                record_ids=None, position_ids=None, decoder_input_ids=None, text_inputs=None, sequence_ids=None,
-               prefix_lengths=None) -> torch.Tensor:
+               prefix_lengths=None, states=None) -> torch.Tensor:
         """Logits of every position (an encoder-decoder LLM: of its decoder over `decoder_input_ids`, by default
         the start token alone)."""
         llm = self.require_llm("the language model's forward")
@@ -373,10 +392,10 @@ class VisionLanguageModel(nn.Module):
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
             logits, _ = self._encode_decode(input_ids, attention_mask, decoder_input_ids, None, image_counts,
-                                            pixel_values, vision_features, record_ids, text_inputs)
+                                            pixel_values, vision_features, record_ids, text_inputs, states)
             return logits
         inputs_embeds, image_token_mask = self.embed(input_ids, image_counts, pixel_values, vision_features,
-                                                     record_ids, text_inputs=text_inputs)
+                                                     record_ids, text_inputs=text_inputs, states=states)
         attention_mask, position_ids = self._layout(attention_mask, position_ids, sequence_ids, prefix_lengths,
                                                     image_token_mask)
         logits, _ = llm(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
@@ -385,7 +404,7 @@ class VisionLanguageModel(nn.Module):
 
     def supervised_logits(self, input_ids, attention_mask, labels, image_counts=None, pixel_values=None,
                           vision_features=None, record_ids=None, position_ids=None, text_inputs=None,
-                          sequence_ids=None, prefix_lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
+                          sequence_ids=None, prefix_lengths=None, states=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, targets) at the supervised positions only, each position predicting its next token: what a
         next-token loss reads, without the logits of the rest (a vocabulary-wide row per token).
 
@@ -398,12 +417,12 @@ class VisionLanguageModel(nn.Module):
                 input_ids, labels, attention_mask, llm.decoder_start_token_id, self.tokenizer.pad_token_id,
                 self.image_token_id, record_ids)
             logits, _ = self._encode_decode(encoder_ids, encoder_mask, decoder_ids, decoder_mask, image_counts,
-                                            pixel_values, vision_features, record_ids, text_inputs)
+                                            pixel_values, vision_features, record_ids, text_inputs, states)
             targets = targets.to(logits.device)
             supervised = targets != IGNORE_INDEX
             return logits[supervised], targets[supervised]
         inputs_embeds, image_token_mask = self.embed(input_ids, image_counts, pixel_values, vision_features,
-                                                     record_ids, labels=labels, text_inputs=text_inputs)
+                                                     record_ids, labels=labels, text_inputs=text_inputs, states=states)
         attention_mask, position_ids = self._layout(attention_mask, position_ids, sequence_ids, prefix_lengths,
                                                     image_token_mask)
         hidden = llm.hidden_states(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
@@ -493,9 +512,9 @@ class VisionLanguageModel(nn.Module):
                               f"({self.llm.config.model_type}): train without packing")
 
     def _encode_decode(self, encoder_ids, encoder_mask, decoder_ids, decoder_mask, image_counts, pixel_values,
-                       vision_features, record_ids, text_inputs):
+                       vision_features, record_ids, text_inputs, states=None):
         inputs_embeds, _ = self.embed(encoder_ids, image_counts, pixel_values, vision_features, record_ids,
-                                      text_inputs=text_inputs)
+                                      text_inputs=text_inputs, states=states)
         encoder_mask = encoder_mask.to(self.device)
         hidden = self.llm.encode(inputs_embeds, encoder_mask)
         return self.llm.decode(decoder_ids.to(self.device), hidden, encoder_mask,
@@ -631,7 +650,8 @@ def _without_shared(state: dict) -> dict:
 def template_tokens(config: ArchConfig) -> list[str]:
     """Special tokens that the templates of a config's stages need (ChatML's <|im_start|>, <|im_end|>)."""
     names = [config.template] + [stage.template for stage in config.stages if stage.template]
-    return [token for name in dict.fromkeys(names) for token in get_template(name).special_tokens]
+    tokens = [token for name in dict.fromkeys(names) for token in get_template(name).special_tokens]
+    return tokens + [placeholder(kind) for kind in config.states.kinds]
 
 
 def coordinate_token_ids(model) -> list[int]:

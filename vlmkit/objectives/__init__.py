@@ -58,7 +58,8 @@ class LanguageModeling:
                        image_counts=batch.image_counts, pixel_values=pixels, vision_features=features,
                        record_ids=batch.record_ids, text_inputs=getattr(batch, "text_inputs", None),
                        sequence_ids=getattr(batch, "sequence_ids", None),
-                       prefix_lengths=getattr(batch, "prefix_lengths", None), objective=self)
+                       prefix_lengths=getattr(batch, "prefix_lengths", None), states=getattr(batch, "states", None),
+                       objective=self)
 
     def loss(self, model, **inputs) -> tuple[torch.Tensor, dict]:
         logits, targets = model.supervised_logits(**inputs)

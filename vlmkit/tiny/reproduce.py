@@ -36,6 +36,7 @@ from vlmkit.errors import ConfigError, VlmkitError
 from vlmkit.eval.grounding import run_grounding_eval
 from vlmkit.eval.pope import run_pope_eval
 from vlmkit.eval.retrieval import run_retrieval_eval
+from vlmkit.eval.tamp import run_tamp_eval
 from vlmkit.eval.vqa import run_eval
 from vlmkit.io import machine_summary
 from vlmkit.model.vlm import VisionLanguageModel
@@ -43,9 +44,9 @@ from vlmkit.tiny import ensure, used_by
 from vlmkit.train import checkpoint
 from vlmkit.train.run import train_run
 
-SKILLS = ("easy-vqa", "retrieval", "rec", "reg", "scene-vqa", "pope")
+SKILLS = ("easy-vqa", "retrieval", "rec", "reg", "scene-vqa", "pope", "tamp")
 SKILL_NAMES = {"easy-vqa": "easy-VQA", "retrieval": "retrieval", "rec": "REC", "reg": "REG",
-               "scene-vqa": "scene VQA", "pope": "POPE"}
+               "scene-vqa": "scene VQA", "pope": "POPE", "tamp": "TAMP"}
 
 
 def _evaluate(skill: str, model, run_dir: Path, limit: int) -> dict:
@@ -59,6 +60,8 @@ def _evaluate(skill: str, model, run_dir: Path, limit: int) -> dict:
         return run_grounding_eval(model, task, None, run_dir, limit=limit, verbose=False)
     if skill == "pope":
         return run_pope_eval(model, run_dir, limit=limit, verbose=False)
+    if skill == "tamp":
+        return run_tamp_eval(model, None, run_dir, limit=limit, verbose=False)
     raise ConfigError(f"unknown skill {skill!r}; skills: {', '.join(SKILLS)}")
 
 
@@ -83,6 +86,9 @@ def skill_metrics(skill: str, report: dict) -> dict[str, float]:
         return {"F1 (adversarial)": settings["adversarial"]["f1"],
                 **{f"accuracy ({s})": settings[s]["accuracy"] for s in settings},
                 "yes-ratio (adversarial)": settings["adversarial"]["yes_ratio"]}
+    if skill == "tamp":
+        return {"question accuracy": report["question_accuracy"], "plan success": report["plan_success"],
+                **{f"{family}": value["accuracy"] for family, value in report["per_family"].items()}}
     raise ConfigError(f"unknown skill {skill!r}; skills: {', '.join(SKILLS)}")
 
 

@@ -20,7 +20,7 @@ from vlmkit.errors import ConfigError
 from vlmkit.io import check_local_path
 from vlmkit.model.vlm import VisionLanguageModel
 
-_PARTS = ("vision", "connector", "llm")
+_PARTS = ("vision", "connector", "llm", "states")
 
 
 def _vlmkit_dir(source) -> Path | None:

@@ -77,6 +77,7 @@ from torch import nn
 
 from vlmkit.config import ArchConfig, LoRAConfig, StageConfig
 from vlmkit.connectors import build_connector, connector_class
+from vlmkit.connectors.states import StateEncoders
 from vlmkit.data.images import ImageTransform
 from vlmkit.encoders import _VISION_HALF, VisionEncoder
 from vlmkit.errors import ConfigError
@@ -122,9 +123,11 @@ class MetaModel:
     quantizable: int                      # the LLM's Linear weights but the LM head (what 4-bit covers)
     vision_shape: dict | None = None      # ViT: hidden, intermediate, layers, tokens per image (CLS included)
     params: dict[str, int] = field(default_factory=dict)
+    states: nn.Module | None = None       # PaLM-E's state MLPs (config.states), when the config has kinds
 
     def parts(self) -> dict[str, nn.Module]:
-        return {"vision": self.vision, "connector": self.connector, "llm": self.causal_lm}
+        parts = {"vision": self.vision, "connector": self.connector, "llm": self.causal_lm, "states": self.states}
+        return {name: part for name, part in parts.items() if part is not None}
 
     @property
     def total(self) -> int:
@@ -204,6 +207,9 @@ def _build_meta(config: ArchConfig) -> MetaModel:
         vocab=head.out_features if isinstance(head, nn.Linear) else getattr(text, "vocab_size", 0),
         layer_params=max((_count(b) for b in blocks), default=0), quantizable=quantizable,
         vision_shape=vision_shape)
+    if config.states.kinds:
+        with torch.device("meta"):
+            meta.states = StateEncoders(config.states.kinds, hidden, config.states.hidden)
     meta.params = {name: _count(module) for name, module in meta.parts().items()}
     return meta
 
@@ -448,9 +454,8 @@ def memory_plan_main(config: ArchConfig, gpus: int | None = None, gpu_memory_gb:
     meta = build_meta(config)
     rows = plan_memory(config, gpus=gpus, gpu_memory_gb=gpu_memory_gb, meta=meta, **kwargs)
     p = meta.params
-    print_fn(f"{config.name} ({config.scale}), built on the meta device (configs only, no weights): vision "
-             f"{_n(p['vision'])} + connector {_n(p['connector'])} + llm {_n(p['llm'])} = {_n(meta.total)} "
-             f"parameters; {meta.num_image_tokens} image tokens per image; "
+    print_fn(f"{config.name} ({config.scale}), built on the meta device (configs only, no weights): "
+             f"{' + '.join(f'{name} {_n(n)}' for name, n in p.items())} = {_n(meta.total)} parameters; {meta.num_image_tokens} image tokens per image; "
              f"{kwargs.get('precision', 'bf16')} convention (vlmkit.train.plan)")
     print_fn(format_plan(rows))
     if any(not r["checkpointing"] for r in rows):
