@@ -83,3 +83,43 @@ def test_blip2_with_an_encoder_decoder_llm_is_served(backbones, tmp_path):
     loaded, served = _served_answer(tmp_path, "what shape is it?", uri)
     assert loaded.llm.is_encoder_decoder
     assert served == _library_answer(loaded, "what shape is it?", uri) and served
+
+
+def test_palm_e_is_served_with_state_vectors(make_model, tmp_path):
+    """PaLM-E's state vectors travel in the request's `states` (beside the OpenAI fields) and fill the question's
+    `<obj>` placeholders as the library's `answer` fills them; a wrong width or a missing vector is a 400 naming
+    `states`, and the server goes on."""
+    import httpx
+
+    from vlmkit.cli import load_run
+    from vlmkit.infer.chat import answer
+    from vlmkit.infer.generate import GenerationConfig
+    from vlmkit.serve import ServeSettings, create_app
+
+    torch.manual_seed(3)
+    original = make_model("palm-e")
+    with torch.no_grad():
+        for parameter in original.states.parameters():
+            parameter.normal_(std=0.5)  # encoders whose output changes the answer
+    original.save_pretrained(tmp_path / "model")
+    model, _ = load_run(str(tmp_path))
+    question = "Object 1 is <obj>. Object 2 is <obj>. What colour is obj_2?"
+    states = {"obj": [[0.2, 0.0, 0.2, 0.2, 0.9, 0.1, 0.1], [0.7, 0.0, 0.1, 0.1, 0.1, 0.1, 0.9]]}
+    swapped = {"obj": states["obj"][::-1]}
+    messages = [{"role": "user", "content": question}]
+    with LiveServer(create_app(model, "run", ServeSettings(max_tokens=10))) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        replies = [client.chat.completions.create(model="run", messages=messages, extra_body={"states": s})
+                   .choices[0].message.content for s in (states, swapped)]
+        bad = [httpx.post(live.url + "/v1/chat/completions", json={"messages": messages, "states": s}, timeout=60)
+               for s in ({"obj": [states["obj"][0][:5], states["obj"][1]]}, {"obj": states["obj"][:1]}, None,
+                         {"obj": "x"})]
+        again = client.chat.completions.create(model="run", messages=messages, extra_body={"states": states})
+    library = [answer(model, messages, [], GenerationConfig(max_new_tokens=10), states=s) for s in (states, swapped)]
+    assert replies == library and again.choices[0].message.content == replies[0]
+    assert [r.status_code for r in bad] == [400, 400, 400, 400]
+    errors = [r.json()["error"] for r in bad]
+    assert [e["param"] for e in errors] == ["states"] * 4
+    assert "has 5 numbers; the model's obj vectors have 7" in errors[0]["message"]
+    assert "2 <obj> placeholder(s) but 1 obj state vector(s)" in errors[1]["message"]
+    assert "no 'states'" in errors[2]["message"]

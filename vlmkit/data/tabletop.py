@@ -52,7 +52,7 @@ TABLE_TOP = 0.14             # the table's surface, as a fraction of the image h
 OUTLINE = (30, 30, 30)
 TABLE = (150, 110, 70)
 IMAGE_SIZE = 64
-SOURCE_DEFAULTS = {"train": 4000, "test": 500}
+SOURCE_DEFAULTS = {"train": 20000, "test": 500}
 _OPTION = re.compile(r"^(n|seed)(\d+)$")
 
 
@@ -305,7 +305,7 @@ def parse_source_name(name: str) -> dict:
     return options
 
 
-def ensure_tabletop(split: str = "train", n: int = 4000, seed: int = 0) -> Path:
+def ensure_tabletop(split: str = "train", n: int = 20000, seed: int = 0) -> Path:
     """A cached directory of these scenes ($VLMKIT_HOME/tabletop/...), written once."""
     target = cache_home() / "tabletop" / f"v{VERSION}-{split}-n{n}-seed{seed}"
     if not (target / f"{split}_questions.json").exists():

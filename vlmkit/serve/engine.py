@@ -22,7 +22,7 @@ import torch
 
 from vlmkit.data.images import decode_image
 from vlmkit.errors import BadRecord
-from vlmkit.infer.chat import render_prompt
+from vlmkit.infer.chat import render_prompt, state_tensors
 from vlmkit.infer.generate import Decoder, GenerationConfig, Row, decode_text, model_stop
 from vlmkit.serve.fetch import fetch_image
 from vlmkit.serve.protocol import ApiError, ChatRequest, ServeSettings
@@ -45,6 +45,7 @@ class Job:
     pixels: list[torch.Tensor]
     config: GenerationConfig
     stop: list[str]
+    states: dict | None = None  # PaLM-E: {kind: (n, width)} for the prompt's state placeholders
     emit: Callable[[tuple], None] = lambda event: None
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
@@ -120,6 +121,13 @@ def prompt_char_limit(model) -> int:
     return context_length(model) * longest_piece(model.tokenizer)
 
 
+def _joined_states(jobs: list[Job]) -> dict | None:
+    """The jobs' state vectors kind by kind, in job order (as their prompts are stacked)."""
+    kinds = dict.fromkeys(kind for job in jobs for kind in (job.states or {}))
+    return {kind: torch.cat([job.states[kind] for job in jobs if job.states and kind in job.states])
+            for kind in kinds} or None
+
+
 def prepare(model, request: ChatRequest, settings: ServeSettings) -> Job:
     """Decode and transform the images, render the prompt, check it against the context: a Job or ApiError."""
     characters = sum(len(message["content"]) for message in request.messages)
@@ -142,6 +150,10 @@ def prepare(model, request: ChatRequest, settings: ServeSettings) -> Job:
             rendered = render_prompt(model, request.messages, record_id="request")
     except BadRecord as exc:
         raise ApiError(400, f"messages: {exc.reason}", "messages", exc.kind)
+    try:
+        states = state_tensors(model, request.messages, request.states, record_id="request")
+    except BadRecord as exc:
+        raise ApiError(400, f"states: {exc.reason}", "states", exc.kind)
     prompt = len(rendered.input_ids)
     context = context_length(model)
     images = f" ({len(pixels)} image{'s' if len(pixels) != 1 else ''} × {model.num_image_tokens} tokens)" \
@@ -160,7 +172,8 @@ def prepare(model, request: ChatRequest, settings: ServeSettings) -> Job:
     config = GenerationConfig(max_new_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
                               seed=request.seed)
     stops = list(request.stop) + [s for s in model_stop(model).strings if s not in request.stop]
-    return Job(rendered.input_ids, pixels, config, stops, stream=request.stream, _tokenizer=model.tokenizer)
+    return Job(rendered.input_ids, pixels, config, stops, states=states, stream=request.stream,
+               _tokenizer=model.tokenizer)
 
 
 class Engine:
@@ -319,7 +332,7 @@ class Engine:
         pixels = [p for job in ready for p in job.pixels]
         try:
             decoder.add([job.input_ids for job in ready], rows, [len(job.pixels) for job in ready],
-                        pixel_values=torch.stack(pixels) if pixels else None)
+                        pixel_values=torch.stack(pixels) if pixels else None, states=_joined_states(ready))
         except Exception as exc:  # noqa: BLE001  the prefill failed: the running jobs go on
             if len(ready) == 1 or not decoder.can_join:
                 self._fail(ready, exc)

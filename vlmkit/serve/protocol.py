@@ -133,6 +133,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     seed: int | None = None
+    states: dict | None = None      # PaLM-E's state vectors, {kind: [[numbers], ...]} (an extension of the format)
 
 
 def _bad(message: str, param: str | None = None, code: str | None = None, status: int = 400) -> ApiError:
@@ -313,7 +314,29 @@ def parse_chat_request(body, settings: ServeSettings, model_name: str) -> ChatRe
         raise _bad(f"{top_p} is below {MIN_TOP_P}; use temperature 0 for greedy decoding", "top_p", "invalid_value")
     return ChatRequest(messages=messages, images=images, max_tokens=max_tokens,
                        temperature=temperature, top_p=top_p,
-                       stop=stop, stream=stream, include_usage=bool(options.get("include_usage")), seed=seed)
+                       stop=stop, stream=stream, include_usage=bool(options.get("include_usage")), seed=seed,
+                       states=_states(body.get("states")))
+
+
+MAX_STATE_VECTORS, MAX_STATE_WIDTH = 256, 1024
+
+
+def _states(states) -> dict | None:
+    """The request's `states` (PaLM-E: {kind: [[numbers], ...]}, one vector per `<kind>` in the messages), bounded
+    in size here; the model checks kinds, widths and counts against its own (`vlmkit.engine.prepare`)."""
+    if states is None:
+        return None
+    if not isinstance(states, dict) or not all(isinstance(k, str) and isinstance(v, list) for k, v in states.items()):
+        raise _bad("must be an object {kind: [[numbers], ...]}", "states", "invalid_type")
+    vectors = [v for values in states.values() for v in values]
+    if len(vectors) > MAX_STATE_VECTORS:
+        raise _bad(f"more than {MAX_STATE_VECTORS} state vectors", "states", "invalid_value")
+    for vector in vectors:
+        if not isinstance(vector, list) or len(vector) > MAX_STATE_WIDTH or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in vector):
+            raise _bad(f"each state vector must be a list of at most {MAX_STATE_WIDTH} finite numbers", "states",
+                       "invalid_value")
+    return states
 
 
 def completion_id() -> str:
