@@ -123,15 +123,19 @@ def _preset_from_argv(argv: list[str], default: str) -> tuple[str, str, str | No
 
 # -- commands -------------------------------------------------------------------------------------
 def cmd_presets(args) -> int:
-    from vlmkit.archs import names
+    from vlmkit.archs import design, names
 
     for name in names():
         config = from_name(name, scale=args.scale)
-        print(f"{name}  [{config.scale}]")
+        print(f"{name}  [{config.scale}]  {design(name)}")
         print(f"  vision    {config.vision.name_or_path}  layer {config.vision.feature_layer}, {config.vision.select}"
               f"{', pad to square' if config.vision.pad_to_square else ''}")
         print(f"  connector {config.connector.type}")
-        print(f"  llm       {config.llm.name_or_path}")
+        print(f"  llm       {config.llm.name_or_path}" + (", a visual expert in every layer" if
+                                                           config.llm.visual_expert else ""))
+        if config.states.kinds:
+            print("  states    " + ", ".join(f"<{kind}>: {width} numbers" for kind, width in
+                                             config.states.kinds.items()) + ", each through its own MLP")
         print(f"  template  {config.template}" + (f"; answer prompt {config.answer_prompt!r}" if config.answer_prompt
                                                  else ""))
         for i, stage in enumerate(config.stages, 1):
@@ -140,6 +144,8 @@ def cmd_presets(args) -> int:
                     + (" (QLoRA 4-bit)" if stage.lora.quantize else "")) if stage.lora.r else ""
             print(f"  stage {i} {stage.name:<9} trains {'+'.join(stage.train):<16} on {stage.mixture or stage.data:<12} "
                   f"lr {lrs}; {stage.epochs:g} epoch(s), batch {stage.batch_size}x{stage.grad_accum}{lora}")
+    designs = list(dict.fromkeys(design(name) for name in names()))
+    print(f"{len(names())} presets of {len(designs)} designs: {', '.join(designs)}")
     return 0
 
 
@@ -251,8 +257,8 @@ def cmd_chat(args) -> int:
     from vlmkit.infer.chat import answer, first_user_turn, interactive, read_states
     from vlmkit.infer.generate import GenerationConfig
 
-    if args.draw and not (args.image and args.question):
-        raise VlmkitError("--draw needs --image and a question (it draws the boxes of that one answer)")
+    if args.draw and not (args.image and len(args.image) == 1 and args.question):
+        raise VlmkitError("--draw needs one --image and a question (it draws the boxes of that one answer)")
     model, _ = load_run(args.run, args.allow_pickle, args.device, args.dtype)
     model.image_transform = dataclasses.replace(model.image_transform, limits=_image_limits(args))
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -261,14 +267,15 @@ def cmd_chat(args) -> int:
         question = " ".join(args.question)
         if model.config.answer_prompt and args.short:
             question = f"{question}\n{model.config.answer_prompt}"
-        messages = [{"role": "user", "content": first_user_turn(question, bool(args.image))}]
-        reply = answer(model, messages, [args.image] if args.image else [], config,
+        images = args.image or []
+        messages = [{"role": "user", "content": first_user_turn(question, len(images))}]
+        reply = answer(model, messages, images, config,
                        states=read_states(args.states) if args.states else None)
         print(reply)
         if args.draw:
             from vlmkit.eval.grounding import draw_answer_boxes
 
-            drawn, error = draw_answer_boxes(args.image, reply, model.config.box_format, args.draw)
+            drawn, error = draw_answer_boxes(args.image[0], reply, model.config.box_format, args.draw)
             fmt = model.config.box_format
             if drawn:
                 note = f" (also: {error})" if error else ""
@@ -404,6 +411,36 @@ def cmd_data_glyphs(args) -> int:
           f"images in {Path(args.out) / args.split}/")
     print(f"train on them with e.g. vlmkit train --preset llava-1.5 --data {path} --image-folder {args.out} "
           "--stages instruct")
+    return 0
+
+
+def cmd_data_tabletop(args) -> int:
+    from vlmkit.data import tabletop
+
+    start = time.time()
+    path = tabletop.write_tabletop(args.out, args.n, split=args.split, seed=args.seed)
+    questions = json.loads(path.read_text())
+    written = []
+    for view in args.views:
+        out = Path(args.out) / f"{args.split}_{view}.json"
+        out.write_text(json.dumps(tabletop.records(questions, view)))
+        written.append(out)
+    print(f"wrote {args.n} {args.split} tabletop scenes ({len(questions)} questions, seed {args.seed}) in "
+          f"{time.time() - start:.1f}s: images in {Path(args.out) / args.split}/")
+    for view, out in zip(args.views, written):
+        print(f"  {view:<6}{out}")
+    print(f"train on them with e.g. vlmkit train --preset palm-e --encoders.mixture {written[0]} "
+          f"--cotrain.mixture {written[0]} --image-folder {args.out}")
+    return 0
+
+
+def cmd_data_compare(args) -> int:
+    from vlmkit.data import compare
+
+    start = time.time()
+    path = compare.write_compare(args.out, args.n, args.images, split=args.split, seed=args.seed)
+    print(f"wrote {args.n} {args.split} records of {args.images} images (seed {args.seed}) in "
+          f"{time.time() - start:.1f}s: {path}, images in {Path(args.out) / args.split}/")
     return 0
 
 
@@ -635,7 +672,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="ask about an image (one answer) or chat interactively (no question)")
     p.add_argument("run", help="run directory or checkpoint")
     p.add_argument("question", nargs="*", help="the question; omit it for an interactive chat")
-    p.add_argument("--image", default=None, help="image file")
+    p.add_argument("--image", action="append", default=None,
+                   help="image file; repeat for several (up to the model's max_images): they go before the question as "
+                        "'Image 1: <image>' lines, or where the question writes <image>, one per image")
     add_options(p, ChatOptions)
     _add_allow_pickle(p)
     _add_device(p)
@@ -735,6 +774,32 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     g.add_argument("--kinds", type=_parse_list, default=list(glyphs.QUESTIONS),
                    help=f"comma-separated question kinds (default all: {','.join(glyphs.QUESTIONS)})")
     g.set_defaults(func=cmd_data_glyphs)
+    from vlmkit.data import compare, tabletop
+
+    t = datasets.add_parser("tabletop", help="PaLM-E's tabletop world: blocks as state vectors, as images, or both, "
+                                             "with TAMP questions and plans",
+                            description="Write N seeded tabletop scenes (side-view PNGs in OUT/SPLIT/), every "
+                                        "question with its scene and state vectors (OUT/SPLIT_questions.json) and "
+                                        "one LLaVA JSON per view (OUT/SPLIT_VIEW.json; states in each record's "
+                                        "'states'). Plans are scored by executing them (vlmkit eval --task tamp).")
+    t.add_argument("--out", required=True, help="directory to write")
+    t.add_argument("--n", type=int, default=tabletop.SOURCE_DEFAULTS["train"], help="number of scenes")
+    t.add_argument("--split", choices=list(tabletop.SOURCE_DEFAULTS), default="train")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--views", type=_parse_list, default=list(tabletop.VIEWS),
+                   help=f"comma-separated views (default all: {','.join(tabletop.VIEWS)})")
+    t.set_defaults(func=cmd_data_tabletop)
+    c = datasets.add_parser("compare", help="questions about 2 or 3 images at once (which has more shapes; same "
+                                            "colour or not)",
+                            description="Write N seeded records of K scene images each (PNGs in OUT/SPLIT/) and "
+                                        "OUT/SPLIT_compareK.json, the images as 'Image 1: <image>' lines before "
+                                        "the question.")
+    c.add_argument("--out", required=True, help="directory to write")
+    c.add_argument("--images", type=int, choices=list(compare.IMAGES), default=2, help="images a record")
+    c.add_argument("--n", type=int, default=compare.SOURCE_DEFAULTS["train"], help="number of records")
+    c.add_argument("--split", choices=list(compare.SOURCE_DEFAULTS), default="train")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_data_compare)
 
     p = sub.add_parser("build-tiny", help="pretrain the tiny backbones into the cache (normally done on first need)")
     p.set_defaults(func=cmd_build_tiny)

@@ -227,6 +227,9 @@ class ArchConfig:
     answer_prompt: str = _help("Appended to every question of short-answer VQA data and evaluation.", default="")
     caption_prompt: str = _help("The human turn of stage-1 caption records.", default="Describe the image briefly.")
     max_length: int = _help("Longest token sequence a record may render to.", default=1024)
+    max_images: int = _help("Most images one record, chat or request may hold, each <image> anywhere in the text with "
+                            "its own span of image tokens (1: a design that takes one image, as CogVLM was released).",
+                            default=4)
     seed: int = _help("Seed for initialisation, data order and sampling.", default=0)
     device: str = _help("Where to train: auto (a CUDA GPU when one is visible, else the CPU), cpu, cuda, cuda:N. "
                         "Under torchrun each process takes its own GPU.", default="auto")

@@ -217,3 +217,28 @@ def test_palm_e_trains_both_variants_from_the_cli_and_evaluates(backbones, tmp_p
     both = ["train", "--preset", "palm-e", "--run-dir", str(tmp_path / "both"), "--stages", "cotrain",
             "--cotrain.max-steps", "1", "--cotrain.mixture", "tabletop:both:n4", *common]
     assert main(both) == 0
+
+
+def test_presets_list_the_nine_designs(capsys):
+    from vlmkit.cli import main
+
+    assert main(["presets"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    designs = last.split(" designs: ")[1].split(", ")
+    assert sorted(designs) == sorted(["LLaVA", "LLaVA-1.5", "MiniGPT-4", "MiniGPT-v2", "BLIP-2", "CogVLM", "Qwen-VL",
+                                      "PaLM-E", "VisualGLM"]) and " of 9 designs" in last
+
+
+def test_data_tabletop_writes_every_view_as_llava_json(tmp_path, capsys):
+    from vlmkit.cli import main
+
+    assert main(["data", "tabletop", "--out", str(tmp_path), "--n", "3", "--split", "test"]) == 0
+    views = {view: json.loads((tmp_path / f"test_{view}.json").read_text()) for view in tabletop.VIEWS}
+    assert len({len(records) for records in views.values()}) == 1
+    state, image, both = views["state"][0], views["image"][0], views["both"][0]
+    assert "image" not in state and "states" not in image and "states" in both and "image" in both
+    assert (tmp_path / both["image"]).is_file()
+    assert state["conversations"][0]["value"].count("<obj>") == len(state["states"]["obj"])
+    assert main(["data", "compare", "--out", str(tmp_path / "c"), "--n", "4", "--images", "3"]) == 0
+    records = json.loads((tmp_path / "c" / "train_compare3.json").read_text())
+    assert len(records) == 4 and all(len(r["image"]) == 3 for r in records)

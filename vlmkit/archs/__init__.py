@@ -2,6 +2,7 @@
 
 Each module in this package defines `PRESET`: a nested dict with the fields of `vlmkit.config.ArchConfig`
 plus `scales`, a mapping from scale name ('tiny', 'paper') to the fields that differ at that scale, and
+`design`: the paper's design it belongs to (LLaVA-1.5 has two presets), and
 `skills`: what the paper's model does that `vlmkit reproduce` measures after the tiny recipe, each with the
 target its issue set (a fraction, or None), optionally measured after a named stage instead of the last.
 Adding an architecture means adding a file here; nothing dispatches on substrings of model names.
@@ -36,12 +37,21 @@ def preset_data(name: str, scale: str = "tiny") -> dict:
         raise KeyError(f"unknown preset {name!r}; available: {', '.join(sorted(presets))}")
     preset = dict(presets[name])
     preset.pop("skills", None)
+    preset.pop("design", None)
     scales = preset.pop("scales", {})
     if scale not in scales:
         raise KeyError(f"preset {name!r} has no scale {scale!r}; scales: {', '.join(sorted(scales))}")
     data = deep_merge(preset, scales[scale])
     data["scale"] = scale
     return data
+
+
+def design(name: str) -> str:
+    """The paper's design a preset belongs to (`blip2` and `blip2-t5` are both BLIP-2)."""
+    presets = _load()
+    if name not in presets:
+        raise KeyError(f"unknown preset {name!r}; available: {', '.join(sorted(presets))}")
+    return presets[name]["design"]
 
 
 def skills(name: str) -> dict[str, dict]:

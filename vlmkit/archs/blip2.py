@@ -24,6 +24,7 @@ TINY_CAPTIONS = "scenes:caption,easy-vqa:captions"
 
 PRESET = {
     "name": "blip2",
+    "design": "BLIP-2",
     "skills": {"retrieval": {"target": 0.90, "stage": "representation"}, "easy-vqa": {"target": 0.90}},  # vlmkit reproduce; targets from issues 13, 14, 32
     "vision": VISION,
     # instruction-aware: the queries read the question too, as the paper's VQA fine-tuning has it (zero-shot BLIP-2,

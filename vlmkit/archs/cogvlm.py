@@ -8,11 +8,13 @@ on captions; SFT trains all but the ViT. Packing is refused for it (its images' 
 """
 PRESET = {
     "name": "cogvlm",
+    "design": "CogVLM",
     "skills": {"easy-vqa": {"target": 0.95}},  # vlmkit reproduce; issue 34's target
     "vision": {"feature_layer": -2, "select": "patch", "pad_to_square": False},
     "connector": {"type": "glu", "bias": False},
     "llm": {"visual_expert": True},
     "template": "cogvlm",
+    "max_images": 1,  # as released: one image, right after the BOS
     "answer_prompt": "",
     "stages": [
         {"name": "pretrain", "train": ["connector", "llm.experts"], "data": "captions",

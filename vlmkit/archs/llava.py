@@ -6,6 +6,7 @@ and their stop token only (decided in vlmkit.data.render).
 """
 PRESET = {
     "name": "llava",
+    "design": "LLaVA",
     "skills": {"easy-vqa": {"target": 0.99}},  # vlmkit reproduce; the demo's target (issue 32)
     "vision": {"feature_layer": -2, "select": "patch", "pad_to_square": False},
     "connector": {"type": "linear"},

@@ -9,6 +9,7 @@ from vlmkit.config import deep_merge
 
 PRESET = deep_merge(LLAVA, {
     "name": "llava-1.5",
+    "design": "LLaVA-1.5",
     "vision": {"pad_to_square": True},
     "connector": {"type": "mlp2x_gelu"},
     "answer_prompt": "Answer the question using a single word or phrase.",

@@ -7,6 +7,7 @@ from vlmkit.config import deep_merge
 
 PRESET = deep_merge(LLAVA_1_5, {
     "name": "llava-1.5-lora",
+    "design": "LLaVA-1.5",
     "stages": [
         {},
         {"lr": {"connector": 2e-5, "llm": 2e-4},

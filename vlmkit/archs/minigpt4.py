@@ -13,6 +13,7 @@ from vlmkit.archs.blip2 import TINY_CAPTIONS, TINY_ON_QFORMER, VISION
 
 PRESET = {
     "name": "minigpt4",
+    "design": "MiniGPT-4",
     "skills": {"easy-vqa": {"target": 0.90}},  # vlmkit reproduce; targets from issues 13, 14, 32
     "vision": VISION,
     # sizes come from the trained Q-Former it loads (a vlmkit blip2 run or a BLIP-2 checkpoint)

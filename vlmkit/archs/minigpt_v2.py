@@ -26,6 +26,7 @@ def at_size(mixture: str, size: int) -> str:
 
 PRESET = {
     "name": "minigpt-v2",
+    "design": "MiniGPT-v2",
     "skills": {"rec": {"target": 0.90}, "reg": {"target": None}, "scene-vqa": {"target": None},
                "pope": {"target": None}},  # vlmkit reproduce; targets from issues 13, 14, 32
     "vision": {"feature_layer": -2, "select": "patch", "pad_to_square": False},

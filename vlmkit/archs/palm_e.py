@@ -11,6 +11,7 @@ tabletop TAMP world (vlmkit.data.tabletop): `tabletop:state` by default, `--<sta
 """
 PRESET = {
     "name": "palm-e",
+    "design": "PaLM-E",
     "skills": {"tamp": {"target": 0.90}},  # vlmkit reproduce; issue 34: questions >= 90% (plans >= 80% reported)
     "vision": {"feature_layer": -2, "select": "patch", "pad_to_square": False},
     "connector": {"type": "linear", "bias": True},

@@ -22,6 +22,7 @@ _MULTITASK_TINY = "scenes:caption=0.1,scenes:grounded_caption=0.25,scenes:rec=2,
 
 PRESET = {
     "name": "qwen-vl",
+    "design": "Qwen-VL",
     "skills": {"rec": {"target": 0.90}, "reg": {"target": None}, "scene-vqa": {"target": None},
                "pope": {"target": None}},  # vlmkit reproduce; targets from issues 13, 14, 32
     "vision": {"feature_layer": -1, "select": "patch", "pad_to_square": False},

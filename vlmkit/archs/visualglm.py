@@ -13,6 +13,7 @@ from vlmkit.archs.blip2 import TINY_CAPTIONS, TINY_ON_QFORMER, VISION
 
 PRESET = {
     "name": "visualglm",
+    "design": "VisualGLM",
     "skills": {"easy-vqa": {"target": 0.90}},  # vlmkit reproduce; targets from issues 13, 14, 32
     "vision": VISION,
     "connector": {"type": "qformer", "num_queries": 32},

@@ -169,7 +169,8 @@ class ConversationDataset(Dataset):
     def __init__(self, records: list[dict], tokenizer, template: Template, transform: ImageTransform, *,
                  num_image_tokens: int, max_length: int | None = None, image_folder=None, skip_bad: bool = False,
                  source: str | None = None, mode: str = "train", answer_prompt: str = "",
-                 verbose: bool = True, confine_images: bool = False, state_kinds: dict[str, int] | None = None):
+                 verbose: bool = True, confine_images: bool = False, state_kinds: dict[str, int] | None = None,
+                 max_images: int | None = None):
         self.examples: list[Example] = []
         self.images: list[str] = []
         self.image_owners: list[str] = []  # the first record that uses each image, for error messages
@@ -179,6 +180,7 @@ class ConversationDataset(Dataset):
         self.skipped = SkipReport()
         self.source = source
         self.state_kinds = dict(state_kinds or {})
+        self.max_images = max_images
         image_index: dict[str, int] = {}
         for position, record in enumerate(tqdm(records, desc=f"reading {source or 'records'}", disable=not verbose,
                                                mininterval=1.0)):
@@ -186,7 +188,7 @@ class ConversationDataset(Dataset):
             try:
                 example, paths = self._prepare(record, record_id, tokenizer, template, num_image_tokens,
                                                max_length, image_folder, mode, answer_prompt, confine_images,
-                                               self.state_kinds)
+                                               self.state_kinds, max_images)
                 for path in paths:
                     if path not in image_index:
                         check_image(path, record_id, transform=transform)
@@ -242,7 +244,7 @@ class ConversationDataset(Dataset):
 
     @staticmethod
     def _prepare(record, record_id, tokenizer, template, num_image_tokens, max_length, image_folder, mode,
-                 answer_prompt, confine_images=False, state_kinds=None) -> tuple[Example, list[str]]:
+                 answer_prompt, confine_images=False, state_kinds=None, max_images=None) -> tuple[Example, list[str]]:
         if not isinstance(record, dict):
             raise BadRecord(record_id, f"a record must be an object, got {type(record).__name__}", kind="schema")
         conversation = record.get("conversations")
@@ -253,6 +255,9 @@ class ConversationDataset(Dataset):
         placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages if m["role"] == "user")
         if placeholders != len(images):
             raise BadRecord(record_id, f"has {len(images)} image(s) but {placeholders} <image> placeholder(s)",
+                            kind="image_count")
+        if max_images is not None and len(images) > max_images:
+            raise BadRecord(record_id, f"has {len(images)} images; this model takes at most {max_images} (max_images)",
                             kind="image_count")
         states = record_states(record, messages, record_id, state_kinds or {})
         answer = None

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlmkit.data import easyvqa, grounding, scenes, tabletop
+from vlmkit.data import compare, easyvqa, grounding, scenes, tabletop
 from vlmkit.data.dataset import ConversationDataset, Mixture, load_llava_json  # noqa: F401 (Mixture: public here too)
 from vlmkit.data.images import ImageLimits
 from vlmkit.data.templates import get_template
@@ -110,6 +110,11 @@ for _view in tabletop.VIEWS:  # PaLM-E's tabletop: tabletop:VIEW[:train|test][:n
     register_source(f"{tabletop.SOURCE_PREFIX}:{_view}")(_tabletop_source(f"{tabletop.SOURCE_PREFIX}:{_view}"))
 
 
+for _k in compare.IMAGES:  # several images a record: compare:K[:KIND][:train|test][:n<N>][:seed<N>]
+    register_source(f"{compare.SOURCE_PREFIX}:{_k}")(
+        lambda config, stage, answer_prompt, _k=_k: compare.builtin_records(f"{compare.SOURCE_PREFIX}:{_k}"))
+
+
 def parse_mixture(text: str) -> list[Source]:
     """A mixture from `SOURCE[=WEIGHT],...` or from a .json file holding a list of source objects."""
     text = text.strip()
@@ -176,6 +181,8 @@ def source_records(config, stage, source: Source) -> list[dict]:
         return _scenes_source(source.source)(config, stage, answer_prompt)
     if source.source.startswith(f"{tabletop.SOURCE_PREFIX}:"):  # e.g. tabletop:state:test:n500
         return tabletop.builtin_records(source.source)
+    if source.source.startswith(f"{compare.SOURCE_PREFIX}:"):  # e.g. compare:2:colour:n2000
+        return compare.builtin_records(source.source)
     if source.source.startswith(f"{EASY_VQA}:") or source.source == EASY_VQA:
         raise ConfigError(f"unknown built-in source {source.source!r}; built-in: {', '.join(sorted(BUILTIN))}")
     return load_llava_json(source.source)
@@ -185,7 +192,7 @@ def build_dataset(model, records: list[dict], source: str, template_name: str,
                   data: DataSpec, mode: str = "train", answer_prompt: str = "", verbose: bool = True,
                   image_folder: str | None = None):
     """A validated ConversationDataset of `records` for `model` (its tokenizer, image transform, image tokens)."""
-    builtin = source.startswith((EASY_VQA, f"{SCENES}:", f"{tabletop.SOURCE_PREFIX}:"))
+    builtin = source.startswith((EASY_VQA, f"{SCENES}:", f"{tabletop.SOURCE_PREFIX}:", f"{compare.SOURCE_PREFIX}:"))
     folder = None if builtin else (image_folder or data.image_folder)
     transform = model.image_transform
     if data.image_limits is not None and data.image_limits != transform.limits:
@@ -195,7 +202,7 @@ def build_dataset(model, records: list[dict], source: str, template_name: str,
                                image_folder=folder, skip_bad=data.skip_bad, source=source, mode=mode,
                                answer_prompt=answer_prompt, verbose=verbose,
                                confine_images=data.confine_images and not builtin,
-                               state_kinds=model.config.states.kinds)
+                               state_kinds=model.config.states.kinds, max_images=model.config.max_images)
 
 
 def stage_dataset(model, config, stage, data: DataSpec,

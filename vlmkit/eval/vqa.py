@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vlmkit.data import easyvqa
+from vlmkit.data import compare, easyvqa
 from vlmkit.data.dataset import collate_states, load_llava_json
 from vlmkit.data.sources import EASY_VQA, DataSpec, build_dataset
 from vlmkit.infer.generate import GenerationConfig, decode_answer, generate
@@ -188,6 +188,8 @@ def run_eval(model, data: str, split: str, image_folder, skip_bad: bool, out_dir
     """Evaluate on 'easy-vqa' (a split) or a LLaVA JSON file, print one summary line, write the report."""
     if data == EASY_VQA:
         records, source, name = easyvqa.question_records(split), f"easy-vqa {split}", f"easy-vqa-{split}"
+    elif data.startswith(f"{compare.SOURCE_PREFIX}:"):  # several images a question, generated (held-out: :test)
+        records, source, name = compare.builtin_records(data), data, data.replace(":", "-")
     else:
         records, source, name = load_llava_json(data), data, Path(data).stem
     if limit:

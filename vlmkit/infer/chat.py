@@ -62,6 +62,9 @@ def answer(model, messages: list[dict], images: list, config: GenerationConfig |
     """Reply to `messages` (role/content, `<image>` where each image goes); images are PIL images or paths;
     `states` (PaLM-E) as a record's 'states' field, one vector per state placeholder of the messages."""
     transform = model.image_transform
+    if len(images) > model.config.max_images:
+        raise VlmkitError(f"{len(images)} images; this model takes at most {model.config.max_images} (max_images"
+                          + (": CogVLM as released takes one image)" if model.visual_expert else ")"))
     for image in images:
         if not isinstance(image, str):  # a PIL image the caller decoded: its geometry is still bounded
             transform.limits.check(*image.size, "the image", "chat", transform)
@@ -75,14 +78,27 @@ def answer(model, messages: list[dict], images: list, config: GenerationConfig |
     return decode_answer(model, tokens)
 
 
-def first_user_turn(question: str, has_image: bool) -> str:
-    return f"{IMAGE_TOKEN}\n{question}" if has_image else question
+def first_user_turn(question: str, images: int | bool) -> str:
+    """The first user turn for `images` images: a question that places them itself (`<image>` once per image) is
+    kept as written; else one image goes before it (`<image>\nquestion`), several as `Image 1: <image>\nImage 2:
+    <image>\n…question` (as vlmkit.data.compare writes them)."""
+    count = int(images)
+    if count and question.count(IMAGE_TOKEN) == count:
+        return question
+    if question.count(IMAGE_TOKEN):
+        raise VlmkitError(f"the question has {question.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholder(s) for {count} "
+                          "image(s): write one per image, or none (the images then go before the question)")
+    if count == 1:
+        return f"{IMAGE_TOKEN}\n{question}"
+    return "".join(f"Image {j + 1}: {IMAGE_TOKEN}\n" for j in range(count)) + question
 
 
-def interactive(model, image: str | None, config: GenerationConfig, input_fn=input, print_fn=print) -> None:
+def interactive(model, image: str | list[str] | None, config: GenerationConfig, input_fn=input,
+                print_fn=print) -> None:
     messages: list[dict] = []
-    images = [image] if image else []
-    print_fn("vlmkit chat: empty line or Ctrl-D to quit" + (f"; image {image}" if image else ""))
+    images = [image] if isinstance(image, str) else list(image or [])
+    print_fn("vlmkit chat: empty line or Ctrl-D to quit" + (f"; image{'s' if len(images) > 1 else ''} "
+                                                             f"{', '.join(images)}" if images else ""))
     while True:
         try:
             question = input_fn("you> ").strip()
@@ -90,7 +106,7 @@ def interactive(model, image: str | None, config: GenerationConfig, input_fn=inp
             break
         if not question:
             break
-        content = first_user_turn(question, bool(images)) if not messages else question
+        content = first_user_turn(question, len(images)) if not messages else question
         messages.append({"role": "user", "content": content})
         reply = answer(model, messages, images, config)
         messages.append({"role": "assistant", "content": reply or "…"})

@@ -136,6 +136,9 @@ def prepare(model, request: ChatRequest, settings: ServeSettings) -> Job:
         raise ApiError(400, f"messages: the text is {characters:,} characters; no more than {limit:,} can fit the "
                             f"model's context of {context_length(model)} tokens", "messages",
                        "context_length_exceeded")
+    if len(request.images) > model.config.max_images:
+        raise ApiError(400, f"{len(request.images)} images; this model takes at most {model.config.max_images} per "
+                            "request", "messages", "too_many_images")
     pixels = []
     for ref in request.images:
         data = ref.data if ref.data is not None else fetch_image(ref, settings)
