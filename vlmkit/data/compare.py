@@ -118,7 +118,8 @@ def parse_source_name(name: str) -> dict:
 def builtin_records(name: str) -> list[dict]:
     """The records of source `name`, with absolute image paths (written once into $VLMKIT_HOME/compare/)."""
     o = parse_source_name(name)
-    target = cache_home() / "compare" / f"v{VERSION}-{o['split']}-k{o['k']}-{'-'.join(o['kinds'])}-n{o['n']}-seed{o['seed']}"
+    kinds = "-".join(o["kinds"])
+    target = cache_home() / "compare" / f"v{VERSION}-{o['split']}-k{o['k']}-{kinds}-n{o['n']}-seed{o['seed']}"
     path = target / f"{o['split']}_compare{o['k']}.json"
     if not path.exists():
         with atomic_dir(target) as tmp:

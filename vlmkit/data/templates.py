@@ -260,8 +260,8 @@ register(Template(
 register(dataclasses.replace(TEMPLATES["visualglm"], name="visualglm_en", user_format="Q:{content}\n",
                              assistant_prefix="A:"))
 
-# PaLM-E's prompts (the paper's examples: `Given <img>. Q: How to grasp the blue block? A: First, grasp ...`): a question,
-# then `A:`, the answer ending with the EOS; turns joined by "\n". Observations sit in the question's text.
+# PaLM-E's prompts (the paper's examples: `Given <img>. Q: How to grasp the blue block? A: First, grasp ...`): a
+# question, then `A:`, the answer ending with the EOS; turns joined by "\n". Observations sit in the question's text.
 register(Template(
     name="palm_e",
     system="",

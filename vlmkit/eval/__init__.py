@@ -15,7 +15,8 @@ class EvalOptions:
                                     "image-text retrieval (ITC ranking, ITM re-ranking of the top 16), R@1/R@5 both "
                                     "ways, among --limit (default 100) held-out scenes with distinct captions, or a "
                                     "caption JSON's records; tamp: PaLM-E's tabletop questions and plans (plans "
-                                    "executed against the scene), default data tabletop:VIEW:test:n500", kind=str, choices=TASKS)
+                                    "executed against the scene), default data tabletop:VIEW:test:n500", kind=str,
+                       choices=TASKS)
     data: str | None = option(None, "without --task: 'easy-vqa' (default) or a LLaVA JSON file (last turn = "
                                     "reference); with --task: a scene source (default scenes:TASK:test:n1000 at the "
                                     "size and shape count the run trained on, e.g. scenes:rec:test:n500) or a JSON "

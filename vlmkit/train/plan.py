@@ -455,7 +455,8 @@ def memory_plan_main(config: ArchConfig, gpus: int | None = None, gpu_memory_gb:
     rows = plan_memory(config, gpus=gpus, gpu_memory_gb=gpu_memory_gb, meta=meta, **kwargs)
     p = meta.params
     print_fn(f"{config.name} ({config.scale}), built on the meta device (configs only, no weights): "
-             f"{' + '.join(f'{name} {_n(n)}' for name, n in p.items())} = {_n(meta.total)} parameters; {meta.num_image_tokens} image tokens per image; "
+             f"{' + '.join(f'{name} {_n(n)}' for name, n in p.items())} = {_n(meta.total)} parameters; "
+             f"{meta.num_image_tokens} image tokens per image; "
              f"{kwargs.get('precision', 'bf16')} convention (vlmkit.train.plan)")
     print_fn(format_plan(rows))
     if any(not r["checkpointing"] for r in rows):
