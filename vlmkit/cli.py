@@ -414,6 +414,14 @@ def cmd_data_glyphs(args) -> int:
     return 0
 
 
+def _generator_args(parser, n: int, what: str, splits: list[str]) -> None:
+    """--out, --n, --split, --seed of a `vlmkit data` generator."""
+    parser.add_argument("--out", required=True, help="directory to write")
+    parser.add_argument("--n", type=int, default=n, help=f"number of {what} (default {n})")
+    parser.add_argument("--split", choices=splits, default="train")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def cmd_data_tabletop(args) -> int:
     from vlmkit.data import tabletop
 
@@ -748,10 +756,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                                         "train and test scenes never share a layout. Boxes in the text are "
                                         "placeholders (<box:i>, <ref>...</ref>) that a preset renders; every "
                                         "record also holds its pixel boxes, image size and objects.")
-    d.add_argument("--out", required=True, help="directory to write")
-    d.add_argument("--n", type=int, default=10_000, help="number of scenes (default 10000)")
-    d.add_argument("--split", choices=list(scenes.SPLIT_BUCKETS), default=defaults["split"])
-    d.add_argument("--seed", type=int, default=defaults["seed"])
+    _generator_args(d, 10_000, "scenes", list(scenes.SPLIT_BUCKETS))
     d.add_argument("--kinds", type=_parse_list, default=list(defaults["kinds"]),
                    help=f"comma-separated record kinds (default all: {','.join(scenes.KINDS)})")
     d.add_argument("--size", type=int, default=defaults["size"], help="image side in pixels (e.g. 64, 224, 448)")
@@ -767,10 +772,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                                         "its colour, top or bottom, left or right, the background pattern: a "
                                         "domain the tiny backbones were not pretrained on. Splits use separate "
                                         "random streams; the same arguments give the same bytes.")
-    g.add_argument("--out", required=True, help="directory to write")
-    g.add_argument("--n", type=int, default=1500, help="number of images and records (default 1500)")
-    g.add_argument("--split", choices=list(glyphs.SPLIT_SALT), default="train")
-    g.add_argument("--seed", type=int, default=0)
+    _generator_args(g, 1500, "images and records", list(glyphs.SPLIT_SALT))
     g.add_argument("--chars", default=glyphs.DIGITS, help="characters to draw (default the digits 0-9)")
     g.add_argument("--kinds", type=_parse_list, default=list(glyphs.QUESTIONS),
                    help=f"comma-separated question kinds (default all: {','.join(glyphs.QUESTIONS)})")
@@ -783,10 +785,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                                         "question with its scene and state vectors (OUT/SPLIT_questions.json) and "
                                         "one LLaVA JSON per view (OUT/SPLIT_VIEW.json; states in each record's "
                                         "'states'). Plans are scored by executing them (vlmkit eval --task tamp).")
-    t.add_argument("--out", required=True, help="directory to write")
-    t.add_argument("--n", type=int, default=tabletop.SOURCE_DEFAULTS["train"], help="number of scenes")
-    t.add_argument("--split", choices=list(tabletop.SOURCE_DEFAULTS), default="train")
-    t.add_argument("--seed", type=int, default=0)
+    _generator_args(t, tabletop.SOURCE_DEFAULTS["train"], "scenes", list(tabletop.SOURCE_DEFAULTS))
     t.add_argument("--views", type=_parse_list, default=list(tabletop.VIEWS),
                    help=f"comma-separated views (default all: {','.join(tabletop.VIEWS)})")
     t.set_defaults(func=cmd_data_tabletop)
@@ -795,11 +794,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                             description="Write N seeded records of K scene images each (PNGs in OUT/SPLIT/) and "
                                         "OUT/SPLIT_compareK.json, the images as 'Image 1: <image>' lines before "
                                         "the question.")
-    c.add_argument("--out", required=True, help="directory to write")
+    _generator_args(c, compare.SOURCE_DEFAULTS["train"], "records", list(compare.SOURCE_DEFAULTS))
     c.add_argument("--images", type=int, choices=list(compare.IMAGES), default=2, help="images a record")
-    c.add_argument("--n", type=int, default=compare.SOURCE_DEFAULTS["train"], help="number of records")
-    c.add_argument("--split", choices=list(compare.SOURCE_DEFAULTS), default="train")
-    c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_data_compare)
 
     p = sub.add_parser("build-tiny", help="pretrain the tiny backbones into the cache (normally done on first need)")

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from pathlib import Path
 
-from vlmkit.data.scenes import generate_scene, png_bytes, render
+from vlmkit.data.scenes import generate_scene, generated_source_options, png_bytes, render
 from vlmkit.errors import ConfigError
 from vlmkit.io import atomic_dir, cache_home
 
@@ -26,7 +25,6 @@ SOURCE_PREFIX = "compare"
 KINDS = ("count", "colour")
 IMAGES = (2, 3)
 SOURCE_DEFAULTS = {"train": 10_000, "test": 500}
-_OPTION = re.compile(r"^(n|seed)(\d+)$")
 _TRIES = 200  # scenes drawn at most to find a colour that a record needs
 
 
@@ -94,25 +92,11 @@ def write_compare(out_dir, n: int, k: int, split: str = "train", seed: int = 0, 
 
 def parse_source_name(name: str) -> dict:
     """`compare:K[:KIND][:train|test][:n<N>][:seed<N>]` -> {k, kinds, split, n, seed}."""
-    prefix, _, rest = name.partition(":")
-    parts = rest.split(":") if rest else []
-    if prefix != SOURCE_PREFIX or not parts or not parts[0].isdigit() or int(parts[0]) not in IMAGES:
-        raise ConfigError(f"comparison source {name!r}: write compare:K[:KIND][:OPTION...], K 2 or 3, KIND one of "
-                          f"{', '.join(KINDS)}; options train|test, n<N>, seed<N>")
-    options = {"k": int(parts[0]), "kinds": KINDS, "split": "train", "seed": 0}
-    for part in parts[1:]:
-        match = _OPTION.match(part)
-        if part in KINDS:
-            options["kinds"] = (part,)
-        elif part in SOURCE_DEFAULTS:
-            options["split"] = part
-        elif match:
-            options[match.group(1)] = int(match.group(2))
-        else:
-            raise ConfigError(f"comparison source {name!r}: unknown option {part!r} (KIND, train|test, n<N>, "
-                              "seed<N>)")
-    options.setdefault("n", SOURCE_DEFAULTS[options["split"]])
-    return options
+    head, options = generated_source_options(
+        name, SOURCE_PREFIX, lambda head: head in {str(k) for k in IMAGES}, SOURCE_DEFAULTS, KINDS,
+        usage=f"compare:K[:KIND][:train|test][:n<N>][:seed<N>], K 2 or 3, KIND one of {', '.join(KINDS)}")
+    kind = options.pop("word", None)
+    return dict(options, k=int(head), kinds=(kind,) if kind else KINDS)
 
 
 def builtin_records(name: str) -> list[dict]:

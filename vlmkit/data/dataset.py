@@ -333,12 +333,13 @@ def collate(examples: list[Example], pad_token_id: int, padding_side: str = "rig
                  [e.record_id for e in examples], states=collate_states(examples))
 
 
-def collate_states(examples: list[Example]) -> dict | None:
-    """The examples' state vectors, kind by kind, in sample order (None when none has any)."""
+def collate_states(examples) -> dict | None:
+    """The state vectors of `examples` (anything with `.states`: examples, the server's jobs), kind by kind, in
+    their order, as (n, width) tensors; None when none has any."""
     kinds = dict.fromkeys(kind for e in examples for kind in (e.states or {}))
     if not kinds:
         return None
-    return {kind: torch.from_numpy(np.concatenate([e.states[kind] for e in examples if e.states and kind in e.states]))
+    return {kind: torch.cat([torch.as_tensor(e.states[kind]) for e in examples if e.states and kind in e.states])
             for kind in kinds}
 
 

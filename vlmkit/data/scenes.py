@@ -620,6 +620,30 @@ def parse_source_name(name: str) -> dict:
     return options
 
 
+def generated_source_options(name: str, prefix: str, head_ok: Callable[[str], bool], split_defaults: dict[str, int],
+                             words: Iterable[str] = (), *, usage: str) -> tuple[str, dict]:
+    """`PREFIX:HEAD[:OPTION...]`, the name of a generated source other than scenes (comparisons, the tabletop):
+    (HEAD, {split, n, seed, and 'word' when one of `words` is given}); options `train|test`, `n<N>`, `seed<N>`,
+    a word. `usage` (how to write the name) ends every error."""
+    got, _, rest = name.partition(":")
+    parts = rest.split(":") if rest else []
+    if got != prefix or not parts or not head_ok(parts[0]):
+        raise ConfigError(f"{prefix} source {name!r}: write {usage}")
+    options: dict = {"split": "train", "seed": 0}
+    for part in parts[1:]:
+        match = re.match(r"^(n|seed)(\d+)$", part)
+        if part in split_defaults:
+            options["split"] = part
+        elif part in words:
+            options["word"] = part
+        elif match:
+            options[match.group(1)] = int(match.group(2))
+        else:
+            raise ConfigError(f"{prefix} source {name!r}: unknown option {part!r}; write {usage}")
+    options.setdefault("n", split_defaults[options["split"]])
+    return parts[0], options
+
+
 def _cache_dir(split: str, n: int, seed: int, size: int, max_shapes: int) -> Path:
     return cache_home() / "scenes" / f"v{VERSION}-{split}-n{n}-size{size}-shapes{max_shapes}-seed{seed}"
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from vlmkit.data.scenes import png_bytes
+from vlmkit.data.scenes import generated_source_options, png_bytes
 from vlmkit.errors import ConfigError
 from vlmkit.io import atomic_dir, cache_home
 
@@ -53,7 +53,6 @@ OUTLINE = (30, 30, 30)
 TABLE = (150, 110, 70)
 IMAGE_SIZE = 64
 SOURCE_DEFAULTS = {"train": 20000, "test": 500}
-_OPTION = re.compile(r"^(n|seed)(\d+)$")
 
 
 @dataclass
@@ -287,22 +286,10 @@ def write_tabletop(out_dir, n: int, split: str = "train", seed: int = 0) -> Path
 
 def parse_source_name(name: str) -> dict:
     """`tabletop:VIEW[:train|test][:n<N>][:seed<N>]` -> {view, split, n, seed}; e.g. `tabletop:state:test:n500`."""
-    prefix, _, rest = name.partition(":")
-    parts = rest.split(":") if rest else []
-    if prefix != SOURCE_PREFIX or not parts or parts[0] not in VIEWS:
-        raise ConfigError(f"tabletop source {name!r}: write tabletop:VIEW[:OPTION...], VIEW one of "
-                          f"{', '.join(VIEWS)}; options train|test, n<N>, seed<N>")
-    options = {"view": parts[0], "split": "train", "seed": 0}
-    for part in parts[1:]:
-        match = _OPTION.match(part)
-        if part in SOURCE_DEFAULTS:
-            options["split"] = part
-        elif match:
-            options[match.group(1)] = int(match.group(2))
-        else:
-            raise ConfigError(f"tabletop source {name!r}: unknown option {part!r} (train|test, n<N>, seed<N>)")
-    options.setdefault("n", SOURCE_DEFAULTS[options["split"]])
-    return options
+    view, options = generated_source_options(
+        name, SOURCE_PREFIX, lambda head: head in VIEWS, SOURCE_DEFAULTS,
+        usage=f"tabletop:VIEW[:train|test][:n<N>][:seed<N>], VIEW one of {', '.join(VIEWS)}")
+    return dict(options, view=view)
 
 
 def ensure_tabletop(split: str = "train", n: int = 20000, seed: int = 0) -> Path:

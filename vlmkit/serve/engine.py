@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vlmkit.data.dataset import collate_states
 from vlmkit.data.images import decode_image
 from vlmkit.errors import BadRecord
 from vlmkit.infer.chat import render_prompt, state_tensors
@@ -119,13 +120,6 @@ def longest_piece(tokenizer) -> int:
 def prompt_char_limit(model) -> int:
     """Characters of message text beyond which a prompt cannot fit the model's context, whatever they are."""
     return context_length(model) * longest_piece(model.tokenizer)
-
-
-def _joined_states(jobs: list[Job]) -> dict | None:
-    """The jobs' state vectors kind by kind, in job order (as their prompts are stacked)."""
-    kinds = dict.fromkeys(kind for job in jobs for kind in (job.states or {}))
-    return {kind: torch.cat([job.states[kind] for job in jobs if job.states and kind in job.states])
-            for kind in kinds} or None
 
 
 def prepare(model, request: ChatRequest, settings: ServeSettings) -> Job:
@@ -335,7 +329,7 @@ class Engine:
         pixels = [p for job in ready for p in job.pixels]
         try:
             decoder.add([job.input_ids for job in ready], rows, [len(job.pixels) for job in ready],
-                        pixel_values=torch.stack(pixels) if pixels else None, states=_joined_states(ready))
+                        pixel_values=torch.stack(pixels) if pixels else None, states=collate_states(ready))
         except Exception as exc:  # noqa: BLE001  the prefill failed: the running jobs go on
             if len(ready) == 1 or not decoder.can_join:
                 self._fail(ready, exc)
