@@ -267,6 +267,7 @@ def test_cogvlm_trains_both_stages_from_the_cli_and_chats(backbones, tmp_path, i
     run = tmp_path / "run"
     argv = ["train", "--preset", "cogvlm", "--run-dir", str(run), "--data", str(data), "--caption-data", str(data),
             "--image-folder", str(tmp_path), "--pretrain.max-steps", "2", "--pretrain.batch-size", "4",
+            "--grounding.mixture", f"{data}=1", "--grounding.max-steps", "1", "--grounding.batch-size", "4",
             "--sft.max-steps", "2", "--sft.batch-size", "4", "--vision.name-or-path", backbones["clip"],
             "--vision.feature-layer", "-2", "--vision.select", "patch", "--llm.name-or-path", backbones["llm"]]
     assert main(argv) == 0
