@@ -73,6 +73,29 @@ def test_text_only_multi_turn_and_system_message(server, served_model, client):
     assert reply.choices[0].message.content == expected
 
 
+def test_several_images_before_the_text_are_numbered_as_chat_numbers_them(server, served_model, client):
+    """[image, image, text] is `Image 1: <image>\nImage 2: <image>\ntext` (vlmkit chat, the comparison data); images
+    placed between text parts stay where they are."""
+    import base64
+
+    from vlmkit.infer.chat import answer, first_user_turn
+    from vlmkit.infer.generate import GenerationConfig
+    from vlmkit.serve.protocol import ServeSettings, parse_chat_request
+
+    uris = [png_uri((220, 30, 30)), png_uri((30, 60, 220))]
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in uris] + [{"type": "text", "text": "same colour?"}]
+    reply = client.chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": parts}])
+    images = [Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).convert("RGB") for u in uris]
+    expected = answer(served_model, [{"role": "user", "content": first_user_turn("same colour?", 2)}], images,
+                      GenerationConfig(max_new_tokens=24))
+    assert reply.choices[0].message.content == expected
+    between = [{"type": "text", "text": "is"}, parts[0], {"type": "text", "text": "like"}, parts[1]]
+    request = parse_chat_request({"messages": [{"role": "user", "content": between}]}, ServeSettings(), "m")
+    assert request.messages[0]["content"] == "is\n<image>\nlike\n<image>"
+    one = parse_chat_request({"messages": [{"role": "user", "content": parts[1:]}]}, ServeSettings(), "m")
+    assert one.messages[0]["content"] == "<image>\nsame colour?"  # one image: as before
+
+
 def test_max_tokens_stop_strings_and_seeded_sampling(server, served_model, client):
     uri = png_uri((0, 0, 255))
     tokens, text, _ = reference(served_model, QUESTION, uri)

@@ -25,7 +25,7 @@ def test_chat_page_in_chromium(run_dir, served_model, tmp_path):
     from PIL import Image
     from selenium.webdriver.common.by import By
 
-    from vlmkit.infer.chat import answer
+    from vlmkit.infer.chat import answer, first_user_turn
     from vlmkit.infer.generate import GenerationConfig
 
     image_path = tmp_path / "red.png"
@@ -79,6 +79,19 @@ def test_chat_page_in_chromium(run_dir, served_model, tmp_path):
         shot = shots / "chat-page.png"
         driver.save_screenshot(str(shot))
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+        # two images picked at once: a new conversation; the page sends both before the question and the server
+        # numbers them as `vlmkit chat` does, so the answer is the library's for the same two images
+        blue = tmp_path / "blue.png"
+        Image.new("RGB", (40, 64), (30, 60, 220)).save(blue)
+        driver.find_element(By.ID, "file-input").send_keys(f"{image_path.resolve()}\n{blue.resolve()}")
+        wait_for(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#thumbs img")) == 2, 30, "two thumbnails")
+        both = ask(driver, "are they the same colour?")
+        expected = answer(served_model, [{"role": "user", "content": first_user_turn(
+            f"are they the same colour?\n{prompt}", 2)}], [image, Image.open(blue).convert("RGB")], config)
+        assert both == (expected or "(empty answer)")
+        assert len(driver.find_elements(By.CSS_SELECTOR, ".msg.user")) == 1  # a new conversation
+        assert len(driver.find_elements(By.CSS_SELECTOR, ".msg.user img")) == 2
     finally:
         driver.quit()
         server.terminate()

@@ -143,6 +143,7 @@ def test_swapping_two_state_vectors_swaps_their_embeddings(palm_model):
     (lambda r: r["states"]["obj"][0].__setitem__(2, float("nan")), "not a finite number"),
     (lambda r: r["states"].update(pose=[[1.0]]), "unknown kind(s) ['pose']"),
     (lambda r: r.__setitem__("states", "abc"), "'states' must be an object"),
+    (lambda r: r["conversations"][1].__setitem__("value", "it is <obj>"), "an assistant turn contains <obj>"),
 ])
 def test_a_bad_state_record_is_named_with_what_is_wrong(palm_model, change, expected):
     record = _records(1)[0]

@@ -17,6 +17,7 @@ import random
 from pathlib import Path
 
 from vlmkit.data.scenes import generate_scene, generated_source_options, png_bytes, render
+from vlmkit.data.templates import numbered_images
 from vlmkit.errors import ConfigError
 from vlmkit.io import atomic_dir, cache_home
 
@@ -61,7 +62,7 @@ def _colour_record(rng: random.Random, k: int, split: str, seed: int, base: int)
 
 
 def prompt(k: int, question: str) -> str:
-    return "".join(f"Image {j + 1}: <image>\n" for j in range(k)) + question
+    return numbered_images(k) + question
 
 
 def write_compare(out_dir, n: int, k: int, split: str = "train", seed: int = 0, kinds=KINDS) -> Path:

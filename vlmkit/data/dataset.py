@@ -113,6 +113,10 @@ def record_states(record: dict, messages: list[dict], record_id, kinds: dict[str
     is not finite is a bad record naming what is wrong. `states` may be a list when the model has one kind."""
     given = record.get("states")
     counts = {kind: sum(m["content"].count(f"<{kind}>") for m in messages if m["role"] == "user") for kind in kinds}
+    for kind in kinds:
+        if any(f"<{kind}>" in m["content"] for m in messages if m["role"] == "assistant"):
+            raise BadRecord(record_id, f"an assistant turn contains <{kind}> (observations go in user turns)",
+                            kind="state_count")
     if given is None:
         missing = {kind: n for kind, n in counts.items() if n}
         if missing:
@@ -219,7 +223,7 @@ class ConversationDataset(Dataset):
         out = cls.__new__(cls)
         out.examples, out.images, out.image_owners, out.question_answers = [], [], [], []
         out.transform, out.skipped = datasets[0].transform, SkipReport()
-        out.state_kinds = datasets[0].state_kinds
+        out.state_kinds, out.max_images = datasets[0].state_kinds, datasets[0].max_images
         out.source = " + ".join(d.source or "data" for d in datasets)
         index: dict[str, int] = {}
         ranges = []

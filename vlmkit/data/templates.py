@@ -17,6 +17,12 @@ from vlmkit.errors import ConfigError
 IMAGE_TOKEN = "<image>"
 
 
+def numbered_images(count: int) -> str:
+    """Several images before a question, as vlmkit writes them everywhere (comparison data, `vlmkit chat`, a request
+    whose message starts with several images): `Image 1: <image>\nImage 2: <image>\n`."""
+    return "".join(f"Image {j + 1}: {IMAGE_TOKEN}\n" for j in range(count))
+
+
 @dataclass(frozen=True)
 class Template:
     name: str

@@ -11,7 +11,7 @@ from vlmkit.config import option
 from vlmkit.data.dataset import record_states
 from vlmkit.data.images import load_image
 from vlmkit.data.render import IMAGE_TOKEN, normalise_messages, render_conversation
-from vlmkit.data.templates import get_template
+from vlmkit.data.templates import get_template, numbered_images
 from vlmkit.errors import VlmkitError
 from vlmkit.infer.generate import GenerationConfig, decode_answer, generate
 
@@ -90,7 +90,7 @@ def first_user_turn(question: str, images: int | bool) -> str:
                           "image(s): write one per image, or none (the images then go before the question)")
     if count == 1:
         return f"{IMAGE_TOKEN}\n{question}"
-    return "".join(f"Image {j + 1}: {IMAGE_TOKEN}\n" for j in range(count)) + question
+    return numbered_images(count) + question
 
 
 def interactive(model, image: str | list[str] | None, config: GenerationConfig, input_fn=input,

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from vlmkit.config import option
 from vlmkit.data.images import ImageLimits
 from vlmkit.data.render import IMAGE_TOKEN
+from vlmkit.data.templates import numbered_images
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -238,6 +239,10 @@ def _content(message: dict, param: str, role: str, images: list[ImageRef], setti
         else:
             raise _bad(f"unsupported content part type {kind!r} (expected 'text' or 'image_url')", where,
                        "invalid_type")
+    leading = next((i for i, piece in enumerate(pieces) if piece != IMAGE_TOKEN), len(pieces))
+    if leading >= 2 and IMAGE_TOKEN not in pieces[leading:]:
+        # several images before the text: numbered as `vlmkit chat` and the comparison data write them
+        return numbered_images(leading) + "\n".join(pieces[leading:])
     return "\n".join(pieces)
 
 
