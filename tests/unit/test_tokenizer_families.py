@@ -162,3 +162,32 @@ def test_exported_chat_template_renders_like_the_renderer(family_tokenizer, temp
     pieces, _ = conversation_pieces(normalise_messages(flat), template, tokenizer)
     bos = tokenizer.bos_token if template.add_bos and tokenizer.bos_token_id is not None else ""
     assert hf_text == bos + "".join(piece for piece, _ in pieces)
+
+
+@pytest.mark.parametrize("template_name", ["palm_e", "chatml"])
+def test_state_placeholders_are_one_token_each_and_plans_are_masked_exactly(family_tokenizer, template_name):
+    """PaLM-E's multimodal sentences under every family: each `<obj>` (added as prepare_tokenizer adds it) is one
+    token, whatever text touches it (`is <obj>.`), the record's vectors line up with them, and the supervised
+    tokens are exactly the plan and its stop."""
+    import random
+
+    from vlmkit.data import tabletop
+    from vlmkit.data.dataset import record_states
+    from vlmkit.model.vlm import prepare_tokenizer
+
+    family, tokenizer = family_tokenizer
+    prepare_tokenizer(tokenizer, None, ["<obj>"])
+    scene = tabletop.generate_scene(2)
+    question = next(q for q in tabletop.scene_questions(scene, random.Random(2)) if q["family"] == "p1")
+    states = [tabletop.state_vector(scene, j) for j in range(len(scene.blocks))]
+    record = tabletop.records([dict(question, id="r", image="x.png", states=states, scene=scene.as_dict())],
+                              "state")[0]
+    messages = normalise_messages(record["conversations"])
+    rendered = render_conversation(messages, get_template(template_name), tokenizer, num_image_tokens=3)
+    obj = tokenizer.convert_tokens_to_ids("<obj>")
+    checked = record_states(record, messages, "r", {"obj": 7})["obj"]
+    assert rendered.input_ids.count(obj) == len(states) == checked.shape[0]
+    spans = supervised_spans(rendered)
+    stop = resolve_stop(get_template(template_name), tokenizer).text
+    norm = same_text(family)
+    assert [norm(tokenizer.decode(span)) for span in spans] == [norm(question["answer"] + stop)]

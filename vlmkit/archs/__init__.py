@@ -47,11 +47,12 @@ def preset_data(name: str, scale: str = "tiny") -> dict:
 
 
 def design(name: str) -> str:
-    """The paper's design a preset belongs to (`blip2` and `blip2-t5` are both BLIP-2)."""
+    """The paper's design a preset belongs to (`blip2` and `blip2-t5` are both BLIP-2); a preset file that names
+    none is its own."""
     presets = _load()
     if name not in presets:
         raise KeyError(f"unknown preset {name!r}; available: {', '.join(sorted(presets))}")
-    return presets[name]["design"]
+    return presets[name].get("design", name)
 
 
 def skills(name: str) -> dict[str, dict]:
